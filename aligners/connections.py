@@ -1,0 +1,31 @@
+"""Trainable latent connections ``α_j = sigmoid(w_j / T)`` (SPEC §2.4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LatentConnections(nn.Module):
+    """One connection weight per LLM block.
+
+    A weight exists for every block so that N can change at runtime without losing what was
+    learned; only the weights of the connected blocks (the last N) take part in a forward,
+    so only they receive gradients.
+    """
+
+    def __init__(self, num_layers: int, temperature: float = 1.0, trainable: bool = True):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError("num_layers must be >= 1")
+        self.temperature = temperature
+        # Official initialisation: w ~ U(-1, 1).
+        self.weight = nn.Parameter(torch.empty(num_layers).uniform_(-1.0, 1.0),
+                                   requires_grad=trainable)
+
+    def alpha(self, layer_idx: int) -> torch.Tensor:
+        """``α_j`` of one block, a 0-d tensor."""
+        return torch.sigmoid(self.weight[layer_idx] / self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"num_layers={self.weight.numel()}, temperature={self.temperature}"

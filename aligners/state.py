@@ -1,0 +1,201 @@
+"""Save and load an adapted state: safetensors + a JSON config naming its type and version.
+
+A state directory holds ``state.safetensors`` (every tensor of the state by a stable name:
+aligners and positional embeddings, connection weights, LoRA of the connected blocks) and
+``state.json`` (type, format version, modalities and which are connected, N, the connection
+config, the identity of the LLM it was made for, and the sha256 of the tensor file). Both are
+written atomically; loading checks the checksum, the LLM identity and the exact tensor set,
+so a state is never half-loaded or loaded onto the wrong model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from aligners.config import ConnectionConfig, ModalitySpec
+from aligners.model import MPnPModel
+from mpnp.llm import llm_fingerprint
+
+log = logging.getLogger(__name__)
+
+STATE_TYPE = "mpnp.adapted_state"
+FORMAT_VERSION = 1
+TENSORS_FILE = "state.safetensors"
+CONFIG_FILE = "state.json"
+#: Fingerprint fields that must match for a state to load onto an LLM.
+_IDENTITY_KEYS = ("model_type", "num_layers", "hidden_size", "num_kv_heads", "head_dim",
+                  "vocab_size", "embedding_sha256")
+
+
+class StateError(ValueError):
+    """A state that cannot be loaded: corrupt, of another format, or for another LLM."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same directory, fsync, rename, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_state(model: MPnPModel, directory: str | os.PathLike[str], name: str | None = None) -> Path:
+    """Save state ``name`` (default: the active one) into ``directory``.
+
+    The tensor file is written first and the JSON (which carries its checksum) last, so a
+    crash in between leaves the previous complete state or a detectably incomplete one.
+    """
+    state = model.states[name] if name else model._require_state()
+    out = Path(directory)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_tensors(state.name).items()}
+    fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".safetensors", dir=_mkdir(out))
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"type": STATE_TYPE, "format_version": str(FORMAT_VERSION)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(Path(tmp))
+        os.replace(tmp, out / TENSORS_FILE)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    config = {
+        "type": STATE_TYPE,
+        "format_version": FORMAT_VERSION,
+        "name": state.name,
+        "num_blocks": state.config.num_blocks,
+        "connection": state.config.to_dict(),
+        "modalities": [asdict(s) for s in state.modalities],
+        "connected": list(state.connected),
+        "llm": llm_fingerprint(model.llm),
+        "tensors_sha256": digest,
+    }
+    atomic_write_bytes(out / CONFIG_FILE, json.dumps(config, indent=2).encode())
+    log.info("saved state %r (%d tensors) to %s", state.name, len(tensors), out)
+    return out
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def read_state_config(directory: str | os.PathLike[str]) -> dict:
+    """Read and validate ``state.json`` (type, version); raise :class:`StateError` clearly."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise StateError(f"no adapted state at {directory}: {path} is missing")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StateError(f"{path} is corrupt ({exc}); restore it or delete the state") from exc
+    if config.get("type") != STATE_TYPE:
+        raise StateError(f"{path}: type {config.get('type')!r} is not {STATE_TYPE!r}")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise StateError(
+            f"{path}: format version {config.get('format_version')} is not supported "
+            f"(this mpnp reads version {FORMAT_VERSION})"
+        )
+    return config
+
+
+def load_state(
+    model: MPnPModel,
+    directory: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    num_blocks: int | None = None,
+    activate: bool = True,
+) -> str:
+    """Load a saved state into ``model`` as a new state and (by default) activate it.
+
+    Args:
+        model: the resident model.
+        directory: a directory written by :func:`save_state`.
+        name: the name to load it under (default: its saved name).
+        num_blocks: if given, the N the caller expects; a state saved with another N is
+            refused rather than silently changing the model's N.
+        activate: make it the active state.
+
+    Returns:
+        The state's name in ``model.states``.
+
+    Raises:
+        StateError: corrupt files, another LLM, another N, or a tensor set that does not match.
+    """
+    directory = Path(directory)
+    config = read_state_config(directory)
+    tensor_path = directory / TENSORS_FILE
+    if not tensor_path.is_file():
+        raise StateError(f"{tensor_path} is missing")
+    if sha256_file(tensor_path) != config.get("tensors_sha256"):
+        raise StateError(f"{tensor_path} does not match its checksum in {CONFIG_FILE}: corrupt")
+    mine = llm_fingerprint(model.llm)
+    theirs = config.get("llm", {})
+    diff = [k for k in _IDENTITY_KEYS if mine.get(k) != theirs.get(k)]
+    if diff:
+        detail = ", ".join(f"{k}: saved {theirs.get(k)!r} vs loaded {mine.get(k)!r}" for k in diff)
+        raise StateError(f"state in {directory} was made for another LLM ({detail})")
+    if num_blocks is not None and config["num_blocks"] != num_blocks:
+        raise StateError(
+            f"state in {directory} connects N={config['num_blocks']} blocks, expected N={num_blocks}"
+        )
+    conn = ConnectionConfig.from_dict(config["connection"])
+    specs = [ModalitySpec(**m) for m in config["modalities"]]
+    state_name = name or config["name"]
+    tensors = load_file(str(tensor_path))
+    model.create_state(state_name, specs, conn, connect=False, activate=False)
+    try:
+        expected = model.state_tensors(state_name)
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise StateError(
+                f"state in {directory} does not fit its own config: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        with torch.no_grad():
+            for key, param in expected.items():
+                if param.shape != tensors[key].shape:
+                    raise StateError(f"{key}: saved shape {tuple(tensors[key].shape)} "
+                                     f"!= expected {tuple(param.shape)}")
+                param.copy_(tensors[key])
+        unknown = [m for m in config["connected"] if m not in {s.name for s in specs}]
+        if unknown:
+            raise StateError(f"connected modalities {unknown} have no aligners")
+        model.states[state_name].connected = list(config["connected"])
+    except Exception:
+        model.remove_state(state_name)
+        raise
+    if activate:
+        model.activate(state_name)
+    log.info("loaded state %r from %s", state_name, directory)
+    return state_name

@@ -1,0 +1,31 @@
+"""Shared fixtures. Everything runs on the CPU with tiny random models unless marked."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+FAMILIES = ("llama", "qwen2", "mistral", "opt")
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny(family):
+    from mpnp.tiny import tiny_llm
+
+    return tiny_llm(family, num_layers=4)
+
+
+@pytest.fixture
+def llama():
+    from mpnp.tiny import tiny_llm
+
+    return tiny_llm("llama", num_layers=4)

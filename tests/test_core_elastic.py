@@ -1,0 +1,79 @@
+"""Runtime elasticity on the resident model: connect/disconnect, change N, swap states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aligners.config import ConnectionConfig, ModalitySpec
+from aligners.model import MPnPModel
+from mpnp.generation import encode_prompts
+
+
+def _run(model, tokens):
+    batch = encode_prompts(model.tokenizer, ["How many cars?"])
+    with torch.no_grad():
+        return model(batch.input_ids, batch.attention_mask, tokens).logits
+
+
+def test_changing_n_keeps_lora_of_blocks_that_stay(llama):
+    llm, tok = llama
+    model = MPnPModel(llm, tok)
+    model.create_state("s", [ModalitySpec("camera", 8, 3)], ConnectionConfig(num_blocks=2))
+    with torch.no_grad():
+        for p in model.parameter_groups()["lora"].values():
+            p.fill_(0.5)
+    model.set_num_blocks(3)
+    lora = model.parameter_groups()["lora"]
+    assert {int(k.split(".")[1]) for k in lora} == {1, 2, 3}
+    assert (lora["lora.1.k_proj.lora_B"] == 0).all()  # new block: fresh, ΔW = 0
+    assert (lora["lora.3.k_proj.lora_B"] == 0.5).all()  # kept block: kept weights
+    model.set_num_blocks(1)
+    assert {int(k.split(".")[1]) for k in model.parameter_groups()["lora"]} == {3}
+    with pytest.raises(ValueError):
+        model.set_num_blocks(5)
+
+
+def test_states_swap_without_touching_the_llm(llama):
+    llm, tok = llama
+    model = MPnPModel(llm, tok)
+    weights_before = {k: v.clone() for k, v in llm.state_dict().items() if "lora_" not in k}
+    tokens = {"camera": torch.randn(1, 3, 8), "lidar": torch.randn(1, 4, 6)}
+    model.create_state("day", [ModalitySpec("camera", 8, 3)], ConnectionConfig(num_blocks=2))
+    day = _run(model, tokens)
+    model.create_state("night", [ModalitySpec("lidar", 6, 4)], ConnectionConfig(num_blocks=3))
+    night = _run(model, tokens)
+    assert not torch.equal(day, night)
+    model.activate("day")
+    assert torch.equal(_run(model, tokens), day)
+    model.activate("night")
+    assert torch.equal(_run(model, tokens), night)
+    # Reconnect: add the camera to the night state (C -> C+L) without reloading anything.
+    model.add_modality(ModalitySpec("camera", 8, 3))
+    assert model.state.connected == ["lidar", "camera"]
+    both = _run(model, tokens)
+    assert not torch.equal(both, night)
+    model.disconnect("camera")
+    assert torch.equal(_run(model, tokens), night)
+    model.remove_state("night")
+    assert model.state is None and list(model.states) == ["day"]
+    after = {k: v for k, v in llm.state_dict().items() if "lora_" not in k}
+    after = {k.replace(".base_layer", ""): v for k, v in after.items()}
+    assert after.keys() == weights_before.keys()
+    assert all(torch.equal(after[k], weights_before[k]) for k in after)
+
+
+def test_bad_names_are_clear_errors(llama):
+    llm, tok = llama
+    model = MPnPModel(llm, tok)
+    with pytest.raises(RuntimeError, match="no adapted state"):
+        model.connect("camera")
+    model.create_state("s", [ModalitySpec("camera", 8, 3)], ConnectionConfig(num_blocks=2))
+    with pytest.raises(KeyError, match="no aligners for 'radar'"):
+        model.connect("radar")
+    with pytest.raises(KeyError, match="unknown state"):
+        model.activate("nope")
+    with pytest.raises(ValueError, match="exists"):
+        model.create_state("s", [])
+    with pytest.raises(ValueError, match="num_blocks"):
+        model.create_state("t", [], ConnectionConfig(num_blocks=9))
