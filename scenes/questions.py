@@ -66,6 +66,7 @@ def _filters() -> list[tuple[str | None, str | None]]:
         out.extend((name, s) for s in spec.statuses)
     statuses = sorted({s for spec in L.CLASSES.values() for s in spec.statuses})
     out.extend((None, s) for s in statuses)
+    out.append((None, None))  # "things": only asked about with a relation (1 hop)
     return out
 
 
@@ -126,6 +127,8 @@ def candidate_pool(objects: list[ObjectAnnotation]) -> list[Candidate]:
     has_status = {name for name, spec in L.CLASSES.items() if spec.statuses}
     # ---- 0 hops: the whole scene.
     for f, (cat, status) in enumerate(FILTERS):
+        if cat is None and status is None:
+            continue
         n = int(g.counts[f])
         plural = noun_phrase(cat, status, plural=True)
         add(Candidate(f"Are there any {plural}?", _yes(n > 0), "exist", 0))
