@@ -48,7 +48,9 @@ class ConnectionConfig:
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
         if self.aligner_kind not in ALIGNER_KINDS:
-            raise ValueError(f"aligner_kind must be one of {ALIGNER_KINDS}, got {self.aligner_kind!r}")
+            raise ValueError(
+                f"aligner_kind must be one of {ALIGNER_KINDS}, got {self.aligner_kind!r}"
+            )
         if self.aligner_hidden_mult < 1:
             raise ValueError("aligner_hidden_mult must be >= 1")
         if self.lora_r < 1 or self.lora_alpha <= 0:

@@ -20,8 +20,9 @@ class LatentConnections(nn.Module):
             raise ValueError("num_layers must be >= 1")
         self.temperature = temperature
         # Official initialisation: w ~ U(-1, 1).
-        self.weight = nn.Parameter(torch.empty(num_layers).uniform_(-1.0, 1.0),
-                                   requires_grad=trainable)
+        self.weight = nn.Parameter(
+            torch.empty(num_layers).uniform_(-1.0, 1.0), requires_grad=trainable
+        )
 
     def alpha(self, layer_idx: int) -> torch.Tensor:
         """``α_j`` of one block, a 0-d tensor."""

@@ -15,7 +15,9 @@ class KVAligner(nn.Module):
         super().__init__()
         if kind == "mlp":
             hidden = hidden_mult * in_dim
-            self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+            self.net = nn.Sequential(
+                nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim)
+            )
         elif kind == "linear":
             self.net = nn.Sequential(nn.Linear(in_dim, out_dim))
         else:
@@ -36,8 +38,12 @@ class ModalityAligner(nn.Module):
     def __init__(self, spec: ModalitySpec, kv_width: int, config: ConnectionConfig):
         super().__init__()
         self.spec = spec
-        self.key = KVAligner(spec.embed_dim, kv_width, config.aligner_hidden_mult, config.aligner_kind)
-        self.value = KVAligner(spec.embed_dim, kv_width, config.aligner_hidden_mult, config.aligner_kind)
+        self.key = KVAligner(
+            spec.embed_dim, kv_width, config.aligner_hidden_mult, config.aligner_kind
+        )
+        self.value = KVAligner(
+            spec.embed_dim, kv_width, config.aligner_hidden_mult, config.aligner_kind
+        )
         if config.positional_embeddings:
             self.key_pos = nn.Parameter(torch.randn(spec.num_tokens, kv_width) * 0.02)
             self.value_pos = nn.Parameter(torch.randn(spec.num_tokens, kv_width) * 0.02)

@@ -37,7 +37,8 @@ class KVLoRA:
     def adapter_layers(self, adapter: str) -> list[int]:
         """Blocks whose projections carry ``adapter``."""
         return [
-            i for i in range(len(self._attention))
+            i
+            for i in range(len(self._attention))
             if isinstance(p := self._proj(i, "k_proj"), LoraLinear) and adapter in p.lora_A
         ]
 
@@ -50,8 +51,12 @@ class KVLoRA:
         wanted = set(layers)
         lora_cfg = self._configs.setdefault(
             adapter,
-            LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                       lora_dropout=config.lora_dropout, target_modules=list(PROJECTIONS)),
+            LoraConfig(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=list(PROJECTIONS),
+            ),
         )
         for i in range(len(self._attention)):
             for name in PROJECTIONS:
@@ -61,8 +66,13 @@ class KVLoRA:
                     if isinstance(proj, LoraLinear):
                         proj.update_layer(adapter, lora_cfg.r, lora_cfg.lora_alpha, config=lora_cfg)
                     else:
-                        wrapped = LoraLinear(proj, adapter, config=lora_cfg, r=lora_cfg.r,
-                                             lora_alpha=lora_cfg.lora_alpha)
+                        wrapped = LoraLinear(
+                            proj,
+                            adapter,
+                            config=lora_cfg,
+                            r=lora_cfg.r,
+                            lora_alpha=lora_cfg.lora_alpha,
+                        )
                         setattr(self._attention[i], name, wrapped)
                 elif i not in wanted and has:
                     proj.delete_adapter(adapter)

@@ -178,7 +178,9 @@ class MPnPModel(nn.Module):
 
     def _sync_lora(self, state: AdaptedState) -> None:
         if state.config.lora:
-            last = range(self.geometry.num_layers - state.config.num_blocks, self.geometry.num_layers)
+            last = range(
+                self.geometry.num_layers - state.config.num_blocks, self.geometry.num_layers
+            )
             self._lora.ensure(state.name, last, state.config)
             self.llm.train(self.training)  # new LoRA layers follow the model's mode
 

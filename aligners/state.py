@@ -32,8 +32,15 @@ FORMAT_VERSION = 1
 TENSORS_FILE = "state.safetensors"
 CONFIG_FILE = "state.json"
 #: Fingerprint fields that must match for a state to load onto an LLM.
-_IDENTITY_KEYS = ("model_type", "num_layers", "hidden_size", "num_kv_heads", "head_dim",
-                  "vocab_size", "embedding_sha256")
+_IDENTITY_KEYS = (
+    "model_type",
+    "num_layers",
+    "hidden_size",
+    "num_kv_heads",
+    "head_dim",
+    "vocab_size",
+    "embedding_sha256",
+)
 
 
 class StateError(ValueError):
@@ -68,7 +75,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def save_state(model: MPnPModel, directory: str | os.PathLike[str], name: str | None = None) -> Path:
+def save_state(
+    model: MPnPModel, directory: str | os.PathLike[str], name: str | None = None
+) -> Path:
     """Save state ``name`` (default: the active one) into ``directory``.
 
     The tensor file is written first and the JSON (which carries its checksum) last, so a
@@ -76,11 +85,15 @@ def save_state(model: MPnPModel, directory: str | os.PathLike[str], name: str | 
     """
     state = model.states[name] if name else model._require_state()
     out = Path(directory)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_tensors(state.name).items()}
+    tensors = {
+        k: v.detach().to("cpu").contiguous() for k, v in model.state_tensors(state.name).items()
+    }
     fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".safetensors", dir=_mkdir(out))
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"type": STATE_TYPE, "format_version": str(FORMAT_VERSION)})
+        save_file(
+            tensors, tmp, metadata={"type": STATE_TYPE, "format_version": str(FORMAT_VERSION)}
+        )
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         digest = sha256_file(Path(tmp))
@@ -167,7 +180,8 @@ def load_state(
         raise StateError(f"state in {directory} was made for another LLM ({detail})")
     if num_blocks is not None and config["num_blocks"] != num_blocks:
         raise StateError(
-            f"state in {directory} connects N={config['num_blocks']} blocks, expected N={num_blocks}"
+            f"state in {directory} connects N={config['num_blocks']} blocks, "
+            f"expected N={num_blocks}"
         )
     conn = ConnectionConfig.from_dict(config["connection"])
     specs = [ModalitySpec(**m) for m in config["modalities"]]
@@ -176,7 +190,10 @@ def load_state(
     model.create_state(state_name, specs, conn, connect=False, activate=False)
     try:
         expected = model.state_tensors(state_name)
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        missing, unexpected = (
+            sorted(set(expected) - set(tensors)),
+            sorted(set(tensors) - set(expected)),
+        )
         if missing or unexpected:
             raise StateError(
                 f"state in {directory} does not fit its own config: missing {missing[:5]}, "
@@ -185,8 +202,10 @@ def load_state(
         with torch.no_grad():
             for key, param in expected.items():
                 if param.shape != tensors[key].shape:
-                    raise StateError(f"{key}: saved shape {tuple(tensors[key].shape)} "
-                                     f"!= expected {tuple(param.shape)}")
+                    raise StateError(
+                        f"{key}: saved shape {tuple(tensors[key].shape)} "
+                        f"!= expected {tuple(param.shape)}"
+                    )
                 param.copy_(tensors[key])
         unknown = [m for m in config["connected"] if m not in {s.name for s in specs}]
         if unknown:

@@ -32,14 +32,31 @@ ANSWER_VOCAB: tuple[str, ...] = (
 QUESTION_TYPES: tuple[str, ...] = ("exist", "count", "object", "status", "comparison")
 
 _NUMBER_WORDS = {
-    "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
 }
 _SYNONYMS = {
-    "cars": "car", "trucks": "truck", "buses": "bus", "trailers": "trailer",
-    "barriers": "barrier", "bicycles": "bicycle", "motorcycles": "motorcycle",
-    "pedestrians": "pedestrian", "traffic cones": "traffic cone",
-    "construction vehicles": "construction vehicle", "true": "yes", "false": "no",
+    "cars": "car",
+    "trucks": "truck",
+    "buses": "bus",
+    "trailers": "trailer",
+    "barriers": "barrier",
+    "bicycles": "bicycle",
+    "motorcycles": "motorcycle",
+    "pedestrians": "pedestrian",
+    "traffic cones": "traffic cone",
+    "construction vehicles": "construction vehicle",
+    "true": "yes",
+    "false": "no",
 }
 _PUNCT = re.compile(r"[^\w\s]")
 _SPACES = re.compile(r"\s+")
@@ -57,9 +74,9 @@ def normalize_answer(text: str) -> str:
     text = _PUNCT.sub(" ", text)
     text = _SPACES.sub(" ", text).strip()
     if text.startswith("answer "):
-        text = text[len("answer "):]
+        text = text[len("answer ") :]
     if text.startswith("the "):
-        text = text[len("the "):]
+        text = text[len("the ") :]
     text = _NUMBER_WORDS.get(text, text)
     return _SYNONYMS.get(text, text)
 

@@ -49,8 +49,8 @@ def _left_pad(rows: Sequence[list[int]], pad_id: int, fill: int | None = None):
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
     return ids, mask
 
 
@@ -62,9 +62,13 @@ class PromptBatch:
     labels: torch.Tensor | None = None  # (B, S) -100 except answer tokens
 
     def to(self, device: torch.device | str) -> PromptBatch:
-        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
-        return PromptBatch(move(self.input_ids), move(self.attention_mask),
-                           move(self.position_ids), move(self.labels))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PromptBatch(
+            move(self.input_ids),
+            move(self.attention_mask),
+            move(self.position_ids),
+            move(self.labels),
+        )
 
 
 def encode_prompts(tokenizer, questions: Sequence[str]) -> PromptBatch:
@@ -168,11 +172,22 @@ def _greedy(model, batch: PromptBatch, modality_tokens, max_new_tokens: int, use
         for _ in range(max_new_tokens):
             if use_cache:
                 step_pos = pos if cache.get_seq_length() == 0 else pos[:, -1:]
-                out = model.llm(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                                cache=cache, use_cache=True, logits_to_keep=1)
+                out = model.llm(
+                    input_ids=step_ids,
+                    attention_mask=mask,
+                    position_ids=step_pos,
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
             else:
-                out = model.llm(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                use_cache=False, logits_to_keep=1)
+                out = model.llm(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=pos,
+                    use_cache=False,
+                    logits_to_keep=1,
+                )
             step_scores = out.logits[:, -1, :]
             next_ids = step_scores.argmax(-1)
             next_ids = torch.where(done, torch.full_like(next_ids, tok.pad_token_id), next_ids)

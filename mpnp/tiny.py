@@ -28,7 +28,10 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     backend.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
         unk_token="<unk>",
     )
     prepare_tokenizer(tok)
@@ -40,19 +43,40 @@ def tiny_config(family: str, vocab_size: int, num_layers: int = 4, hidden: int =
 
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {SUPPORTED_FAMILIES}")
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=num_layers,
-                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=num_layers,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if family == "opt":
         return AutoConfig.for_model(
-            "opt", ffn_dim=2 * hidden, num_attention_heads=4, max_position_embeddings=256,
-            word_embed_proj_dim=hidden, **common)
+            "opt",
+            ffn_dim=2 * hidden,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=hidden,
+            **common,
+        )
     return AutoConfig.for_model(
-        family, intermediate_size=2 * hidden, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, **common)
+        family,
+        intermediate_size=2 * hidden,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **common,
+    )
 
 
-def tiny_llm(family: str = "llama", num_layers: int = 4, hidden: int = 64, seed: int = 0,
-             attn_implementation: str = "sdpa"):
+def tiny_llm(
+    family: str = "llama",
+    num_layers: int = 4,
+    hidden: int = 64,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+):
     """A random ``family`` model and the character tokenizer, frozen and in eval mode."""
     tok = char_tokenizer()
     torch.manual_seed(seed)

@@ -1,4 +1,4 @@
-"""With nothing connected the model is the base LLM, bit for bit; unconnected blocks see no extra keys."""
+"""Nothing connected = the base LLM, bit for bit; unconnected blocks see no extra keys."""
 
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ QUESTIONS = ["How many cars are there?", "Is there a bus?"]
 
 
 def _logits(model_call, batch):
-    return model_call(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      position_ids=batch.position_ids).logits
+    return model_call(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+    ).logits
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -38,8 +41,12 @@ def test_nothing_connected_equals_base_exactly(family, attn):
     # Connected but N = 0.
     model.connect("camera")
     model.set_num_blocks(0)
-    out = model(batch.input_ids, batch.attention_mask, {"camera": torch.randn(2, 3, 8)},
-                position_ids=batch.position_ids).logits
+    out = model(
+        batch.input_ids,
+        batch.attention_mask,
+        {"camera": torch.randn(2, 3, 8)},
+        position_ids=batch.position_ids,
+    ).logits
     assert torch.equal(out, base)
     # Back to the base LLM by deactivating.
     model.set_num_blocks(2)
@@ -63,12 +70,18 @@ def test_only_last_n_blocks_see_extra_keys(monkeypatch, llama):
 
     monkeypatch.setattr(injection, "_base_function", spy)
     model = MPnPModel(llm, tok)
-    model.create_state("s", [ModalitySpec("camera", 8, 3), ModalitySpec("lidar", 6, 4)],
-                       ConnectionConfig(num_blocks=2))
+    model.create_state(
+        "s",
+        [ModalitySpec("camera", 8, 3), ModalitySpec("lidar", 6, 4)],
+        ConnectionConfig(num_blocks=2),
+    )
     batch = encode_prompts(tok, ["Is there a car?"])
     text_len = batch.input_ids.shape[1]
-    model(batch.input_ids, batch.attention_mask,
-          {"camera": torch.randn(1, 3, 8), "lidar": torch.randn(1, 4, 6)})
+    model(
+        batch.input_ids,
+        batch.attention_mask,
+        {"camera": torch.randn(1, 3, 8), "lidar": torch.randn(1, 4, 6)},
+    )
     assert seen == {0: text_len, 1: text_len, 2: text_len + 7, 3: text_len + 7}
     model.disconnect("lidar")
     model(batch.input_ids, batch.attention_mask, {"camera": torch.randn(1, 3, 8)})
@@ -95,8 +108,9 @@ def test_unsupported_attention_implementation_is_refused():
     from mpnp.tiny import char_tokenizer, tiny_config
 
     tok = char_tokenizer()
-    llm = AutoModelForCausalLM.from_config(tiny_config("llama", len(tok)),
-                                           attn_implementation="sdpa")
+    llm = AutoModelForCausalLM.from_config(
+        tiny_config("llama", len(tok)), attn_implementation="sdpa"
+    )
     llm.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="not supported"):
         MPnPModel(llm, tok)

@@ -35,8 +35,9 @@ def test_padded_batch_equals_unbatched(tiny):
     model, tokens = _model(tiny)
     batched = generate_answers(model, QUESTIONS, tokens, max_new_tokens=4)
     for i, q in enumerate(QUESTIONS):
-        single = generate_answers(model, [q], {"camera": tokens["camera"][i:i + 1]},
-                                  max_new_tokens=4)
+        single = generate_answers(
+            model, [q], {"camera": tokens["camera"][i : i + 1]}, max_new_tokens=4
+        )
         n = single.token_ids.shape[1]
         assert torch.equal(batched.token_ids[i, :n], single.token_ids[0])
         torch.testing.assert_close(batched.scores[i, :n], single.scores[0], atol=1e-5, rtol=1e-5)

@@ -25,7 +25,7 @@ def reference_attention(attn, hidden, cos, sin, k_mm, v_mm, alpha, gate, pad_mas
     v = attn.v_proj(hidden).view(b, s, n_kv, hd).transpose(1, 2)
 
     def rope(x):
-        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
         return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
 
     q, k = rope(q), rope(k)  # the prefix gets no rotary embedding
@@ -38,7 +38,9 @@ def reference_attention(attn, hidden, cos, sin, k_mm, v_mm, alpha, gate, pad_mas
     scores = q @ k_ext.transpose(-1, -2) / math.sqrt(hd)  # (B, heads, S, P + S)
     p = k_mm.shape[2]
     allowed = torch.ones(b, 1, s, p + s, dtype=torch.bool)
-    allowed[..., p:] = torch.tril(torch.ones(s, s, dtype=torch.bool)) & pad_mask[:, None, None, :].bool()
+    allowed[..., p:] = (
+        torch.tril(torch.ones(s, s, dtype=torch.bool)) & pad_mask[:, None, None, :].bool()
+    )
     scores = scores.masked_fill(~allowed, float("-inf"))
     if gate == "logit":
         scores[..., :p] += torch.log(alpha)
@@ -52,8 +54,11 @@ def reference_attention(attn, hidden, cos, sin, k_mm, v_mm, alpha, gate, pad_mas
 def test_injected_attention_matches_reference(gate, attn_impl):
     llm, tok = tiny_llm("llama", num_layers=3, attn_implementation=attn_impl)
     model = MPnPModel(llm, tok)
-    model.create_state("s", [ModalitySpec("camera", 8, 3), ModalitySpec("lidar", 5, 2)],
-                       ConnectionConfig(num_blocks=2, gate=gate))
+    model.create_state(
+        "s",
+        [ModalitySpec("camera", 8, 3), ModalitySpec("lidar", 5, 2)],
+        ConnectionConfig(num_blocks=2, gate=gate),
+    )
     torch.manual_seed(1)
     tokens = {"camera": torch.randn(2, 3, 8), "lidar": torch.randn(2, 2, 5)}
     kv = model.multimodal_kv(tokens)
@@ -88,6 +93,7 @@ def test_causal_mask_is_built_when_the_stock_path_would_use_is_causal():
     with torch.no_grad(), model.prefix(kv):
         out, _ = attn(hidden, position_embeddings=(cos, sin), attention_mask=None)
         alpha = model.state.connections.alpha(1)
-        ref = reference_attention(attn, hidden, cos, sin, kv[0], kv[1], alpha, "scale",
-                                  torch.ones(1, 5))
+        ref = reference_attention(
+            attn, hidden, cos, sin, kv[0], kv[1], alpha, "scale", torch.ones(1, 5)
+        )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

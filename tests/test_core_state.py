@@ -33,8 +33,9 @@ def _logits(model):
     torch.manual_seed(5)
     tokens = {"camera": torch.randn(2, 3, 8), "lidar": torch.randn(2, 2, 6)}
     with torch.no_grad():
-        return model(batch.input_ids, batch.attention_mask, tokens,
-                     position_ids=batch.position_ids).logits
+        return model(
+            batch.input_ids, batch.attention_mask, tokens, position_ids=batch.position_ids
+        ).logits
 
 
 def test_round_trip_is_exact(tmp_path, family):

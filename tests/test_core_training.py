@@ -13,8 +13,11 @@ def test_one_step_reaches_exactly_the_trainable_parts(tiny):
     llm, tok = tiny
     model = MPnPModel(llm, tok)
     n_layers = model.geometry.num_layers
-    model.create_state("s", [ModalitySpec("camera", 8, 3), ModalitySpec("lidar", 6, 2)],
-                       ConnectionConfig(num_blocks=2, lora_dropout=0.0))
+    model.create_state(
+        "s",
+        [ModalitySpec("camera", 8, 3), ModalitySpec("lidar", 6, 2)],
+        ConnectionConfig(num_blocks=2, lora_dropout=0.0),
+    )
     trainable = set(model.set_trainable())
     model.train()
 
@@ -23,13 +26,20 @@ def test_one_step_reaches_exactly_the_trainable_parts(tiny):
 
     needs_grad = {}
     hooks = [
-        a.register_forward_hook(lambda m, i, o: needs_grad.__setitem__(m.layer_idx, o[0].requires_grad))
+        a.register_forward_hook(
+            lambda m, i, o: needs_grad.__setitem__(m.layer_idx, o[0].requires_grad)
+        )
         for a in attention_modules(llm)
     ]
     batch = encode_training(tok, ["Is there a car?", "How many buses?"], ["yes", "2"])
     tokens = {"camera": torch.randn(2, 3, 8), "lidar": torch.randn(2, 2, 6)}
-    out = model(batch.input_ids, batch.attention_mask, tokens, position_ids=batch.position_ids,
-                labels=batch.labels)
+    out = model(
+        batch.input_ids,
+        batch.attention_mask,
+        tokens,
+        position_ids=batch.position_ids,
+        labels=batch.labels,
+    )
     out.loss.backward()
     for h in hooks:
         h.remove()
@@ -67,14 +77,22 @@ def test_ablation_switches_remove_their_parameters(llama):
     llm, tok = llama
     model = MPnPModel(llm, tok)
     model.create_state(
-        "s", [ModalitySpec("camera", 8, 3)],
-        ConnectionConfig(num_blocks=2, lora=False, train_connections=False,
-                         positional_embeddings=False, aligner_kind="linear"),
+        "s",
+        [ModalitySpec("camera", 8, 3)],
+        ConnectionConfig(
+            num_blocks=2,
+            lora=False,
+            train_connections=False,
+            positional_embeddings=False,
+            aligner_kind="linear",
+        ),
     )
     groups = model.parameter_groups()
     assert groups["lora"] == {} and groups["connections"] == {}
     assert not any("pos" in k for k in groups["aligners"])
     assert sorted(groups["aligners"]) == [
-        "aligners.camera.key.net.0.bias", "aligners.camera.key.net.0.weight",
-        "aligners.camera.value.net.0.bias", "aligners.camera.value.net.0.weight",
+        "aligners.camera.key.net.0.bias",
+        "aligners.camera.key.net.0.weight",
+        "aligners.camera.value.net.0.bias",
+        "aligners.camera.value.net.0.weight",
     ]

@@ -1,0 +1,54 @@
+"""``mpnp bench ...``: the project's benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from exc
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError("need at least one non-negative integer")
+    return values
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark")
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    core = bench_sub.add_parser(
+        "core", help="training-step FLOPs/memory per N vs full fine-tuning; query latency"
+    )
+    core.add_argument("--model", help="LLM directory or .gguf (default: embedded SmolLM2)")
+    core.add_argument("--ns", type=_ints, default=(4, 8, 15, 22, 30), help="values of N")
+    core.add_argument("--batch", type=int, default=4)
+    core.add_argument("--rounds", type=int, default=15, help="latency rounds")
+    core.add_argument("--device", default="cpu")
+    core.add_argument("--json", type=Path, help="write the result JSON here")
+    core.add_argument("--markdown", type=Path, help="write the Markdown table here")
+    core.set_defaults(func=_core)
+
+
+def _write(path: Path | None, text: str) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def _core(args: argparse.Namespace) -> int:
+    from bench import core
+
+    if args.batch < 1 or args.rounds < 1:
+        raise ValueError("--batch and --rounds must be >= 1")
+    result = core.run(args.model, args.ns, args.batch, args.device, args.rounds)
+    markdown = core.to_markdown(result)
+    print(markdown)
+    _write(args.json, json.dumps(result, indent=2))
+    _write(args.markdown, markdown)
+    return 0
