@@ -1,0 +1,195 @@
+"""Adaptation runs: plan within the power budget, step, validate, then swap or discard.
+
+Used by the engine only (same thread). A run is Algorithm 1's Adapt for one modality set:
+the planner picks ``N`` and the steps from the current power mode, the backend trains its
+candidate one bounded step at a time between queries, and at the end the candidate replaces
+the serving state only if it validates better (or the operator forces it). A committed state
+is saved to the store at once, so a restart resumes with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.backend import AdaptProgress, ModelBackend
+from daemon.protocol import EventType
+from daemon.store import ModelStore, StoreError
+from policies.budget import BudgetPlan, BudgetPlanner, PowerBudget
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[EventType, dict[str, Any]], None]
+
+
+@dataclass
+class AdaptationRun:
+    modalities: frozenset[str]
+    plan: BudgetPlan
+    reason: str  # "policy" or "operator"
+    force_commit: bool = False
+    steps_done: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    last: AdaptProgress | None = None
+
+    @property
+    def steps_planned(self) -> int:
+        return self.plan.steps
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "modalities": sorted(self.modalities),
+            "reason": self.reason,
+            "n_blocks": self.plan.n_blocks,
+            "steps_done": self.steps_done,
+            "steps_planned": self.steps_planned,
+            "progress": self.steps_done / max(self.steps_planned, 1),
+            "loss": self.last.loss if self.last else None,
+            "elapsed_s": time.monotonic() - self.started_at,
+            "force_commit": self.force_commit,
+        }
+
+
+class AdaptationController:
+    """Owns the current run (at most one) and the decisions around it."""
+
+    def __init__(
+        self,
+        backend: ModelBackend,
+        store: ModelStore,
+        planner: BudgetPlanner,
+        publish: Publish,
+        progress_every: int = 10,
+    ) -> None:
+        self.backend = backend
+        self.store = store
+        self.planner = planner
+        self.publish = publish
+        self.progress_every = progress_every
+        self.run: AdaptationRun | None = None
+        self.last_result: dict[str, Any] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.run is not None
+
+    def start(
+        self, modalities: frozenset[str], budget: PowerBudget, reason: str,
+        force_commit: bool = False,
+    ) -> BudgetPlan:
+        """Plan and, when feasible, start a run (the caller checks ``plan.feasible``)."""
+        if self.run is not None:
+            raise RuntimeError("an adaptation run is already active")
+        plan = self.planner.plan(budget, self.backend.cost_model())
+        self.publish(EventType.BUDGET_PLAN, {"plan": plan.to_dict(), "for": sorted(modalities)})
+        if not plan.feasible:
+            return plan
+        self.backend.start_adaptation(modalities, plan.n_blocks, plan.steps)
+        self.run = AdaptationRun(modalities, plan, reason, force_commit)
+        self.publish(EventType.ADAPTATION_STARTED, self.run.describe())
+        log.info("adaptation started for %s (%s): N=%d, %d steps", sorted(modalities), reason,
+                 plan.n_blocks, plan.steps)
+        return plan
+
+    def replan(self, budget: PowerBudget) -> BudgetPlan | None:
+        """The power mode changed mid-run: fit the remaining steps to the new budget."""
+        run = self.run
+        if run is None:
+            return None
+        plan = self.planner.replan(
+            budget, self.backend.cost_model(), run.plan.n_blocks, run.steps_done,
+            time.monotonic() - run.started_at,
+        )
+        run.plan = plan
+        self.publish(EventType.BUDGET_PLAN, {"plan": plan.to_dict(), "for": sorted(run.modalities)})
+        return plan
+
+    def step(self) -> dict[str, Any] | None:
+        """One training step; returns the run's result when the run ended."""
+        run = self.run
+        if run is None:
+            return None
+        if run.steps_done >= run.steps_planned:
+            return self.finish()
+        try:
+            progress = self.backend.adaptation_step()
+        except Exception as exc:
+            log.exception("adaptation step failed")
+            return self._end(committed=False, outcome="failed", error=str(exc))
+        if progress is None:
+            return self.finish()
+        run.steps_done += 1
+        run.last = progress
+        if run.steps_done % self.progress_every == 0 or run.steps_done == run.steps_planned:
+            self.publish(EventType.ADAPTATION_PROGRESS, run.describe())
+        return None
+
+    def finish(self, force: bool = False) -> dict[str, Any]:
+        """Validate the candidate and swap it in if it beats the serving state (or forced)."""
+        run = self.run
+        if run is None:
+            raise RuntimeError("no adaptation run to finish")
+        try:
+            adapted = float(self.backend.validation_accuracy("adapted"))
+            serving = float(self.backend.validation_accuracy("serving"))
+        except Exception as exc:
+            log.exception("validation failed")
+            return self._end(committed=False, outcome="failed", error=f"validation: {exc}")
+        forced = force or run.force_commit
+        if forced or adapted > serving:
+            try:
+                self.backend.commit_adapted()
+            except Exception as exc:
+                log.exception("commit failed")
+                return self._end(False, "failed", error=f"commit: {exc}")
+            return self._end(True, "forced" if forced and adapted <= serving else "better",
+                             adapted=adapted, serving=serving)
+        self.backend.discard_adapted()
+        return self._end(False, "not_better", adapted=adapted, serving=serving)
+
+    def cancel(self, why: str) -> dict[str, Any] | None:
+        if self.run is None:
+            return None
+        self.backend.discard_adapted()
+        return self._end(False, "cancelled", error=why)
+
+    def save_serving(self, modalities: frozenset[str], meta: dict[str, Any]) -> int | None:
+        """Save the serving state as a new store generation; ``None`` if saving failed."""
+        try:
+            entry = self.store.save_state(
+                self.backend.save_state, {"modalities": sorted(modalities), **meta}
+            )
+        except (StoreError, OSError, RuntimeError, ValueError) as exc:
+            log.error("could not save the adapted state: %s", exc)
+            return None
+        return entry.generation
+
+    def _end(
+        self, committed: bool, outcome: str, adapted: float | None = None,
+        serving: float | None = None, error: str | None = None,
+    ) -> dict[str, Any]:
+        run = self.run
+        if run is None:
+            raise RuntimeError("no adaptation run to end")
+        if not committed and outcome in ("failed",):
+            try:
+                self.backend.discard_adapted()
+            except Exception:  # the run failed already; keep serving
+                log.exception("discard after failure failed")
+        self.run = None
+        result = {
+            **run.describe(),
+            "committed": committed,
+            "outcome": outcome,
+            "adapted_accuracy": adapted,
+            "serving_accuracy": serving,
+            "error": error,
+        }
+        self.last_result = result
+        self.publish(EventType.ADAPTATION_RESULT, result)
+        log.info("adaptation for %s ended: %s (adapted %s vs serving %s)",
+                 sorted(run.modalities), outcome, adapted, serving)
+        return result

@@ -1,0 +1,127 @@
+"""The narrow interface between the daemon's engine and whatever owns the model.
+
+The engine never touches torch: every model operation goes through :class:`ModelBackend`.
+The backend holds two states: the *serving* state (what :meth:`~ModelBackend.answer` uses,
+always the last good one) and, during an adaptation run, an *adapted* candidate that
+:meth:`~ModelBackend.adaptation_step` trains one bounded step at a time. The engine decides
+whether the candidate replaces the serving state (:meth:`~ModelBackend.commit_adapted`, an
+atomic swap) or is thrown away (:meth:`~ModelBackend.discard_adapted`).
+
+Backends are found by name in a registry, or as ``module:factory`` (a callable taking the
+``model.options`` of the daemon config as keyword arguments).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from policies.budget import CostModel
+from scenes.sample import Frame
+
+Which = Literal["serving", "adapted"]
+
+
+@dataclass(frozen=True)
+class AdaptProgress:
+    """What one adaptation step reports.
+
+    Attributes:
+        step: steps done so far in this run (1-based after the first step).
+        total_steps: steps the backend was asked for.
+        loss: training loss of this step, if computed.
+        samples: training samples seen so far.
+    """
+
+    step: int
+    total_steps: int
+    loss: float | None = None
+    samples: int = 0
+
+
+@runtime_checkable
+class ModelBackend(Protocol):
+    def answer(
+        self, questions: list[str], frames: list[Frame] | None, modalities: frozenset[str]
+    ) -> list[str]:
+        """Answer each question (``frames[i]`` goes with ``questions[i]``) with the serving
+        state, using only ``modalities`` of the frames."""
+        ...
+
+    def start_adaptation(self, modalities: frozenset[str], n_blocks: int, steps: int) -> None:
+        """Select + reconnect ``modalities`` into a fresh candidate with the last
+        ``n_blocks`` blocks connected, to be trained for (about) ``steps`` steps."""
+        ...
+
+    def adaptation_step(self) -> AdaptProgress | None:
+        """Run one bounded training step on the candidate; ``None`` when it is done."""
+        ...
+
+    def validation_accuracy(self, which: Which) -> float:
+        """Accuracy in 0..1 of the ``serving`` state or the ``adapted`` candidate on the
+        validation split of the current context (the candidate's modality set)."""
+        ...
+
+    def commit_adapted(self) -> None:
+        """Atomically make the candidate the serving state."""
+        ...
+
+    def discard_adapted(self) -> None:
+        """Drop the candidate; the serving state is untouched."""
+        ...
+
+    def save_state(self, path: Path) -> None:
+        """Write the serving state's trainable tensors to ``path`` (safetensors)."""
+        ...
+
+    def load_state(self, path: Path) -> None:
+        """Replace the serving state by one written by :meth:`save_state`."""
+        ...
+
+    def cost_model(self) -> CostModel:
+        """Per-sample FLOPs of adaptation (for the budget planner)."""
+        ...
+
+
+BACKEND_METHODS: tuple[str, ...] = (
+    "answer", "start_adaptation", "adaptation_step", "validation_accuracy", "commit_adapted",
+    "discard_adapted", "save_state", "load_state", "cost_model",
+)
+BackendFactory = Callable[..., ModelBackend]
+_BACKENDS: dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    if name in _BACKENDS:
+        raise ValueError(f"model backend {name!r} is already registered")
+    _BACKENDS[name] = factory
+
+
+def list_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def create_backend(spec: str, options: dict[str, Any] | None = None) -> ModelBackend:
+    """Build the backend named ``spec`` (registered name or ``module:factory``)."""
+    options = options or {}
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"model.backend {spec!r} cannot be imported: {exc}") from exc
+    elif spec in _BACKENDS:
+        factory = _BACKENDS[spec]
+    else:
+        raise ValueError(
+            f"unknown model backend {spec!r}; registered: {list_backends()} "
+            "(or give module:factory)"
+        )
+    backend = factory(**options)
+    missing = [name for name in BACKEND_METHODS if not callable(getattr(backend, name, None))]
+    if missing:
+        raise ValueError(f"model backend {spec!r} lacks {sorted(missing)}")
+    return backend

@@ -1,0 +1,305 @@
+"""The daemon's configuration: a TOML (or JSON) file mapped onto validated dataclasses.
+
+Importable without torch or zmq so tools (and ``deploy`` tests) can validate configs cheaply.
+Every section is a dataclass validated in ``__post_init__``; unknown keys are errors that name
+the section and key. Security rule: any endpoint that is not loopback or ``ipc://`` needs
+CURVE (``security.curve = true`` with a server key and a directory of authorized client keys).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mpnp.paths import model_store_dir
+from policies.budget import PlannerConfig
+from policies.context import create_policy, modality_set
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+def endpoint_is_local(endpoint: str) -> bool:
+    """True for ``ipc://``, ``inproc://`` and ``tcp://`` on a loopback address."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def _check_endpoint(name: str, endpoint: str) -> None:
+    if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
+        raise ValueError(f"endpoints.{name}: {endpoint!r} must start with tcp://, ipc:// or inproc://")
+    if endpoint.startswith("tcp://"):
+        rest = endpoint[len("tcp://"):]
+        host, sep, port = rest.rpartition(":")
+        if not sep or not host or not (port == "*" or port.isdigit()):
+            raise ValueError(f"endpoints.{name}: {endpoint!r} must look like tcp://HOST:PORT")
+
+
+@dataclass
+class EndpointsConfig:
+    """Where the daemon binds.
+
+    Attributes:
+        ingest: PULL socket for sensor frames.
+        query: ROUTER socket for questions and control commands.
+        events: PUB socket for events.
+        metrics: ``host:port`` of the Prometheus text endpoint (loopback only; "" = off).
+        ingest_hwm: ZeroMQ receive high-water mark of the ingest socket (messages).
+        ingest_queue: frames held for the engine; older ones are dropped (counted).
+    """
+
+    ingest: str = "tcp://127.0.0.1:5555"
+    query: str = "tcp://127.0.0.1:5556"
+    events: str = "tcp://127.0.0.1:5557"
+    metrics: str = "127.0.0.1:9464"
+    ingest_hwm: int = 4
+    ingest_queue: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("ingest", "query", "events"):
+            _check_endpoint(name, getattr(self, name))
+        if self.metrics:
+            host, sep, port = self.metrics.rpartition(":")
+            if not sep or not port.isdigit():
+                raise ValueError(f"endpoints.metrics: {self.metrics!r} must be HOST:PORT or ''")
+            if host not in LOOPBACK_HOSTS and not host.startswith("127."):
+                raise ValueError(
+                    f"endpoints.metrics: {self.metrics!r} must be on loopback (it has no auth); "
+                    "use 127.0.0.1:PORT and scrape through a local agent"
+                )
+        if not 1 <= self.ingest_hwm <= 1000:
+            raise ValueError(f"endpoints.ingest_hwm must be in 1..1000, got {self.ingest_hwm}")
+        if not 1 <= self.ingest_queue <= 1000:
+            raise ValueError(f"endpoints.ingest_queue must be in 1..1000, got {self.ingest_queue}")
+
+
+@dataclass
+class SecurityConfig:
+    """CURVE authentication.
+
+    Attributes:
+        curve: encrypt and authenticate every socket.
+        server_secret_key: the server's secret certificate (``zmq.auth.create_certificates``).
+        client_keys_dir: directory of authorized clients' public certificates.
+    """
+
+    curve: bool = False
+    server_secret_key: str = ""
+    client_keys_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.curve and not (self.server_secret_key and self.client_keys_dir):
+            raise ValueError(
+                "security.curve needs security.server_secret_key and security.client_keys_dir "
+                "(create them with `mpnp daemon keygen DIR`)"
+            )
+
+
+@dataclass
+class ModelConfig:
+    """Which model backend owns the LLM: a registered name or ``module:factory``."""
+
+    backend: str = "mpnp"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.backend:
+            raise ValueError("model.backend must name a backend")
+
+
+@dataclass
+class StoreConfig:
+    """The local store of encoders, aligners and adapted states."""
+
+    path: str = ""
+    memory_budget_mb: float = 4096.0
+    keep_states: int = 5
+
+    def __post_init__(self) -> None:
+        if self.memory_budget_mb <= 0:
+            raise ValueError(f"store.memory_budget_mb must be > 0, got {self.memory_budget_mb}")
+        if self.keep_states < 1:
+            raise ValueError(f"store.keep_states must be >= 1, got {self.keep_states}")
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.path).expanduser() if self.path else model_store_dir() / "store"
+
+
+@dataclass
+class PolicyConfig:
+    name: str = "light-level"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            create_policy(self.name, **self.options)
+        except TypeError as exc:
+            raise ValueError(f"policy.options for {self.name!r}: {exc}") from exc
+        except ValueError as exc:
+            raise ValueError(f"policy: {exc}") from exc
+
+
+@dataclass
+class PowerConfig:
+    """Power monitor: ``auto`` (jtop, then NVML, then CPU) or a name such as ``sim-orin``."""
+
+    monitor: str = "auto"
+    options: dict[str, Any] = field(default_factory=dict)
+    poll_interval_s: float = 1.0
+    flops_per_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.poll_interval_s <= 0:
+            raise ValueError(f"power.poll_interval_s must be > 0, got {self.poll_interval_s}")
+        if self.flops_per_s is not None and self.flops_per_s <= 0:
+            raise ValueError(f"power.flops_per_s must be > 0, got {self.flops_per_s}")
+
+
+@dataclass
+class AdaptationConfig:
+    """When and how much to adapt (the planner settings are :class:`PlannerConfig`)."""
+
+    auto: bool = True
+    initial_modalities: list[str] = field(default_factory=lambda: ["camera"])
+    deadline_s: float = 600.0
+    batch_size: int = 16
+    target_steps: int = 300
+    min_steps: int = 10
+    n_min: int = 1
+    n_max: int | None = None
+    utilization: float = 0.8
+    progress_every: int = 10
+
+    def __post_init__(self) -> None:
+        modality_set(self.initial_modalities, "adaptation.initial_modalities")
+        if self.deadline_s <= 0:
+            raise ValueError(f"adaptation.deadline_s must be > 0, got {self.deadline_s}")
+        if self.progress_every < 1:
+            raise ValueError(f"adaptation.progress_every must be >= 1, got {self.progress_every}")
+        try:
+            self.planner()
+        except ValueError as exc:
+            raise ValueError(f"adaptation: {exc}") from exc
+
+    def planner(self) -> PlannerConfig:
+        return PlannerConfig(
+            batch_size=self.batch_size, target_steps=self.target_steps, min_steps=self.min_steps,
+            n_min=self.n_min, n_max=self.n_max, utilization=self.utilization,
+        )
+
+
+@dataclass
+class LimitsConfig:
+    """Bounds on what the wire may carry."""
+
+    max_header_bytes: int = 16384
+    max_frame_bytes: int = 64 * 1024 * 1024
+    max_request_bytes: int = 65536
+    max_question_chars: int = 2000
+    max_image_side: int = 4096
+    max_lidar_points: int = 1_000_000
+    max_batch: int = 16
+    frame_history: int = 32
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 1:
+                raise ValueError(f"limits.{f.name} must be >= 1, got {getattr(self, f.name)}")
+
+
+@dataclass
+class DaemonConfig:
+    endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    power: PowerConfig = field(default_factory=PowerConfig)
+    adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
+        if not self.security.curve:
+            for name in ("ingest", "query", "events"):
+                endpoint = getattr(self.endpoints, name)
+                if not endpoint_is_local(endpoint):
+                    raise ValueError(
+                        f"endpoints.{name} = {endpoint!r} is not loopback/ipc and CURVE is off; "
+                        "set security.curve = true with keys, or bind to 127.0.0.1 / ipc://"
+                    )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> DaemonConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: top level must be a table/object")
+        kwargs: dict[str, Any] = {}
+        sections = {f.name: f for f in fields(cls)}
+        for key, value in data.items():
+            if key not in sections:
+                raise ValueError(f"{where}: unknown section {key!r}; known: {sorted(sections)}")
+            if key == "log_format":
+                kwargs[key] = value
+                continue
+            section_cls = _SECTION_TYPES[key]
+            kwargs[key] = _build_section(section_cls, value, f"{where}: [{key}]")
+        return cls(**kwargs)
+
+
+def _build_section(section_cls: type, value: Any, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a table/object")
+    known = {f.name for f in fields(section_cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+    try:
+        return section_cls(**value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+
+
+_SECTION_TYPES: dict[str, type] = {
+    "endpoints": EndpointsConfig,
+    "security": SecurityConfig,
+    "model": ModelConfig,
+    "store": StoreConfig,
+    "policy": PolicyConfig,
+    "power": PowerConfig,
+    "adaptation": AdaptationConfig,
+    "limits": LimitsConfig,
+}
+
+
+def load_config(path: str | os.PathLike[str]) -> DaemonConfig:
+    """Load and validate a ``.toml`` or ``.json`` daemon config (errors name the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"daemon config {path} does not exist")
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: invalid JSON: {exc}") from exc
+    elif path.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: invalid TOML: {exc}") from exc
+    else:
+        raise ValueError(f"{path}: daemon configs are .toml or .json")
+    return DaemonConfig.from_dict(data, where=str(path))

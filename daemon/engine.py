@@ -1,0 +1,543 @@
+"""The engine: the one loop that owns the model.
+
+A pure core, usable in-process (tests drive :meth:`Engine.step` directly): IO threads hand it
+typed :class:`Request` objects and decoded sensor messages through thread-safe queues and get
+replies and events back through callbacks; the engine never touches a socket. Each step:
+
+1. take the sensor messages that arrived (bounded; the oldest are dropped and counted) and
+   feed the context policy;
+2. serve every pending request: questions are batched into one backend call and answered with
+   the *serving* state; control commands are applied;
+3. poll the power monitor (mode changes re-plan a running adaptation);
+4. let the policy/override trigger Select -> Reconnect -> Adapt when the desired modality set
+   differs from the serving one;
+5. run **one** adaptation step, only when no request is waiting; so queries always come first
+   and are answered with the last good state while an adaptation runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.adaptation import AdaptationController, Publish
+from daemon.backend import ModelBackend
+from daemon.config import DaemonConfig
+from daemon.frames import FrameBuffer
+from daemon.metrics import DaemonMetrics
+from daemon.protocol import (
+    PROTOCOL_VERSION,
+    DropReason,
+    ErrorCode,
+    EventType,
+    MessageType,
+    ProtocolError,
+    ReplyStatus,
+    SensorKind,
+    SensorMessage,
+    WireReply,
+    error_reply,
+)
+from daemon.store import ModelStore, StoreError
+from policies.budget import BudgetPlanner
+from policies.context import ContextSample, ModalitySelector, modality_set
+from policies.power import ModeChange, ModeChangeStatus, PowerMonitor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    """A decoded request on its way to the engine, with where its reply goes."""
+
+    type: MessageType
+    id: str
+    body: dict[str, Any]
+    reply: Callable[[WireReply], None]
+    received_at: float = field(default_factory=time.monotonic)
+
+
+def _ok(request: Request, **body: Any) -> None:
+    request.reply(WireReply(ReplyStatus.OK, request.id, body))
+
+
+def _fields(body: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            f"unknown fields {unknown}; allowed: {sorted(allowed)}")
+
+
+def _string(body: dict[str, Any], name: str, max_len: int, required: bool = True) -> str | None:
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > max_len:
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            f"field {name!r} must be a non-empty string of <= {max_len} chars")
+    return value
+
+
+def _modalities(body: dict[str, Any], name: str = "modalities") -> frozenset[str]:
+    value = body.get(name)
+    if not isinstance(value, list):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"field {name!r} must be a list of names")
+    try:
+        return modality_set(value, name)
+    except ValueError as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from None
+
+
+class Engine:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        backend: ModelBackend,
+        store: ModelStore,
+        selector: ModalitySelector,
+        monitor: PowerMonitor,
+        metrics: DaemonMetrics | None = None,
+        publish: Publish | None = None,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.store = store
+        self.selector = selector
+        self.monitor = monitor
+        self.metrics = metrics or DaemonMetrics()
+        self._publish_cb = publish or (lambda kind, body: None)
+        self.frames = FrameBuffer(config.limits.frame_history)
+        self.adaptation = AdaptationController(
+            backend, store, BudgetPlanner(config.adaptation.planner()), self.publish,
+            config.adaptation.progress_every,
+        )
+        self.serving: frozenset[str] = frozenset(config.adaptation.initial_modalities)
+        self.serving_generation: int | None = None
+        self._dirty = False  # serving state committed but not saved yet
+        self._inbox: queue.Queue[Request] = queue.Queue()
+        self._sensor_lock = threading.Lock()
+        self._sensors: collections.deque[SensorMessage] = collections.deque()
+        self._last_sensor_ts: dict[SensorKind, float] = {}
+        self._last_desired: frozenset[str] | None = None
+        self._gave_up_on: frozenset[str] | None = None
+        self._pending_mode: tuple[ModeChange, Request] | None = None
+        self._last_mode: str | None = None
+        self._next_power_poll = 0.0
+        self.last_reading: dict[str, Any] | None = None
+        self.started_at = time.monotonic()
+        self.accepting = True
+
+    # --- called from IO threads ---------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        self._inbox.put(request)
+
+    def ingest(self, message: SensorMessage) -> None:
+        """Queue a sensor message; when full the oldest (stalest) one is dropped, counted."""
+        with self._sensor_lock:
+            if len(self._sensors) >= self.config.endpoints.ingest_queue:
+                self._sensors.popleft()
+                self.metrics.frames_dropped.inc(reason=DropReason.STALE.value)
+            self._sensors.append(message)
+
+    def publish(self, kind: EventType, body: dict[str, Any]) -> None:
+        try:
+            self._publish_cb(kind, body)
+        except Exception:  # events are best effort; never break the engine
+            log.exception("publishing %s failed", kind.value)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Resume with the last good adapted state in the store, if any."""
+        for entry in self.store.states():
+            try:
+                self.store.verify(entry.name)
+                self.backend.load_state(self.store.path(entry))
+            except (StoreError, OSError, RuntimeError, ValueError) as exc:
+                log.error("cannot resume from %s: %s; trying an older state", entry.name, exc)
+                continue
+            self.serving = frozenset(entry.meta.get("modalities", sorted(self.serving)))
+            self.serving_generation = entry.generation
+            log.info("resumed adapted state generation %d for %s", entry.generation,
+                     sorted(self.serving))
+            break
+        self._poll_power(force=True)
+
+    def drain(self) -> None:
+        """Stop accepting, answer what is queued with ``shutting_down``, flush the state."""
+        self.accepting = False
+        while True:
+            try:
+                request = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            self._error(request, ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+        if self._pending_mode is not None:
+            change, request = self._pending_mode
+            self._error(request, ErrorCode.SHUTTING_DOWN, f"mode change to {change.target} "
+                        "was requested; check the mode after restart")
+            self._pending_mode = None
+        self.adaptation.cancel("daemon shutting down")
+        if self._dirty:
+            self._save_serving({"reason": "flush at shutdown"})
+        self.monitor.note_activity(False)
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def step(self, timeout: float = 0.05) -> None:
+        self._drain_sensors()
+        block = not self.adaptation.active
+        requests = self._take_requests(timeout if block else 0.0)
+        self._serve(requests)
+        self._poll_power()
+        self._update_policy()
+        if self.adaptation.active and self._inbox.empty():
+            result = self.adaptation.step()
+            if result is not None:
+                self._after_run(result)
+            run = self.adaptation.run
+            self.metrics.adaptation_progress.set(
+                run.steps_done / max(run.steps_planned, 1) if run else 0.0)
+        self.metrics.adaptation_active.set(1.0 if self.adaptation.active else 0.0)
+        self.metrics.uptime.set(time.monotonic() - self.started_at)
+
+    def _drain_sensors(self) -> None:
+        with self._sensor_lock:
+            messages = list(self._sensors)
+            self._sensors.clear()
+        for message in messages:
+            last = self._last_sensor_ts.get(message.sensor)
+            if last is not None and message.timestamp < last:
+                self.metrics.frames_dropped.inc(reason=DropReason.STALE.value)
+                continue
+            self._last_sensor_ts[message.sensor] = message.timestamp
+            self.frames.add(message)
+            self.metrics.frames_in.inc(sensor=message.sensor.value)
+            cameras = message.arrays if message.sensor is SensorKind.CAMERA else None
+            self.selector.observe(ContextSample(message.timestamp, cameras, message.ambient_light))
+
+    def _take_requests(self, timeout: float) -> list[Request]:
+        requests: list[Request] = []
+        try:
+            requests.append(self._inbox.get(timeout=timeout) if timeout > 0
+                            else self._inbox.get_nowait())
+        except queue.Empty:
+            return requests
+        while len(requests) < 4 * self.config.limits.max_batch:
+            try:
+                requests.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        return requests
+
+    def _error(self, request: Request, code: ErrorCode, message: str) -> None:
+        self.metrics.errors.inc(code=code.value)
+        log.warning("request %s (%s) -> %s: %s", request.id, request.type.value, code.value,
+                    message)
+        request.reply(error_reply(code, message, request.id))
+
+    # --- requests -----------------------------------------------------------------------
+
+    def _serve(self, requests: list[Request]) -> None:
+        queries: list[tuple[Request, str, Any]] = []
+        for request in requests:
+            self.metrics.requests.inc(type=request.type.value)
+            if not self.accepting:
+                self._error(request, ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+                continue
+            try:
+                if request.type is MessageType.QUERY:
+                    queries.append(self._prepare_query(request))
+                else:
+                    self._control(request)
+            except ProtocolError as exc:
+                self._error(request, exc.code, exc.message)
+            except Exception as exc:  # a bug must not take the daemon down
+                log.exception("request %s failed", request.id)
+                self._error(request, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        batch = self.config.limits.max_batch
+        for start in range(0, len(queries), batch):
+            self._answer(queries[start:start + batch])
+
+    def _prepare_query(self, request: Request) -> tuple[Request, str, Any]:
+        body = request.body
+        _fields(body, {"question", "frame_id"})
+        question = _string(body, "question", self.config.limits.max_question_chars)
+        frame_id = _string(body, "frame_id", 128, required=False)
+        frame = self.frames.frame(self.serving, frame_id)
+        return request, question, frame  # type: ignore[return-value]
+
+    def _answer(self, queries: list[tuple[Request, str, Any]]) -> None:
+        if not queries:
+            return
+        modalities = self.serving
+        try:
+            answers = self.backend.answer([q for _, q, _ in queries], [f for _, _, f in queries],
+                                          modalities)
+            if len(answers) != len(queries):
+                raise RuntimeError(f"backend gave {len(answers)} answers to {len(queries)}")
+        except Exception as exc:
+            log.exception("backend.answer failed")
+            for request, _, _ in queries:
+                self._error(request, ErrorCode.BACKEND_ERROR, f"{type(exc).__name__}: {exc}")
+            return
+        now = time.monotonic()
+        for (request, _, frame), answer in zip(queries, answers):
+            latency = now - request.received_at
+            self.metrics.queries.inc()
+            self.metrics.query_latency.observe(latency)
+            _ok(request, answer=str(answer), modalities=sorted(modalities),
+                frame_id=frame.frame_id, frame_timestamp=frame.timestamp,
+                latency_s=latency, state_generation=self.serving_generation)
+
+    def _control(self, request: Request) -> None:
+        body = request.body
+        kind = request.type
+        if kind is MessageType.PING:
+            _fields(body, set())
+            _ok(request, pong=True, protocol=PROTOCOL_VERSION)
+        elif kind is MessageType.STATUS:
+            _fields(body, set())
+            _ok(request, **self.status())
+        elif kind is MessageType.LIST_STORE:
+            _fields(body, set())
+            _ok(request, **self.store.summary())
+        elif kind is MessageType.SET_MODALITY:
+            self._set_modality(request)
+        elif kind is MessageType.ADAPT:
+            self._adapt_command(request)
+        elif kind is MessageType.SET_POWER_MODE:
+            self._set_power_mode(request)
+        else:
+            raise ProtocolError(ErrorCode.UNKNOWN_COMMAND, f"{kind.value} is not handled")
+
+    def _set_modality(self, request: Request) -> None:
+        body = request.body
+        mode = body.get("mode")
+        if mode == "auto":
+            _fields(body, {"mode"})
+            self.selector.release()
+        elif mode == "forced":
+            _fields(body, {"mode", "modalities"})
+            self.selector.force(_modalities(body))
+        else:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'mode' must be 'auto' or 'forced'")
+        self._update_policy()
+        _ok(request, mode=self.selector.mode, desired=sorted(self.selector.desired()),
+            serving=sorted(self.serving))
+
+    def _adapt_command(self, request: Request) -> None:
+        body = request.body
+        action = body.get("action")
+        if action == "start":
+            _fields(body, {"action", "modalities", "force_commit"})
+            target = _modalities(body) if "modalities" in body else self.selector.desired()
+            force = body.get("force_commit", False)
+            if not isinstance(force, bool):
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "field 'force_commit' must be a bool")
+            if self.adaptation.active:
+                raise ProtocolError(ErrorCode.CONFLICT, "an adaptation is already running; "
+                                    "stop it first")
+            plan = self._start_run(target, "operator", force)
+            if plan is None or not plan.feasible:
+                reason = plan.reason if plan else "no power budget available"
+                raise ProtocolError(ErrorCode.POWER_ERROR, f"cannot adapt now: {reason}")
+            _ok(request, started=True, plan=plan.to_dict())
+        elif action in ("stop", "commit"):
+            _fields(body, {"action"})
+            if not self.adaptation.active:
+                raise ProtocolError(ErrorCode.CONFLICT, "no adaptation is running")
+            if action == "stop":
+                result = self.adaptation.cancel("stopped by operator")
+            else:
+                result = self.adaptation.finish(force=True)
+            if result is not None:
+                self._after_run(result)
+            _ok(request, result=result)
+        else:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                "field 'action' must be 'start', 'stop' or 'commit'")
+
+    # --- power --------------------------------------------------------------------------
+
+    def _set_power_mode(self, request: Request) -> None:
+        _fields(request.body, {"mode"})
+        name = _string(request.body, "mode", 64)
+        if self._pending_mode is not None:
+            raise ProtocolError(ErrorCode.CONFLICT,
+                                f"a change to {self._pending_mode[0].target} is pending")
+        change = self.monitor.request_mode(name)  # type: ignore[arg-type]
+        if change.done:
+            self._mode_change_done(change, request)
+        else:
+            self._pending_mode = (change, request)
+
+    def _mode_change_done(self, change: ModeChange, request: Request) -> None:
+        if change.status in (ModeChangeStatus.APPLIED, ModeChangeStatus.NEEDS_REBOOT):
+            _ok(request, **change.to_dict())
+            self._poll_power(force=True)
+        else:
+            self._error(request, ErrorCode.POWER_ERROR,
+                        f"power mode {change.target}: {change.status.value} {change.message}")
+
+    def _poll_power(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._pending_mode is not None:
+            change = self.monitor.poll_mode_change()
+            if change is not None:
+                _, request = self._pending_mode
+                self._pending_mode = None
+                self._mode_change_done(change, request)
+                force = True
+        if not force and now < self._next_power_poll:
+            return
+        self._next_power_poll = now + self.config.power.poll_interval_s
+        try:
+            reading = self.monitor.read()
+            mode = self.monitor.current_mode()
+        except Exception as exc:
+            log.warning("power monitor read failed: %s", exc)
+            return
+        self.last_reading = reading.to_dict()
+        if reading.watts is not None:
+            self.metrics.power_watts.set(reading.watts)
+        if reading.gpu_mhz is not None:
+            self.metrics.gpu_mhz.set(reading.gpu_mhz)
+        name = mode.name if mode else None
+        if name != self._last_mode:
+            previous, self._last_mode = self._last_mode, name
+            self.publish(EventType.POWER_MODE, {"mode": name, "previous": previous,
+                                                "power_mode": mode.to_dict() if mode else None})
+            if previous is not None:
+                self._gave_up_on = None  # a new budget: an infeasible adaptation may fit now
+                if self.adaptation.active:
+                    budget = self._budget()
+                    if budget is not None:
+                        self.adaptation.replan(budget)
+
+    def _budget(self):
+        try:
+            return self.monitor.budget(self.config.adaptation.deadline_s,
+                                       self.config.power.flops_per_s)
+        except (RuntimeError, ValueError) as exc:
+            log.warning("no power budget: %s", exc)
+            return None
+
+    # --- policy and adaptation ----------------------------------------------------------
+
+    def _update_policy(self) -> None:
+        desired = self.selector.desired()
+        if desired != self._last_desired:
+            self.publish(EventType.CONTEXT_CHANGED, {"desired": sorted(desired),
+                                                     "serving": sorted(self.serving),
+                                                     "policy": self.selector.describe()})
+            self._last_desired = desired
+            self._gave_up_on = None
+        run = self.adaptation.run
+        if run is not None:
+            if run.reason == "policy" and run.modalities != desired:
+                self._after_run(self.adaptation.cancel(f"context now wants {sorted(desired)}"))
+            else:
+                return
+        if desired == self.serving or desired == self._gave_up_on:
+            return
+        if not self.config.adaptation.auto and self.selector.mode == "auto":
+            return
+        if self._reconnect_from_store(desired):
+            return
+        plan = self._start_run(desired, "policy", False)
+        if plan is None or not plan.feasible:
+            self._gave_up_on = desired
+
+    def _reconnect_from_store(self, desired: frozenset[str]) -> bool:
+        """Reconnect: a state adapted earlier for exactly this set is loaded, not retrained."""
+        entry = self.store.latest_good_state(desired)
+        if entry is None:
+            return False
+        try:
+            self.backend.load_state(self.store.path(entry))
+        except Exception as exc:
+            log.error("could not load stored state %s: %s; adapting instead", entry.name, exc)
+            return False
+        previous, self.serving = self.serving, desired
+        self.serving_generation = entry.generation
+        self.publish(EventType.MODALITY_SWITCHED, {"modalities": sorted(desired),
+                                                   "previous": sorted(previous),
+                                                   "source": "store",
+                                                   "generation": entry.generation})
+        return True
+
+    def _start_run(self, modalities: frozenset[str], reason: str, force: bool):
+        budget = self._budget()
+        if budget is None:
+            return None
+        plan = self.adaptation.start(modalities, budget, reason, force)
+        if plan.feasible:
+            self.monitor.note_activity(True)
+        return plan
+
+    def _after_run(self, result: dict[str, Any] | None) -> None:
+        self.monitor.note_activity(False)
+        if result is None:
+            return
+        self.metrics.adaptations.inc(outcome=result["outcome"])
+        modalities = frozenset(result["modalities"])
+        if not result["committed"]:
+            if result["outcome"] != "cancelled":
+                self._gave_up_on = modalities
+            return
+        previous, self.serving = self.serving, modalities
+        self._dirty = True
+        self._save_serving({"n_blocks": result["n_blocks"], "steps": result["steps_done"],
+                            "accuracy": result["adapted_accuracy"]})
+        self.publish(EventType.MODALITY_SWITCHED, {"modalities": sorted(modalities),
+                                                   "previous": sorted(previous),
+                                                   "source": "adaptation",
+                                                   "generation": self.serving_generation})
+
+    def _save_serving(self, meta: dict[str, Any]) -> None:
+        generation = self.adaptation.save_serving(self.serving, meta)
+        if generation is not None:
+            self.serving_generation = generation
+            self._dirty = False
+
+    # --- status -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        m = self.metrics
+        mode = self.monitor.current_mode()
+        decisions = list(self.adaptation.planner.decisions)[-10:]
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "uptime_s": time.monotonic() - self.started_at,
+            "serving": {"modalities": sorted(self.serving), "generation": self.serving_generation},
+            "desired": sorted(self.selector.desired()),
+            "policy": self.selector.describe(),
+            "adaptation": self.adaptation.run.describe() if self.adaptation.run else None,
+            "last_adaptation": self.adaptation.last_result,
+            "power": {
+                "monitor": self.monitor.name,
+                "mode": mode.to_dict() if mode else None,
+                "modes": [x.name for x in self.monitor.modes()],
+                "reading": self.last_reading,
+                "pending_change": self._pending_mode[0].to_dict() if self._pending_mode else None,
+            },
+            "budget": {"last": decisions[-1].to_dict() if decisions else None,
+                       "decisions": [d.to_dict() for d in decisions]},
+            "counters": {
+                "frames_in": m.frames_in.by_label("sensor"),
+                "frames_dropped": m.frames_dropped.by_label("reason"),
+                "queries": m.queries.total(),
+                "errors": m.errors.by_label("code"),
+            },
+            "latency": m.query_latency.summary(),
+            "frames": self.frames.describe(),
+            "store": {"root": str(self.store.root), "entries": len(self.store.entries())},
+        }

@@ -1,0 +1,356 @@
+"""The wire protocol (see PROTOCOL.md): enum-framed typed messages, JSON only.
+
+Requests and replies (ROUTER socket)::
+
+    request: [b"MPNP/1", <MessageType>, <JSON body with "id">]
+    reply:   [b"MPNP/1", b"ok" | b"error", <JSON body with "id">]
+
+Events (PUB socket): ``[<EventType topic>, <JSON body>]``.
+
+Sensor frames (PULL socket): ``[<JSON header>, <buffer>, ...]``; the header names the sensor,
+frame id, timestamp and, per buffer, its name, dtype and shape. Buffers are received without a
+copy and viewed with ``numpy.frombuffer``. Nothing from the wire is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from daemon.config import LimitsConfig
+from scenes.sample import CAMERA_VIEWS, LIDAR
+
+PROTOCOL_VERSION = 1
+PROTOCOL_TAG = b"MPNP/1"
+
+
+class MessageType(str, Enum):
+    QUERY = "query"
+    STATUS = "status"
+    SET_POWER_MODE = "set_power_mode"
+    SET_MODALITY = "set_modality"
+    ADAPT = "adapt"
+    LIST_STORE = "list_store"
+    PING = "ping"
+
+
+class ReplyStatus(str, Enum):
+    OK = "ok"
+    ERROR = "error"
+
+
+class ErrorCode(str, Enum):
+    BAD_FRAMING = "bad_framing"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNKNOWN_COMMAND = "unknown_command"
+    BAD_REQUEST = "bad_request"
+    TOO_LARGE = "too_large"
+    NO_FRAME = "no_frame"
+    FRAME_NOT_FOUND = "frame_not_found"
+    BACKEND_ERROR = "backend_error"
+    STORE_ERROR = "store_error"
+    POWER_ERROR = "power_error"
+    CONFLICT = "conflict"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+
+class EventType(str, Enum):
+    MODALITY_SWITCHED = "modality.switched"
+    CONTEXT_CHANGED = "context.changed"
+    ADAPTATION_STARTED = "adaptation.started"
+    ADAPTATION_PROGRESS = "adaptation.progress"
+    ADAPTATION_RESULT = "adaptation.result"
+    POWER_MODE = "power.mode"
+    BUDGET_PLAN = "budget.plan"
+    LIFECYCLE = "daemon.lifecycle"
+
+
+class SensorKind(str, Enum):
+    CAMERA = "camera"
+    LIDAR = "lidar"
+
+
+class DropReason(str, Enum):
+    """Why an ingest message was dropped (a Prometheus label)."""
+
+    HEADER_TOO_LARGE = "header_too_large"
+    BAD_HEADER = "bad_header"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNKNOWN_SENSOR = "unknown_sensor"
+    BUFFER_MISMATCH = "buffer_mismatch"
+    BAD_DTYPE = "bad_dtype"
+    BAD_SHAPE = "bad_shape"
+    TRUNCATED = "truncated"
+    TOO_LARGE = "too_large"
+    NON_FINITE = "non_finite"
+    STALE = "stale"
+
+
+class ProtocolError(Exception):
+    """A request that cannot be served; becomes an error reply."""
+
+    def __init__(self, code: ErrorCode, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+class IngestError(Exception):
+    """A sensor message that is dropped (and counted under ``reason``)."""
+
+    def __init__(self, reason: DropReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), allow_nan=False, default=str).encode()
+
+
+# --- requests and replies -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WireRequest:
+    type: MessageType
+    id: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class WireReply:
+    status: ReplyStatus
+    id: str | None
+    body: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return self.status is ReplyStatus.OK
+
+
+def encode_request(kind: MessageType, request_id: str, body: dict[str, Any]) -> list[bytes]:
+    return [PROTOCOL_TAG, kind.value.encode(), _dumps({**body, "id": request_id})]
+
+
+def decode_request(frames: list[bytes], max_bytes: int) -> WireRequest:
+    """Parse a request; raise :class:`ProtocolError` (with the id when it could be read)."""
+    if len(frames) != 3:
+        raise ProtocolError(ErrorCode.BAD_FRAMING, f"expected 3 frames, got {len(frames)}")
+    tag, kind, payload = frames
+    if tag != PROTOCOL_TAG:
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"protocol tag {bytes(tag)[:16]!r} not supported; this daemon speaks {PROTOCOL_TAG!r}",
+        )
+    if len(payload) > max_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"request body over {max_bytes} bytes")
+    try:
+        body = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "body must be a JSON object")
+    request_id = body.pop("id", None)
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "body.id must be a string of 1..128 chars")
+    try:
+        message_type = MessageType(bytes(kind).decode("ascii", "replace"))
+    except ValueError:
+        known = [m.value for m in MessageType]
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_COMMAND,
+            f"unknown message type {bytes(kind)[:32]!r}; known: {known}",
+            request_id,
+        ) from None
+    return WireRequest(message_type, request_id, body)
+
+
+def encode_reply(reply: WireReply) -> list[bytes]:
+    return [PROTOCOL_TAG, reply.status.value.encode(), _dumps({**reply.body, "id": reply.id})]
+
+
+def error_reply(code: ErrorCode, message: str, request_id: str | None) -> WireReply:
+    return WireReply(ReplyStatus.ERROR, request_id, {"code": code.value, "message": message})
+
+
+def decode_reply(frames: list[bytes]) -> WireReply:
+    if len(frames) != 3 or frames[0] != PROTOCOL_TAG:
+        raise ProtocolError(ErrorCode.BAD_FRAMING, f"malformed reply ({len(frames)} frames)")
+    body = json.loads(frames[2])
+    return WireReply(ReplyStatus(bytes(frames[1]).decode()), body.pop("id", None), body)
+
+
+def encode_event(kind: EventType, body: dict[str, Any]) -> list[bytes]:
+    return [kind.value.encode(), _dumps({**body, "event": kind.value, "time": time.time()})]
+
+
+def decode_event(frames: list[bytes]) -> tuple[EventType, dict[str, Any]]:
+    return EventType(bytes(frames[0]).decode()), json.loads(frames[1])
+
+
+# --- sensor frames --------------------------------------------------------------------------
+
+@dataclass
+class SensorMessage:
+    """One decoded sensor message (arrays may view zmq-owned memory: read-only)."""
+
+    sensor: SensorKind
+    frame_id: str
+    timestamp: float
+    arrays: dict[str, np.ndarray]
+    ambient_light: float | None = None
+    received_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+_SENSOR_BUFFERS: dict[SensorKind, tuple[str, ...]] = {
+    SensorKind.CAMERA: CAMERA_VIEWS,
+    SensorKind.LIDAR: (LIDAR,),
+}
+_SENSOR_DTYPES: dict[SensorKind, np.dtype] = {
+    SensorKind.CAMERA: np.dtype(np.uint8),
+    SensorKind.LIDAR: np.dtype(np.float32),
+}
+
+
+def encode_sensor_message(
+    sensor: SensorKind,
+    frame_id: str,
+    timestamp: float,
+    arrays: dict[str, np.ndarray],
+    ambient_light: float | None = None,
+) -> list[bytes | memoryview]:
+    """Header + one buffer per array (the buffers are the arrays' memory, not copies)."""
+    buffers = []
+    specs = []
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        specs.append({"name": name, "dtype": array.dtype.str, "shape": list(array.shape)})
+        buffers.append(memoryview(array).cast("B"))
+    header: dict[str, Any] = {
+        "v": PROTOCOL_VERSION, "sensor": sensor.value, "frame_id": frame_id,
+        "timestamp": timestamp, "buffers": specs,
+    }
+    if ambient_light is not None:
+        header["ambient_light"] = ambient_light
+    return [_dumps(header), *buffers]
+
+
+def _field(header: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = header.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise IngestError(DropReason.BAD_HEADER, f"header.{name} missing or of the wrong type")
+    return value
+
+
+def decode_sensor_message(frames: list[Any], limits: LimitsConfig) -> SensorMessage:
+    """Validate and view one ingest message (``frames`` are zmq Frames or bytes)."""
+    if not frames:
+        raise IngestError(DropReason.BAD_HEADER, "empty message")
+    raw_header = frames[0].bytes if hasattr(frames[0], "bytes") else bytes(frames[0])
+    if len(raw_header) > limits.max_header_bytes:
+        raise IngestError(DropReason.HEADER_TOO_LARGE,
+                          f"header of {len(raw_header)} bytes > {limits.max_header_bytes}")
+    try:
+        header = json.loads(raw_header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IngestError(DropReason.BAD_HEADER, f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise IngestError(DropReason.BAD_HEADER, "header must be a JSON object")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise IngestError(DropReason.UNSUPPORTED_VERSION,
+                          f"header.v={header.get('v')!r}; this daemon reads v{PROTOCOL_VERSION}")
+    try:
+        sensor = SensorKind(header.get("sensor"))
+    except ValueError:
+        raise IngestError(DropReason.UNKNOWN_SENSOR,
+                          f"unknown sensor {str(header.get('sensor'))[:40]!r}") from None
+    frame_id = _field(header, "frame_id", str)
+    if not 0 < len(frame_id) <= 128:
+        raise IngestError(DropReason.BAD_HEADER, "header.frame_id must have 1..128 chars")
+    timestamp = float(_field(header, "timestamp", (int, float)))
+    ambient = header.get("ambient_light")
+    if ambient is not None:
+        if not isinstance(ambient, (int, float)) or isinstance(ambient, bool):
+            raise IngestError(DropReason.BAD_HEADER, "header.ambient_light must be a number")
+        ambient = float(ambient)
+    if not math.isfinite(timestamp) or (ambient is not None and not math.isfinite(ambient)):
+        raise IngestError(DropReason.NON_FINITE, "header timestamp/ambient_light not finite")
+    specs = _field(header, "buffers", list)
+    expected = _SENSOR_BUFFERS[sensor]
+    if len(specs) != len(expected) or len(frames) - 1 != len(specs):
+        raise IngestError(
+            DropReason.BUFFER_MISMATCH,
+            f"{sensor.value} needs {len(expected)} buffers {list(expected)}; header lists "
+            f"{len(specs)}, message carries {len(frames) - 1}",
+        )
+    arrays: dict[str, np.ndarray] = {}
+    total = 0
+    for spec, frame in zip(specs, frames[1:]):
+        name, array = _view_buffer(sensor, spec, frame, limits)
+        total += array.nbytes
+        if total > limits.max_frame_bytes:
+            raise IngestError(DropReason.TOO_LARGE, f"buffers exceed {limits.max_frame_bytes} B")
+        arrays[name] = array
+    missing = sorted(set(expected) - set(arrays))
+    if missing:
+        raise IngestError(DropReason.BUFFER_MISMATCH, f"missing buffers {missing}")
+    if sensor is SensorKind.CAMERA:
+        shapes = {a.shape for a in arrays.values()}
+        if len(shapes) != 1:
+            raise IngestError(DropReason.BAD_SHAPE, f"camera views differ in shape: {shapes}")
+    else:
+        if not np.isfinite(arrays[LIDAR]).all():
+            raise IngestError(DropReason.NON_FINITE, "lidar points hold NaN or inf")
+    return SensorMessage(sensor, frame_id, timestamp, arrays, ambient)
+
+
+def _view_buffer(
+    sensor: SensorKind, spec: Any, frame: Any, limits: LimitsConfig
+) -> tuple[str, np.ndarray]:
+    if not isinstance(spec, dict):
+        raise IngestError(DropReason.BAD_HEADER, "each header.buffers entry must be an object")
+    name = spec.get("name")
+    if name not in _SENSOR_BUFFERS[sensor]:
+        raise IngestError(DropReason.BUFFER_MISMATCH, f"unexpected buffer {str(name)[:40]!r}")
+    try:
+        dtype = np.dtype(str(spec.get("dtype")))
+    except TypeError:
+        raise IngestError(DropReason.BAD_DTYPE, f"{name}: unknown dtype") from None
+    if dtype != _SENSOR_DTYPES[sensor]:
+        needed = _SENSOR_DTYPES[sensor]
+        message = f"{name}: dtype {dtype}, {sensor.value} needs {needed}"
+        raise IngestError(DropReason.BAD_DTYPE, message)
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise IngestError(DropReason.BAD_SHAPE, f"{name}: shape must be a list of ints >= 0")
+    if sensor is SensorKind.CAMERA:
+        if len(shape) != 3 or shape[2] != 3 or not all(0 < d <= limits.max_image_side
+                                                      for d in shape[:2]):
+            raise IngestError(DropReason.BAD_SHAPE,
+                              f"{name}: camera shape must be (H, W, 3) with 0 < H, W <= "
+                              f"{limits.max_image_side}, got {shape}")
+    elif len(shape) != 2 or shape[1] != 4 or shape[0] > limits.max_lidar_points:
+        raise IngestError(DropReason.BAD_SHAPE,
+                          f"{name}: lidar shape must be (N, 4) with N <= "
+                          f"{limits.max_lidar_points}, got {shape}")
+    buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(buffer) != expected:
+        reason = DropReason.TRUNCATED if len(buffer) < expected else DropReason.BUFFER_MISMATCH
+        raise IngestError(reason, f"{name}: {len(buffer)} bytes, shape {shape} needs {expected}")
+    if expected > limits.max_frame_bytes:
+        raise IngestError(DropReason.TOO_LARGE, f"{name}: {expected} B > {limits.max_frame_bytes}")
+    return name, np.frombuffer(buffer, dtype=dtype).reshape(shape)

@@ -1,0 +1,245 @@
+"""Budget planner: how much adaptation fits in the current power mode.
+
+The cost model is SPEC §2.7: per training sample the forward pass always runs through the
+whole LLM, the backward pass only through the last ``N`` connected blocks plus the aligners
+and the multimodal embeddings::
+
+    sample_flops(N) = forward + T_dw(aligners) + T_dy(emb) + (N / L) * T_dy(LLM)
+
+The planner turns a power mode's budget (a FLOPs/s capacity, its watts and a deadline for the
+whole adaptation run) into a choice of ``N`` and of the number of optimizer steps. It prefers
+the paper's elastic knob: the largest ``N`` that still affords the target number of steps
+inside the deadline; when even the smallest ``N`` cannot, it shortens the run; when not even
+``min_steps`` fit, the plan is infeasible and adaptation waits for a better power mode.
+Every decision is kept in a bounded log that the daemon shows in ``status``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Per-sample FLOPs of one adaptation step (filled from measurements by the core).
+
+    Attributes:
+        forward_flops: forward pass of the whole LLM (plus aligners) for one sample.
+        llm_backward_flops: ``T_dy(LLM)``: backward through *all* ``num_layers`` blocks.
+        aligner_flops: ``T_dw(aligners)``: weight gradients of the aligners.
+        emb_backward_flops: ``T_dy(emb)``: backward through the multimodal embeddings.
+        num_layers: ``L``, the number of LLM blocks.
+    """
+
+    forward_flops: float
+    llm_backward_flops: float
+    aligner_flops: float
+    emb_backward_flops: float
+    num_layers: int
+
+    def __post_init__(self) -> None:
+        for name in ("forward_flops", "llm_backward_flops", "aligner_flops", "emb_backward_flops"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"CostModel.{name} must be a finite number >= 0, got {value}")
+        if not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise ValueError(f"CostModel.num_layers must be an int >= 1, got {self.num_layers}")
+
+    def backward_flops(self, n_blocks: int) -> float:
+        """``T_backprop(N)`` for one sample."""
+        self._check_n(n_blocks)
+        fraction = n_blocks / self.num_layers
+        return self.aligner_flops + self.emb_backward_flops + fraction * self.llm_backward_flops
+
+    def sample_flops(self, n_blocks: int) -> float:
+        """Forward (whole LLM) + backward(N) for one training sample."""
+        return self.forward_flops + self.backward_flops(n_blocks)
+
+    def step_flops(self, n_blocks: int, batch: int) -> float:
+        """FLOPs of one optimizer step over ``batch`` samples."""
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        return batch * self.sample_flops(n_blocks)
+
+    def _check_n(self, n_blocks: int) -> None:
+        if not 0 <= n_blocks <= self.num_layers:
+            raise ValueError(f"n_blocks must be in 0..{self.num_layers}, got {n_blocks}")
+
+
+@dataclass(frozen=True)
+class PowerBudget:
+    """What a power mode allows for one adaptation run.
+
+    Attributes:
+        mode: power mode name (e.g. ``MODE_30W``).
+        flops_per_s: sustained training throughput available in this mode.
+        watts: the mode's power budget (reported; used for the energy estimate).
+        deadline_s: wall-clock time allowed for the whole adaptation run.
+    """
+
+    mode: str
+    flops_per_s: float
+    watts: float
+    deadline_s: float
+
+    def __post_init__(self) -> None:
+        if not self.mode:
+            raise ValueError("PowerBudget.mode must be a non-empty name")
+        for name in ("flops_per_s", "watts", "deadline_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"PowerBudget.{name} must be a finite number > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """How the planner trades ``N`` against steps.
+
+    Attributes:
+        batch_size: samples per optimizer step.
+        target_steps: steps of a full adaptation run (e.g. epochs * samples / batch).
+        min_steps: below this a run is not worth starting (plan is infeasible).
+        n_min: smallest number of connected blocks allowed.
+        n_max: largest (``None``: all ``L`` blocks).
+        utilization: fraction of the capacity given to adaptation (the rest serves queries).
+    """
+
+    batch_size: int = 16
+    target_steps: int = 300
+    min_steps: int = 10
+    n_min: int = 1
+    n_max: int | None = None
+    utilization: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.min_steps < 1 or self.target_steps < self.min_steps:
+            raise ValueError(
+                f"need 1 <= min_steps <= target_steps, got {self.min_steps}, {self.target_steps}"
+            )
+        if self.n_min < 1:
+            raise ValueError(f"n_min must be >= 1, got {self.n_min}")
+        if self.n_max is not None and self.n_max < self.n_min:
+            raise ValueError(f"n_max ({self.n_max}) must be >= n_min ({self.n_min})")
+        if not 0 < self.utilization <= 1:
+            raise ValueError(f"utilization must be in (0, 1], got {self.utilization}")
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """One planning decision (also what ``status`` shows)."""
+
+    mode: str
+    feasible: bool
+    n_blocks: int
+    steps: int
+    batch_size: int
+    step_flops: float
+    total_flops: float
+    est_seconds: float
+    est_energy_j: float
+    reason: str
+    replan: bool = False
+    at: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class BudgetPlanner:
+    """Chooses ``N`` and the number of steps from a power budget and a cost model."""
+
+    def __init__(self, config: PlannerConfig | None = None, history: int = 50) -> None:
+        self.config = config or PlannerConfig()
+        self.decisions: deque[BudgetPlan] = deque(maxlen=history)
+
+    @property
+    def last(self) -> BudgetPlan | None:
+        return self.decisions[-1] if self.decisions else None
+
+    def plan(self, budget: PowerBudget, cost: CostModel) -> BudgetPlan:
+        """Plan a fresh run: the largest affordable ``N`` at the target number of steps."""
+        cfg = self.config
+        n_hi = min(cfg.n_max or cost.num_layers, cost.num_layers)
+        n_lo = min(cfg.n_min, n_hi)
+        capacity = budget.flops_per_s * cfg.utilization * budget.deadline_s  # FLOPs in deadline
+        for n in range(n_hi, n_lo - 1, -1):
+            if cost.step_flops(n, cfg.batch_size) * cfg.target_steps <= capacity:
+                reason = f"largest N with {cfg.target_steps} steps inside {budget.deadline_s:g}s"
+                return self._record(budget, cost, n, cfg.target_steps, True, reason)
+        steps = int(capacity // cost.step_flops(n_lo, cfg.batch_size))
+        if steps >= cfg.min_steps:
+            reason = f"N={n_lo} (minimum) and only {steps} of {cfg.target_steps} steps fit"
+            return self._record(budget, cost, n_lo, steps, True, reason)
+        reason = (
+            f"not even {cfg.min_steps} steps at N={n_lo} fit in {budget.deadline_s:g}s "
+            f"at {budget.flops_per_s:.3g} FLOP/s; waiting for a larger power mode"
+        )
+        return self._record(budget, cost, n_lo, max(steps, 0), False, reason)
+
+    def replan(
+        self,
+        budget: PowerBudget,
+        cost: CostModel,
+        n_blocks: int,
+        steps_done: int,
+        elapsed_s: float,
+    ) -> BudgetPlan:
+        """Re-plan a run in progress after the power mode changed.
+
+        ``N`` stays fixed (changing the connected blocks would throw away the progress);
+        the number of steps is what fits in the time left at the new capacity, capped by the
+        target. A run that cannot make ``min_steps`` in total is still allowed to finish the
+        steps it has done (``steps == steps_done`` stops it at once).
+        """
+        cfg = self.config
+        remaining_s = max(budget.deadline_s - elapsed_s, 0.0)
+        affordable = budget.flops_per_s * cfg.utilization * remaining_s
+        more = int(affordable // cost.step_flops(n_blocks, cfg.batch_size))
+        steps = min(cfg.target_steps, steps_done + more)
+        reason = (
+            f"power mode -> {budget.mode}: N kept at {n_blocks}, {more} more steps fit in "
+            f"the {remaining_s:.0f}s left"
+        )
+        return self._record(budget, cost, n_blocks, steps, steps > steps_done, reason, True)
+
+    def _record(
+        self,
+        budget: PowerBudget,
+        cost: CostModel,
+        n: int,
+        steps: int,
+        feasible: bool,
+        reason: str,
+        replan: bool = False,
+    ) -> BudgetPlan:
+        step_flops = cost.step_flops(n, self.config.batch_size)
+        total = step_flops * steps
+        seconds = total / (budget.flops_per_s * self.config.utilization)
+        plan = BudgetPlan(
+            mode=budget.mode,
+            feasible=feasible,
+            n_blocks=n,
+            steps=steps,
+            batch_size=self.config.batch_size,
+            step_flops=step_flops,
+            total_flops=total,
+            est_seconds=seconds,
+            est_energy_j=seconds * budget.watts,
+            reason=reason,
+            replan=replan,
+            at=time.time(),
+        )
+        self.decisions.append(plan)
+        log.info(
+            "budget plan (%s): feasible=%s N=%d steps=%d est=%.1fs %.0fJ: %s",
+            plan.mode, feasible, n, steps, seconds, plan.est_energy_j, reason,
+        )
+        return plan
