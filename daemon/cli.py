@@ -1,0 +1,198 @@
+"""``mpnp daemon``, ``mpnp client ...`` and ``mpnp sim-vehicle``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from typing import Any
+
+DEFAULT_QUERY = "tcp://127.0.0.1:5556"
+DEFAULT_EVENTS = "tcp://127.0.0.1:5557"
+DEFAULT_INGEST = "tcp://127.0.0.1:5555"
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("daemon", help="run the mPnP daemon (serves until SIGTERM)")
+    p.add_argument("--config", required=True, help="daemon config (.toml or .json)")
+    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.set_defaults(func=cmd_daemon)
+
+    c = subparsers.add_parser("client", help="talk to a running daemon")
+    c.add_argument("--endpoint", help=f"query endpoint (default {DEFAULT_QUERY})")
+    c.add_argument("--events-endpoint", help=f"events endpoint (default {DEFAULT_EVENTS})")
+    c.add_argument("--config", help="take the endpoints (and CURVE) from a daemon config")
+    c.add_argument("--timeout", type=float, default=5.0, help="seconds per request")
+    c.add_argument("--server-key", help="CURVE: the server's public key file")
+    c.add_argument("--client-cert", help="CURVE: this client's .key_secret certificate")
+    c.add_argument("--json", action="store_true", help="print raw JSON replies")
+    cs = c.add_subparsers(dest="client_command", metavar="ACTION", required=True)
+    cs.add_parser("status", help="daemon status")
+    cs.add_parser("ping", help="is the daemon there")
+    ask = cs.add_parser("ask", help="ask a question about the latest (or a given) frame")
+    ask.add_argument("question")
+    ask.add_argument("--frame-id")
+    pm = cs.add_parser("power-mode", help="show or set the power mode")
+    pm.add_argument("mode", nargs="?")
+    mod = cs.add_parser("modality", help="auto (policy) or forced modality set")
+    mod.add_argument("mode", choices=["auto", "forced"])
+    mod.add_argument("modalities", nargs="*")
+    ad = cs.add_parser("adapt", help="start / stop / commit an adaptation")
+    ad.add_argument("action", choices=["start", "stop", "commit"])
+    ad.add_argument("--modalities", nargs="+")
+    ad.add_argument("--force-commit", action="store_true")
+    cs.add_parser("store", help="list the store")
+    ev = cs.add_parser("events", help="print events")
+    ev.add_argument("--count", type=int, default=0, help="stop after N events (0: forever)")
+    ev.add_argument("--wait", type=float, default=0, help="stop after S quiet seconds (0: never)")
+    kg = cs.add_parser("keygen", help="create CURVE server and client certificates in DIR")
+    kg.add_argument("directory")
+    c.set_defaults(func=cmd_client)
+
+    s = subparsers.add_parser("sim-vehicle", help="publish simulated sensor frames")
+    s.add_argument("--endpoint", default=DEFAULT_INGEST, help="the daemon's ingest endpoint")
+    s.add_argument("--camera-hz", type=float, default=12.0)
+    s.add_argument("--lidar-hz", type=float, default=20.0)
+    s.add_argument("--duration", type=float, help="seconds (default: until interrupted)")
+    s.add_argument("--day", type=float, default=20.0, help="seconds of daylight")
+    s.add_argument("--dusk", type=float, default=10.0, help="seconds of dusk ramp")
+    s.add_argument("--night", type=float, default=20.0, help="seconds of night")
+    s.add_argument("--no-loop", action="store_true", help="stay at night at the end")
+    s.add_argument("--send-ambient", action="store_true",
+                   help="put the light level in the camera header (ambient light sensor)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"))
+    s.set_defaults(func=cmd_sim_vehicle)
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from daemon.config import load_config
+
+    config = load_config(args.config)
+    if args.check:
+        print(f"{args.config}: OK")
+        return 0
+    if config.log_format == "json":
+        from daemon.logs import use_json_logs
+
+        use_json_logs()
+    from daemon.server import Daemon
+
+    return Daemon(config).run()
+
+
+def _client_settings(args: argparse.Namespace) -> dict[str, Any]:
+    query, events = DEFAULT_QUERY, DEFAULT_EVENTS
+    server_key, client_cert = args.server_key, args.client_cert
+    if args.config:
+        from daemon.config import load_config
+
+        cfg = load_config(args.config)
+        query, events = cfg.endpoints.query, cfg.endpoints.events
+    return {
+        "query": args.endpoint or query,
+        "events": args.events_endpoint or events,
+        "server_key": server_key,
+        "client_cert": client_cert,
+    }
+
+
+def _print(args: argparse.Namespace, body: Any, human: str | None = None) -> None:
+    if args.json or human is None:
+        print(json.dumps(body, indent=2, sort_keys=True, default=str))
+    else:
+        print(human)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from daemon.client import Client, DaemonError, DaemonTimeout, EventSubscriber
+
+    action = args.client_command
+    if action == "keygen":
+        from daemon.security import generate_keys
+
+        for name, (public, secret) in generate_keys(args.directory).items():
+            print(f"{name}: public {public}  secret {secret}")
+        return 0
+    settings = _client_settings(args)
+    curve = {"server_key": settings["server_key"], "client_cert": settings["client_cert"]}
+    if action == "events":
+        with EventSubscriber(settings["events"], **curve) as sub:
+            seen = 0
+            while args.count == 0 or seen < args.count:
+                event = sub.receive(args.wait or 3600.0)
+                if event is None:
+                    break
+                seen += 1
+                print(json.dumps({"type": event[0].value, **event[1]}, default=str), flush=True)
+        return 0
+    try:
+        with Client(settings["query"], timeout_s=args.timeout, **curve) as client:
+            return _client_action(args, client)
+    except DaemonError as exc:
+        print(f"mpnp client: daemon error {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except DaemonTimeout as exc:
+        print(f"mpnp client: {exc} from {settings['query']} (is the daemon running? "
+              "with CURVE, are the keys right?)", file=sys.stderr)
+        return 2
+
+
+def _client_action(args: argparse.Namespace, client: Any) -> int:
+    action = args.client_command
+    if action == "status":
+        _print(args, client.status())
+    elif action == "ping":
+        _print(args, client.ping(), "pong")
+    elif action == "ask":
+        reply = client.ask(args.question, args.frame_id)
+        _print(args, reply, f"{reply['answer']}    [{'+'.join(reply['modalities'])}, frame "
+                            f"{reply['frame_id']}, {reply['latency_s'] * 1000:.1f} ms]")
+    elif action == "power-mode":
+        if args.mode:
+            reply = client.set_power_mode(args.mode)
+            _print(args, reply, f"{reply['target']}: {reply['status']} {reply['message']}")
+        else:
+            power = client.status()["power"]
+            mode = power["mode"]["name"] if power["mode"] else "?"
+            _print(args, power, f"{mode} (modes: {', '.join(power['modes'])}; "
+                                f"monitor {power['monitor']})")
+    elif action == "modality":
+        if args.mode == "forced" and not args.modalities:
+            raise ValueError("modality forced needs the modalities, e.g. `modality forced lidar`")
+        reply = client.set_modality(args.mode, args.modalities or None)
+        _print(args, reply, f"{reply['mode']}: desired {reply['desired']}, "
+                            f"serving {reply['serving']}")
+    elif action == "adapt":
+        reply = client.adapt(args.action, args.modalities,
+                             True if args.force_commit else None)
+        _print(args, reply)
+    elif action == "store":
+        _print(args, client.list_store())
+    return 0
+
+
+def cmd_sim_vehicle(args: argparse.Namespace) -> int:
+    from daemon.sim_vehicle import SimVehicle, SimVehicleConfig, SyntheticFrameSource
+
+    config = SimVehicleConfig(
+        endpoint=args.endpoint, camera_hz=args.camera_hz, lidar_hz=args.lidar_hz,
+        duration_s=args.duration, day_s=args.day, dusk_s=args.dusk, night_s=args.night,
+        loop=not args.no_loop, send_ambient=args.send_ambient,
+    )
+    options: dict[str, Any] = {}
+    if args.image_size:
+        options.update(image_height=args.image_size[0], image_width=args.image_size[1])
+    source = SyntheticFrameSource(seed=args.seed, **options)
+    stop = threading.Event()
+    try:
+        stats = SimVehicle(config, source).run(stop)
+    except KeyboardInterrupt:
+        stop.set()
+        return 130
+    rates = stats.rates()
+    print(f"sent {stats.camera_sent} camera ({rates['camera_hz']:.1f} Hz), {stats.lidar_sent} "
+          f"lidar ({rates['lidar_hz']:.1f} Hz), {stats.dropped} dropped, "
+          f"{stats.world_frames} world frames in {stats.elapsed_s:.1f}s")
+    return 0
