@@ -127,18 +127,21 @@ class LightLevelConfig:
         day_above: switch back to day once light stays above this for ``dwell_s``.
         dwell_s: seconds (sensor time) a crossing must persist before the switch.
         source: ``auto`` (header field if sent, else luminance), ``header`` or ``luminance``.
-        luminance_scale: estimated light = min(1, mean luminance * scale); maps the camera's
-            typical daylight luminance to ~1.
+        luminance_dark / luminance_bright: mean luminance of the views at night (light 0)
+            and in full daylight (light 1); the estimate maps linearly between them. The
+            defaults are calibrated on the synthetic world's renderer (0.22 night, 0.63
+            day, 0.36 at dusk light 0.45); calibrate them for a real camera rig.
         initial: ``day`` or ``night``: the state before any observation.
     """
 
     day_modalities: tuple[str, ...] = ("camera",)
     night_modalities: tuple[str, ...] = ("lidar",)
-    night_below: float = 0.3
-    day_above: float = 0.45
+    night_below: float = 0.25
+    day_above: float = 0.35
     dwell_s: float = 3.0
     source: str = "auto"
-    luminance_scale: float = 2.0
+    luminance_dark: float = 0.2
+    luminance_bright: float = 0.6
     initial: str = "day"
 
     def __post_init__(self) -> None:
@@ -153,8 +156,11 @@ class LightLevelConfig:
             raise ValueError(f"dwell_s must be >= 0, got {self.dwell_s}")
         if self.source not in ("auto", "header", "luminance"):
             raise ValueError(f"source must be auto, header or luminance, got {self.source!r}")
-        if self.luminance_scale <= 0:
-            raise ValueError(f"luminance_scale must be > 0, got {self.luminance_scale}")
+        if not 0.0 <= self.luminance_dark < self.luminance_bright <= 1.0:
+            raise ValueError(
+                "need 0 <= luminance_dark < luminance_bright <= 1, got "
+                f"{self.luminance_dark}, {self.luminance_bright}"
+            )
         if self.initial not in ("day", "night"):
             raise ValueError(f"initial must be day or night, got {self.initial!r}")
 
@@ -180,7 +186,8 @@ class LightLevelPolicy(ContextPolicy):
             return min(max(float(sample.ambient_light), 0.0), 1.0), "header"
         if sample.cameras and source in ("auto", "luminance"):
             lum = mean_luminance(sample.cameras)
-            return min(lum * self.config.luminance_scale, 1.0), "luminance"
+            lo, hi = self.config.luminance_dark, self.config.luminance_bright
+            return min(max((lum - lo) / (hi - lo), 0.0), 1.0), "luminance"
         return None
 
     def observe(self, sample: ContextSample) -> None:

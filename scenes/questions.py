@@ -25,6 +25,9 @@ from scenes.sample import ObjectAnnotation, QAItem
 
 RELATIONS = ("front", "front left", "back left", "back", "back right", "front right")
 MAX_COUNT = 10
+#: Statuses that give the class away ("What is the standing thing?" is always a pedestrian),
+#: so object questions do not use them.
+_PEDESTRIAN_ONLY = ("standing", "not standing")
 _PLURAL = {"bus": "buses", "thing": "things"}
 
 
@@ -34,11 +37,13 @@ class Candidate:
     answer: str
     template_type: str
     num_hop: int
-    key: str = ""  # what balancing groups by: the question minus its reference object
+    #: What balancing groups by, besides the full text: e.g. the question minus its reference
+    #: object, or the words a question-only model could latch on to ("|"-separated keys).
+    key: str = ""
 
     @property
-    def balance_key(self) -> str:
-        return self.key or self.question
+    def balance_keys(self) -> tuple[str, ...]:
+        return (self.question, *(k for k in self.key.split("||") if k))
 
 
 def _plural(name: str) -> str:
@@ -134,7 +139,7 @@ def candidate_pool(objects: list[ObjectAnnotation]) -> list[Candidate]:
         add(Candidate(f"Are there any {plural}?", _yes(n > 0), "exist", 0))
         if n <= MAX_COUNT:
             add(Candidate(f"How many {plural} are there?", str(n), "count", 0))
-        if cat is None and status is not None and n > 0:
+        if cat is None and status not in (None, *_PEDESTRIAN_ONLY) and n > 0:
             kinds = set(g.cats[g.member[f]])
             if len(kinds) == 1:
                 add(Candidate(f"What is the {noun_phrase(None, status, False)}?", kinds.pop(),
@@ -154,12 +159,12 @@ def candidate_pool(objects: list[ObjectAnnotation]) -> list[Candidate]:
             nb = noun_phrase(FILTERS[b][0], None, True)
             ca, cb = g.counts[a], g.counts[b]
             add(Candidate(f"Is the number of {na} greater than the number of {nb}?",
-                          _yes(ca > cb), "comparison", 0))
+                          _yes(ca > cb), "comparison", 0, f"greater||{na}|1||{nb}|2"))
             add(Candidate(f"Is the number of {na} less than the number of {nb}?",
-                          _yes(ca < cb), "comparison", 0))
+                          _yes(ca < cb), "comparison", 0, f"less||{na}|1||{nb}|2"))
             if a < b:
                 add(Candidate(f"Are there the same number of {na} and {nb}?", _yes(ca == cb),
-                              "comparison", 0))
+                              "comparison", 0, f"same||{na}|1||{nb}|2"))
     # ---- 1 hop: objects in one direction from a reference object.
     uniform_status = {c: g.status_of(g.member[FILTERS.index((c, None))]) for c in has_status}
     for j, ref, ref_filter in g.references():
@@ -171,13 +176,13 @@ def candidate_pool(objects: list[ObjectAnnotation]) -> list[Candidate]:
                 n = int(mask.sum())
                 other = "other " if cat is not None and cat == ref_filter[0] else ""
                 plural = other + noun_phrase(cat, status, plural=True)
-                key = f"{plural}|{rel}"
+                key = f"{plural}|{rel}||{plural}||{ref}"
                 add(Candidate(f"Are there any {plural} {where}?", _yes(n > 0), "exist", 1,
-                              "exist|" + key))
+                              "exist|" + key.replace("||", "||exist|")))
                 if n <= MAX_COUNT:
                     add(Candidate(f"How many {plural} are {where}?", str(n), "count", 1,
-                                  "count|" + key))
-                if cat is None and n > 0:
+                                  "count|" + key.replace("||", "||count|")))
+                if cat is None and status not in _PEDESTRIAN_ONLY and n > 0:
                     kinds = set(g.cats[mask])
                     if len(kinds) == 1:
                         thing = noun_phrase(None, status, False)
@@ -236,14 +241,16 @@ def select_balanced(
             counts = by_slot[slot]
             mean = (sum(counts.values()) / max(len(counts), 1)) if counts else 0.0
             scores = [
-                by_text[c.balance_key][c.answer] + (counts.get(c.answer, 0) - mean) / (mean + 1)
+                sum(by_text[k][c.answer] for k in c.balance_keys)
+                + (counts.get(c.answer, 0) - mean) / (mean + 1)
                 + 0.01 * rng.random()
                 for c in options
             ]
             best = options[int(np.argmin(scores))]
             picked.append(best)
             seen.add(best.question)
-            by_text[best.balance_key][best.answer] += 1
+            for k in best.balance_keys:
+                by_text[k][best.answer] += 1
             counts[best.answer] += 1
         chosen.append(picked)
     return chosen
