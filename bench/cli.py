@@ -1,10 +1,18 @@
-"""``mpnp bench ...``: the project's benchmarks."""
+"""``mpnp bench ...``: the project's benchmarks.
+
+Each benchmark lives in its own module listed in :data:`BENCH_MODULES`; a module adds its
+sub-command with ``add_bench_command(bench_subparsers)`` (``core`` is defined here).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from pathlib import Path
+
+#: Modules that contribute a benchmark (each defines ``add_bench_command(subparsers)``).
+BENCH_MODULES: tuple[str, ...] = ("bench.table1", "bench.encoders", "bench.daemon")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -33,9 +41,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     core.add_argument("--json", type=Path, help="write the result JSON here")
     core.add_argument("--markdown", type=Path, help="write the Markdown table here")
     core.set_defaults(func=_core)
+    for name in BENCH_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # only the benchmark's own module may be absent
+                raise
+            continue
+        module.add_bench_command(bench_sub)
 
 
-def _write(path: Path | None, text: str) -> None:
+def write_output(path: Path | None, text: str) -> None:
+    """Write a benchmark artefact, creating its folder."""
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
@@ -49,6 +66,6 @@ def _core(args: argparse.Namespace) -> int:
     result = core.run(args.model, args.ns, args.batch, args.device, args.rounds)
     markdown = core.to_markdown(result)
     print(markdown)
-    _write(args.json, json.dumps(result, indent=2))
-    _write(args.markdown, markdown)
+    write_output(args.json, json.dumps(result, indent=2))
+    write_output(args.markdown, markdown)
     return 0
