@@ -1,0 +1,96 @@
+"""Exact-match accuracy of a connector: overall, per question type, per type × hop.
+
+Answers are normalised the same way on both sides (:func:`mpnp.answers.normalize_answer`).
+The majority answer per question type (from the training split) is the floor every
+accuracy is read against.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from adapt.connectors.base import Connector
+from adapt.features import FeatureSet
+from mpnp.answers import exact_match
+from scenes.sample import QAItem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    """Accuracy in 0..1; ``per_type_hop`` keys look like ``"count/1"``."""
+
+    accuracy: float
+    count: int
+    per_type: dict[str, float] = field(default_factory=dict)
+    per_type_hop: dict[str, float] = field(default_factory=dict)
+    predictions: list[str] = field(default_factory=list)
+
+    def to_dict(self, with_predictions: bool = False) -> dict:
+        out = {"accuracy": self.accuracy, "count": self.count, "per_type": self.per_type,
+               "per_type_hop": self.per_type_hop}
+        if with_predictions:
+            out["predictions"] = self.predictions
+        return out
+
+
+def score(items: Sequence[QAItem], predictions: Sequence[str]) -> EvalResult:
+    """Exact-match accuracy of ``predictions`` against ``items``' answers."""
+    if len(items) != len(predictions):
+        raise ValueError(f"{len(items)} items but {len(predictions)} predictions")
+    hits: dict[str, list[bool]] = defaultdict(list)
+    hop_hits: dict[str, list[bool]] = defaultdict(list)
+    correct = []
+    for item, pred in zip(items, predictions):
+        ok = exact_match(pred, item.answer)
+        correct.append(ok)
+        hits[item.template_type].append(ok)
+        hop_hits[f"{item.template_type}/{item.num_hop}"].append(ok)
+
+    def mean(xs: list[bool]) -> float:
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    return EvalResult(
+        accuracy=mean(correct),
+        count=len(correct),
+        per_type={k: mean(v) for k, v in sorted(hits.items())},
+        per_type_hop={k: mean(v) for k, v in sorted(hop_hits.items())},
+        predictions=list(predictions),
+    )
+
+
+@torch.no_grad()
+def evaluate(connector: Connector, data: FeatureSet, *, batch_size: int = 32,
+             modalities: Sequence[str] | None = None) -> EvalResult:
+    """Greedy answers of ``connector`` on every item of ``data``, scored by exact match."""
+    mods = connector.modality_names if modalities is None else list(modalities)
+    was_training = connector.training
+    connector.eval()
+    predictions: list[str] = []
+    try:
+        for batch in data.batches(batch_size, modalities=mods):
+            predictions.extend(connector.answer(batch.questions, batch.tokens))
+    finally:
+        connector.train(was_training)
+    return score(data.items, predictions)
+
+
+def majority_answers(train: Sequence[QAItem]) -> dict[str, str]:
+    """The most frequent training answer of each question type."""
+    by_type: dict[str, Counter] = defaultdict(Counter)
+    for item in train:
+        by_type[item.template_type][item.answer] += 1
+    return {t: c.most_common(1)[0][0] for t, c in by_type.items()}
+
+
+def majority_baseline(train: Sequence[QAItem], test: Sequence[QAItem]) -> EvalResult:
+    """Accuracy of answering every question with its type's majority training answer."""
+    answers = majority_answers(train)
+    fallback = Counter(it.answer for it in train).most_common(1)[0][0] if train else ""
+    return score(test, [answers.get(it.template_type, fallback) for it in test])

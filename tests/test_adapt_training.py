@@ -1,0 +1,207 @@
+"""Connectors and the trainer on a tiny random LLM: what trains, what it costs, what it saves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapt.connectors import create_connector, list_connectors
+from adapt.connectors.base import ConnectorConfig
+from adapt.connectors.mpnp import lower_hidden_states
+from adapt.evaluate import majority_baseline, score
+from adapt.features import FeatureSet
+from adapt.trainer import TrainConfig, Trainer, TrainingError
+from aligners.config import ModalitySpec
+from mpnp.generation import encode_training
+from mpnp.tiny import tiny_llm
+from scenes.sample import QAItem
+
+CAM = ModalitySpec("camera", embed_dim=12, num_tokens=3)
+LIDAR = ModalitySpec("lidar", embed_dim=8, num_tokens=2)
+ANSWERS = ["yes", "no", "2", "car"]
+
+
+def feature_set(n_frames: int = 6, per_frame: int = 3, seed: int = 0) -> FeatureSet:
+    g = torch.Generator().manual_seed(seed)
+    items, cam, lidar = [], {}, {}
+    for f in range(n_frames):
+        fid = f"f{f}"
+        cam[fid] = torch.randn(CAM.num_tokens, CAM.embed_dim, generator=g)
+        lidar[fid] = torch.randn(LIDAR.num_tokens, LIDAR.embed_dim, generator=g)
+        for q in range(per_frame):
+            items.append(QAItem(fid, f"is there a car {q}?", ANSWERS[(f + q) % 4],
+                                ["exist", "count", "object"][q % 3], q % 2))
+    return FeatureSet(items, {"camera": cam, "lidar": lidar})
+
+
+@pytest.fixture
+def model():
+    return tiny_llm("llama", num_layers=4)
+
+
+def make(kind: str, model, mods=(CAM,), **cfg):
+    llm, tok = model
+    return create_connector(kind, llm, tok, list(mods), ConnectorConfig(num_blocks=2, **cfg))
+
+
+EXPECTED_GROUPS = {
+    "mpnp": {"aligners", "connections", "lora"},
+    "promptfuse": {"projection", "prompts"},
+    "question_only": {"prompts"},
+    "full_llm": {"projection", "llm"},
+    "epalm": {"projection", "prompts"},
+}
+
+
+def test_registry_knows_every_method():
+    assert set(list_connectors()) == set(EXPECTED_GROUPS)
+    with pytest.raises(KeyError, match="unknown connector"):
+        create_connector("nope", None, None, [])
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED_GROUPS))
+def test_each_method_trains_exactly_its_groups(kind, model):
+    conn = make(kind, model)
+    assert set(conn.parameter_groups()) == EXPECTED_GROUPS[kind]
+    trainer = Trainer(conn, TrainConfig(epochs=1, batch_size=4, count_flops=True,
+                                        learning_rates=dict.fromkeys(EXPECTED_GROUPS[kind], 1e-2)))
+    before = {n: p.detach().clone() for n, p in conn.named_parameters()}
+    data = feature_set()
+    trainer.step(data.batch([0, 1, 2, 3]))
+    changed = {n for n, p in conn.named_parameters() if not torch.equal(before[n], p)}
+    trainable = set(trainer.trainable_names)
+    assert changed and changed <= trainable, changed - trainable
+    assert trainer.report.flops > 0 and trainer.report.samples == 4
+    answers = conn.answer(["is there a car 0?", "x?"], data.batch([0, 1]).tokens)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_full_llm_trains_a_private_copy(model):
+    llm, _ = model
+    original = {n: p.detach().clone() for n, p in llm.named_parameters()}
+    conn = make("full_llm", model)
+    Trainer(conn, TrainConfig(epochs=1, learning_rates={"projection": 1e-2, "llm": 1e-2})).step(
+        feature_set().batch([0, 1]))
+    assert all(torch.equal(original[n], p) for n, p in llm.named_parameters())
+
+
+def test_question_only_ignores_the_sensors(model):
+    conn = make("question_only", model)
+    data = feature_set()
+    batch = data.batch([0, 1, 2])
+    a = conn.loss(batch)
+    batch.tokens = {m: torch.randn_like(t) * 100 for m, t in batch.tokens.items()}
+    assert torch.equal(a, conn.loss(batch))
+
+
+@pytest.mark.parametrize("kind", ["promptfuse", "epalm", "full_llm", "mpnp"])
+def test_sensor_methods_depend_on_the_sensors(kind, model):
+    conn = make(kind, model)
+    conn.eval()  # no dropout
+    batch = feature_set().batch([0, 1, 2])
+    a = conn.loss(batch)
+    batch.tokens = {m: torch.randn_like(t) * 10 for m, t in batch.tokens.items()}
+    assert not torch.allclose(a, conn.loss(batch))
+
+
+def test_answer_logits_only_gives_the_same_loss(model):
+    data = feature_set()
+    batch = data.batch([0, 4, 8])
+    for kind in ("mpnp", "promptfuse"):
+        conn = make(kind, model)
+        conn.eval()
+        full = conn.loss(batch).item()
+        conn.config.answer_logits_only = False
+        assert conn.loss(batch).item() == pytest.approx(full, rel=1e-5, abs=1e-6)
+        conn.config.answer_logits_only = True
+
+
+def test_hidden_state_cache_is_exact_and_hits_after_the_first_epoch(model):
+    conn = make("mpnp", model)
+    conn.model.state.config.lora_dropout = 0.0
+    conn.train()
+    for m in conn.modules():  # LoRA dropout off: compare cached and uncached exactly
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    batch = feature_set().batch([0, 1, 5])
+    conn.cache_hidden = False
+    ref = conn.loss(batch)
+    conn.cache_hidden = True
+    first = conn.loss(batch)  # fills the cache
+    second = conn.loss(batch)  # replays it
+    torch.testing.assert_close(first, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(second, ref, rtol=1e-5, atol=1e-6)
+    assert conn.hidden_cache_misses == 3 and conn.hidden_cache_hits == 3
+    # The replayed forward really skips the lower blocks: fewer FLOPs per step.
+    from mpnp.measure import count_flops
+
+    with count_flops() as cached:
+        conn.loss(batch).backward()
+    conn.cache_hidden = False
+    with count_flops() as uncached:
+        conn.loss(batch).backward()
+    assert cached.total < uncached.total
+
+
+def test_lower_hidden_states_match_the_model(model):
+    llm, tok = model
+    pb = encode_training(tok, ["a b?", "what is it?"], ["yes", "car"])
+    hidden = lower_hidden_states(llm, pb, 2)
+    out = llm(input_ids=pb.input_ids, attention_mask=pb.attention_mask,
+              position_ids=pb.position_ids, output_hidden_states=True)
+    real = pb.attention_mask.bool()
+    torch.testing.assert_close(hidden[real], out.hidden_states[2][real])
+
+
+def test_fit_learns_early_stops_and_restores_the_best(model):
+    conn = make("mpnp", model, mods=(CAM, LIDAR))
+    data = feature_set(n_frames=8, per_frame=2)
+    cfg = TrainConfig(epochs=6, batch_size=4, patience=1, min_delta=0.0,
+                      learning_rates={"aligners": 3e-3, "lora": 3e-3, "connections": 1e-1})
+    report = Trainer(conn, cfg).fit(data, data, progress=False)
+    assert report.losses[-1] < report.losses[0]
+    assert 1 <= report.epochs_run <= 6 and report.samples == 16 * report.epochs_run
+    assert report.flops > 0 and report.wall_s > 0 and report.samples_per_s > 0
+    assert report.val_accuracy[report.best_epoch - 1] == max(report.val_accuracy)
+    if report.stopped_early:
+        assert report.epochs_run - report.best_epoch == 1
+
+
+def test_checkpoint_resume_continues_where_it_stopped(model, tmp_path):
+    data = feature_set()
+    rates = {"aligners": 1e-3, "lora": 1e-3, "connections": 1e-1}
+    torch.manual_seed(0)
+    a = make("mpnp", model)
+    Trainer(a, TrainConfig(epochs=2, batch_size=6, patience=0, learning_rates=rates)).fit(
+        data, progress=False, checkpoint_dir=tmp_path / "a")
+    # Same run interrupted after epoch 1, then resumed by a fresh trainer.
+    llm, tok = tiny_llm("llama", num_layers=4)
+    torch.manual_seed(0)
+    b = make("mpnp", (llm, tok))
+    cfg1 = TrainConfig(epochs=1, batch_size=6, patience=0, learning_rates=rates)
+    Trainer(b, cfg1).fit(data, progress=False, checkpoint_dir=tmp_path / "b")
+    cfg2 = TrainConfig(epochs=2, batch_size=6, patience=0, learning_rates=rates)
+    resumed = Trainer(b, cfg2)
+    report = resumed.fit(data, progress=False, checkpoint_dir=tmp_path / "b")
+    assert report.epochs_run == 2 and report.steps == 6
+    (tmp_path / "b" / "checkpoint.safetensors").write_bytes(b"garbage")
+    with pytest.raises(TrainingError, match="unreadable"):
+        Trainer(b, cfg2).fit(data, progress=False, checkpoint_dir=tmp_path / "b")
+
+
+def test_missing_learning_rate_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="no learning rate for parameter groups"):
+        Trainer(make("mpnp", model), TrainConfig(learning_rates={"aligners": 1e-3}))
+    with pytest.raises(ValueError):
+        TrainConfig(epochs=0)
+
+
+def test_scores_and_majority_baseline():
+    items = [QAItem("f", "q1", "yes", "exist", 0), QAItem("f", "q2", "2", "count", 1),
+             QAItem("f", "q3", "no", "exist", 1)]
+    res = score(items, ["Yes.", "3", "no"])
+    assert res.accuracy == pytest.approx(2 / 3)
+    assert res.per_type == {"count": 0.0, "exist": 1.0}
+    assert res.per_type_hop["exist/1"] == 1.0
+    train = items + [QAItem("g", "q", "yes", "exist", 0)]
+    assert majority_baseline(train, items).per_type["exist"] == pytest.approx(0.5)
