@@ -32,6 +32,7 @@ class AdaptationRun:
     reason: str  # "policy" or "operator"
     force_commit: bool = False
     steps_done: int = 0
+    phase: str = "train"
     started_at: float = field(default_factory=time.monotonic)
     last: AdaptProgress | None = None
 
@@ -44,6 +45,7 @@ class AdaptationRun:
             "modalities": sorted(self.modalities),
             "reason": self.reason,
             "n_blocks": self.plan.n_blocks,
+            "phase": self.phase,
             "steps_done": self.steps_done,
             "steps_planned": self.steps_planned,
             "progress": self.steps_done / max(self.steps_planned, 1),
@@ -104,16 +106,19 @@ class AdaptationController:
             time.monotonic() - run.started_at,
         )
         run.plan = plan
+        self.backend.set_total_steps(max(plan.steps, run.steps_done))
         self.publish(EventType.BUDGET_PLAN, {"plan": plan.to_dict(), "for": sorted(run.modalities)})
         return plan
 
     def step(self) -> dict[str, Any] | None:
-        """One training step; returns the run's result when the run ended."""
+        """One bounded backend step; returns the run's result when the run ended.
+
+        The backend counts optimizer steps (``progress.step``); a call may be a micro-step
+        of one optimizer step or a validation chunk, so the count does not move every call.
+        """
         run = self.run
         if run is None:
             return None
-        if run.steps_done >= run.steps_planned:
-            return self.finish()
         try:
             progress = self.backend.adaptation_step()
         except Exception as exc:
@@ -121,9 +126,12 @@ class AdaptationController:
             return self._end(committed=False, outcome="failed", error=str(exc))
         if progress is None:
             return self.finish()
-        run.steps_done += 1
+        advanced = progress.step != run.steps_done or progress.phase != run.phase
+        run.steps_done = progress.step
+        run.phase = progress.phase
         run.last = progress
-        if run.steps_done % self.progress_every == 0 or run.steps_done == run.steps_planned:
+        if advanced and (run.steps_done % self.progress_every == 0
+                         or run.steps_done == run.steps_planned or progress.phase != "train"):
             self.publish(EventType.ADAPTATION_PROGRESS, run.describe())
         return None
 

@@ -34,12 +34,16 @@ class AdaptProgress:
         total_steps: steps the backend was asked for.
         loss: training loss of this step, if computed.
         samples: training samples seen so far.
+        phase: ``baseline`` (validating the serving state), ``train`` or ``validate`` (the
+            candidate): a backend may spread validation over bounded steps too, so that no
+            single call keeps a question waiting long.
     """
 
     step: int
     total_steps: int
     loss: float | None = None
     samples: int = 0
+    phase: str = "train"
 
 
 @runtime_checkable
@@ -57,7 +61,13 @@ class ModelBackend(Protocol):
         ...
 
     def adaptation_step(self) -> AdaptProgress | None:
-        """Run one bounded training step on the candidate; ``None`` when it is done."""
+        """Run one bounded piece of work on the candidate (a training micro-step or a
+        validation chunk); ``None`` when training and validation are done."""
+        ...
+
+    def set_total_steps(self, steps: int) -> None:
+        """The planner re-planned: train ``steps`` optimizer steps in total (never fewer
+        than already done; as many as done means: stop training now and validate)."""
         ...
 
     def validation_accuracy(self, which: Which) -> float:
@@ -87,8 +97,8 @@ class ModelBackend(Protocol):
 
 
 BACKEND_METHODS: tuple[str, ...] = (
-    "answer", "start_adaptation", "adaptation_step", "validation_accuracy", "commit_adapted",
-    "discard_adapted", "save_state", "load_state", "cost_model",
+    "answer", "start_adaptation", "adaptation_step", "set_total_steps", "validation_accuracy",
+    "commit_adapted", "discard_adapted", "save_state", "load_state", "cost_model",
 )
 BackendFactory = Callable[..., ModelBackend]
 _BACKENDS: dict[str, BackendFactory] = {}

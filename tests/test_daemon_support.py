@@ -45,12 +45,14 @@ class ToyBackend:
         step_delay_s: float = 0.0,
         fail_step_at: int | None = None,
         num_layers: int = 8,
+        state_bytes: int = 16,
     ) -> None:
         self.adapted_accuracy = adapted_accuracy
         self.serving_accuracy = serving_accuracy
         self.step_delay_s = step_delay_s
         self.fail_step_at = fail_step_at
         self.num_layers = num_layers
+        self.state_bytes = state_bytes
         self.version = 0
         self.candidate: dict | None = None
         self.calls: list[tuple] = []
@@ -79,6 +81,11 @@ class ToyBackend:
         self.calls.append(("step", c["done"]))
         return AdaptProgress(c["done"], c["steps"], loss=1.0 / c["done"], samples=16 * c["done"])
 
+    def set_total_steps(self, steps):
+        self.calls.append(("total", steps))
+        if self.candidate is not None:
+            self.candidate["steps"] = max(steps, self.candidate["done"])
+
     def validation_accuracy(self, which):
         return self.adapted_accuracy if which == "adapted" else self.serving_accuracy
 
@@ -94,12 +101,18 @@ class ToyBackend:
     def save_state(self, path: Path):
         from safetensors.numpy import save_file
 
-        save_file({"version": np.full(4, self.version, np.int64)}, str(path))
+        # The payload makes a save take long enough for a SIGKILL to land inside it.
+        payload = np.full(max(self.state_bytes // 4, 1), self.version, np.float32)
+        save_file({"version": np.full(4, self.version, np.int64), "payload": payload}, str(path))
 
     def load_state(self, path: Path):
         from safetensors.numpy import load_file
 
-        self.version = int(load_file(str(path))["version"][0])
+        tensors = load_file(str(path))
+        version = int(tensors["version"][0])
+        if not (tensors["payload"] == version).all():
+            raise ValueError(f"{path}: payload does not match version {version}")
+        self.version = version
         self.calls.append(("load", self.version))
 
     def cost_model(self):
