@@ -1,1 +1,74 @@
-"""encoders."""
+"""Frozen unimodal encoders (camera ViT, LiDAR range-image ViT) behind one interface.
+
+Every encoder maps sensor frames to tokens ``(B, T, D)`` (see :class:`encoders.base.Encoder`)
+and is created by name through the registry here::
+
+    from encoders import create_encoder, list_encoders
+    camera = create_encoder("camera-vit")            # default config
+    tokens = camera.encode(frames)                   # (len(frames), 24, 192)
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from encoders.base import Encoder, EncoderFormatError, load_encoder
+
+_REGISTRY: dict[str, type[Encoder]] = {}
+
+
+def register_encoder(kind: str, cls: type[Encoder]) -> type[Encoder]:
+    """Register ``cls`` under ``kind``; raises ``ValueError`` if the name is taken."""
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"encoder kind must be a non-empty string, got {kind!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Encoder)):
+        raise ValueError(f"{cls!r} is not an Encoder subclass")
+    if kind in _REGISTRY:
+        raise ValueError(f"encoder kind {kind!r} is already registered "
+                         f"(known: {', '.join(list_encoders())})")
+    if cls.kind != kind:
+        raise ValueError(f"{cls.__name__}.kind is {cls.kind!r}, cannot register it as {kind!r}")
+    _REGISTRY[kind] = cls
+    return cls
+
+
+def list_encoders() -> list[str]:
+    """Names of every registered encoder kind, sorted."""
+    return sorted(_REGISTRY)
+
+
+def encoder_class(kind: str) -> type[Encoder]:
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown encoder kind {kind!r}; known: {', '.join(list_encoders())}")
+    return _REGISTRY[kind]
+
+
+def create_encoder(kind: str, **config) -> Encoder:
+    """A fresh (randomly initialised, seeded) encoder of ``kind``; ``config`` overrides the
+    fields of its config dataclass (unknown fields raise ``ValueError``)."""
+    cls = encoder_class(kind)
+    known = {f.name for f in fields(cls.config_class)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"encoder {kind!r} has no config fields {unknown}; "
+                         f"known: {sorted(known)}")
+    return cls(cls.config_class(**config))
+
+
+from encoders.camera import CameraViTEncoder  # noqa: E402  (registers itself)
+from encoders.lidar import LidarRangeViTEncoder  # noqa: E402
+
+register_encoder(CameraViTEncoder.kind, CameraViTEncoder)
+register_encoder(LidarRangeViTEncoder.kind, LidarRangeViTEncoder)
+
+__all__ = [
+    "CameraViTEncoder",
+    "Encoder",
+    "EncoderFormatError",
+    "LidarRangeViTEncoder",
+    "create_encoder",
+    "encoder_class",
+    "list_encoders",
+    "load_encoder",
+    "register_encoder",
+]

@@ -1,0 +1,214 @@
+"""The one interface every frozen encoder implements: sensor frames -> tokens ``(B, T, D)``.
+
+An encoder is split in two so that the network part can be exported (ONNX) and cached:
+
+* :meth:`Encoder.preprocess` turns a batch of :class:`~scenes.sample.Frame` (numpy) into the
+  model input tensor (no learned weights involved);
+* :meth:`Encoder.forward` maps that tensor to ``T`` tokens of width ``D`` per frame.
+
+On disk an encoder is a directory with ``encoder.safetensors`` (weights) and ``encoder.json``
+(``{"type", "format_version", "kind", "config"}``); :func:`load_encoder` reads it back through
+the registry in :mod:`encoders`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from scenes.sample import Frame
+
+log = logging.getLogger(__name__)
+
+FORMAT_TYPE = "mpnp-encoder"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "encoder.safetensors"
+CONFIG_FILE = "encoder.json"
+MODALITIES = ("camera", "lidar")
+FIX_HINT = "run `mpnp prepare` (or `mpnp encoders pretrain --kind {kind}`) to recreate it"
+
+
+class EncoderFormatError(ValueError):
+    """A saved encoder is corrupt, of an unknown format or does not fit its config."""
+
+
+class Encoder(nn.Module, ABC):
+    """Frozen unimodal encoder: frames -> tokens ``(B, T, D)``.
+
+    Subclasses set :attr:`kind` (registry name), :attr:`modality` and
+    :attr:`config_class` (a dataclass with ``to_dict``/``from_dict``), and implement
+    :meth:`preprocess`, :meth:`forward`, :meth:`example_input` and the two size properties.
+    """
+
+    kind: ClassVar[str] = ""
+    modality: ClassVar[str] = ""
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+
+    # -- what a subclass provides ---------------------------------------------------------
+    @property
+    @abstractmethod
+    def num_tokens(self) -> int:
+        """``T``: tokens per frame."""
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """``D``: width of every token."""
+
+    @abstractmethod
+    def preprocess(self, frames: Sequence[Frame]) -> torch.Tensor:
+        """Numpy frames -> the float32 model input for :meth:`forward` (on the CPU)."""
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input from :meth:`preprocess` -> tokens ``(B, T, D)``."""
+
+    @abstractmethod
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        """A zero input of the right shape (for export and benchmarks)."""
+
+    # -- shared behaviour -----------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.parameters():
+            return tensor.device
+        return torch.device("cpu")
+
+    def encode(self, frames: Sequence[Frame]) -> torch.Tensor:
+        """Tokens ``(B, T, D)`` float32 for ``frames``: eval mode, no gradients, on
+        the encoder's device."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                x = self.preprocess(frames).to(self.device)
+                return self.forward(x).float()
+        finally:
+            self.train(was_training)
+
+    def freeze(self) -> Encoder:
+        """Eval mode and no parameter requires a gradient (what "frozen" means here)."""
+        self.eval()
+        for param in self.parameters():
+            param.requires_grad_(False)
+        return self
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
+
+    def fingerprint(self) -> str:
+        """sha256 over kind, config and every weight/buffer: any change gives a new value,
+        which is what feature caches key on."""
+        digest = hashlib.sha256()
+        digest.update(self.kind.encode())
+        digest.update(json.dumps(self.config_dict(), sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            t = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.hexdigest()
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``encoder.safetensors`` + ``encoder.json`` to ``directory`` (atomically)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous().clone()
+                   for k, v in self.state_dict().items()}
+        weights_tmp = directory / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(weights_tmp), metadata={"kind": self.kind})
+        header = {"type": FORMAT_TYPE, "format_version": FORMAT_VERSION, "kind": self.kind,
+                  "modality": self.modality, "config": self.config_dict()}
+        config_tmp = directory / (CONFIG_FILE + ".tmp")
+        config_tmp.write_text(json.dumps(header, indent=1))
+        os.replace(weights_tmp, directory / WEIGHTS_FILE)
+        os.replace(config_tmp, directory / CONFIG_FILE)
+        return directory
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, tokens={self.num_tokens}, dim={self.dim}"
+
+
+def read_encoder_header(directory: str | os.PathLike[str]) -> dict:
+    """Read and check ``encoder.json`` of a saved encoder; errors name the path and the fix."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder config {path} is missing; "
+                                + FIX_HINT.format(kind="KIND"))
+    try:
+        header = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EncoderFormatError(f"encoder config {path} is not valid JSON ({exc}); "
+                                 + FIX_HINT.format(kind="KIND")) from exc
+    if not isinstance(header, dict) or header.get("type") != FORMAT_TYPE:
+        raise EncoderFormatError(f"{path} is not an {FORMAT_TYPE} config (type "
+                                 f"{header.get('type') if isinstance(header, dict) else None!r})")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise EncoderFormatError(f"{path}: format_version {header.get('format_version')!r} is "
+                                 f"not supported (expected {FORMAT_VERSION}); "
+                                 + FIX_HINT.format(kind=header.get("kind", "KIND")))
+    if not isinstance(header.get("kind"), str) or not isinstance(header.get("config"), dict):
+        raise EncoderFormatError(f"{path}: needs a string 'kind' and an object 'config'")
+    return header
+
+
+def load_encoder(directory: str | os.PathLike[str], device: str | torch.device = "cpu",
+                 frozen: bool = True) -> Encoder:
+    """Load an encoder written by :meth:`Encoder.save` (frozen and in eval mode by default)."""
+    from encoders import create_encoder
+
+    directory = Path(directory)
+    header = read_encoder_header(directory)
+    kind = header["kind"]
+    hint = FIX_HINT.format(kind=kind)
+    try:
+        encoder = create_encoder(kind, **header["config"])
+    except (TypeError, ValueError) as exc:
+        raise EncoderFormatError(f"{directory / CONFIG_FILE}: config does not fit encoder "
+                                 f"{kind!r} ({exc}); {hint}") from exc
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"encoder weights {weights} are missing; {hint}")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise EncoderFormatError(f"encoder weights {weights} are corrupt ({exc}); {hint}") from exc
+    expected = encoder.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        raise EncoderFormatError(f"encoder weights {weights} do not match its config: missing "
+                                 f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shapes "
+                                 f"{wrong[:5]}; {hint}")
+    encoder.load_state_dict(state, strict=True)
+    encoder.to(device)
+    return encoder.freeze() if frozen else encoder
+
+
+def check_frames(frames: Sequence[Frame], what: str) -> None:
+    """Raise ``ValueError`` for an empty batch or a malformed frame (naming it)."""
+    if isinstance(frames, Frame):
+        raise ValueError(f"{what}: expected a sequence of frames, got a single Frame "
+                         "(wrap it in a list)")
+    if len(frames) == 0:
+        raise ValueError(f"{what}: got an empty batch of frames")
+    for frame in frames:
+        if not isinstance(frame, Frame):
+            raise ValueError(f"{what}: expected Frame objects, got {type(frame).__name__}")
+        frame.validate()
