@@ -1,0 +1,91 @@
+"""Supervised targets derived from a frame's ground-truth objects (for pretraining and probes).
+
+The scene is summarised per *region* — per camera view for the camera encoder, per azimuth
+band for the LiDAR encoder — as counts: objects of each class, and objects in each distance
+ring (any class). Counts are clipped to ``max_count`` and used as classes ``0..max_count``.
+Regions follow object centres (an object can be in two overlapping camera views).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from scenes.camera import RIG
+from scenes.layout import CLASS_NAMES
+from scenes.sample import CAMERA_VIEWS, Frame
+
+#: Distance rings (metres, upper bounds) of the class-agnostic occupancy targets.
+DISTANCE_RINGS: tuple[float, ...] = (10.0, 20.0, 40.0)
+#: Names of the count targets of one region, in order.
+TARGET_NAMES: tuple[str, ...] = CLASS_NAMES + tuple(
+    f"objects within {lo:g}-{hi:g} m" for lo, hi in zip((0.0,) + DISTANCE_RINGS, DISTANCE_RINGS))
+
+
+def _wrap(angle: float) -> float:
+    return (angle + math.pi) % (2 * math.pi) - math.pi
+
+
+def view_membership(azimuth: float) -> list[int]:
+    """Indices (in :data:`CAMERA_VIEWS` order) of the views whose field of view holds
+    ``azimuth`` (radians, 0 = ahead, positive to the left)."""
+    out = []
+    for index, view in enumerate(CAMERA_VIEWS):
+        yaw_deg, hfov_deg = RIG[view]
+        if abs(_wrap(azimuth - math.radians(yaw_deg))) <= math.radians(hfov_deg) / 2:
+            out.append(index)
+    return out
+
+
+def band_of(azimuth: float, bands: int) -> int:
+    """The azimuth band of the LiDAR encoder that holds ``azimuth``: band 0 starts behind the
+    vehicle and bands advance counter-clockwise, as range-image columns do."""
+    fraction = 0.5 * (1.0 - _wrap(azimuth) / math.pi)
+    return min(int(fraction * bands), bands - 1)
+
+
+def _object_rows(frame: Frame) -> list[tuple[int, int, float]]:
+    """(class index or -1, ring index or -1, azimuth) of every annotated object."""
+    if frame.objects is None:
+        raise ValueError(f"frame {frame.frame_id} has no ground-truth objects; pretraining and "
+                         "probes need annotated frames (the synthetic world has them)")
+    rows = []
+    for obj in frame.objects:
+        x, y = obj.center[0], obj.center[1]
+        distance = math.hypot(x, y)
+        ring = next((i for i, hi in enumerate(DISTANCE_RINGS) if distance <= hi), -1)
+        cls = CLASS_NAMES.index(obj.category) if obj.category in CLASS_NAMES else -1
+        rows.append((cls, ring, math.atan2(y, x)))
+    return rows
+
+
+def region_counts(frames: Sequence[Frame], regions: str, bands: int = 8,
+                  max_count: int = 3) -> np.ndarray:
+    """Clipped counts ``(B, R, len(TARGET_NAMES))`` int64 per view (``regions="views"``,
+    R = 6) or per azimuth band (``regions="bands"``, R = ``bands``)."""
+    if regions not in ("views", "bands"):
+        raise ValueError(f"regions must be 'views' or 'bands', got {regions!r}")
+    n_regions = len(CAMERA_VIEWS) if regions == "views" else bands
+    n_classes = len(CLASS_NAMES)
+    out = np.zeros((len(frames), n_regions, len(TARGET_NAMES)), dtype=np.int64)
+    for b, frame in enumerate(frames):
+        for cls, ring, azimuth in _object_rows(frame):
+            where = view_membership(azimuth) if regions == "views" else [band_of(azimuth, bands)]
+            for r in where:
+                if cls >= 0:
+                    out[b, r, cls] += 1
+                if ring >= 0:
+                    out[b, r, n_classes + ring] += 1
+    return np.minimum(out, max_count)
+
+
+def frame_class_counts(frames: Sequence[Frame], max_count: int = 3) -> np.ndarray:
+    """Clipped per-class counts over the whole frame ``(B, len(CLASS_NAMES))`` int64."""
+    out = np.zeros((len(frames), len(CLASS_NAMES)), dtype=np.int64)
+    for b, frame in enumerate(frames):
+        for cls, _, _ in _object_rows(frame):
+            if cls >= 0:
+                out[b, cls] += 1
+    return np.minimum(out, max_count)

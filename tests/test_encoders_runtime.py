@@ -1,0 +1,92 @@
+"""Feature cache (hits, misses on a changed encoder, atomic files) and ONNX parity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_encoders import TINY, make_frame
+
+from encoders import create_encoder, list_encoders
+from encoders.cache import FeatureCache, encode_frames
+from encoders.onnx_export import OnnxEncoder, OnnxRuntimeConfig, export_onnx
+
+
+class CountingLoader:
+    def __init__(self) -> None:
+        self.loaded: list[str] = []
+
+    def __call__(self, frame_id: str):
+        self.loaded.append(frame_id)
+        return make_frame(int(frame_id.split("-")[1]), frame_id=frame_id)
+
+
+@pytest.mark.parametrize("kind", list_encoders())
+def test_cache_hits_and_changed_encoder_misses(kind, tmp_path):
+    encoder = create_encoder(kind, **TINY[kind]).freeze()
+    cache = FeatureCache(tmp_path / "features")
+    ids = [f"frame-{i}" for i in range(5)]
+    loader = CountingLoader()
+    first = encode_frames(encoder, ids, loader, cache, batch_size=2, progress=False)
+    assert loader.loaded == ids
+    assert list(first) == ids and first[ids[0]].shape == (encoder.num_tokens, encoder.dim)
+    direct = encoder.encode([make_frame(3, frame_id="frame-3")])[0]
+    torch.testing.assert_close(first["frame-3"], direct, atol=1e-5, rtol=1e-5)
+
+    loader.loaded.clear()
+    again = encode_frames(encoder, ids[::-1], loader, cache, progress=False)
+    assert loader.loaded == []  # every frame came from the cache
+    assert all(torch.equal(again[i], first[i]) for i in ids)
+
+    with torch.no_grad():
+        next(encoder.parameters()).view(-1)[0] += 0.5
+    changed = encode_frames(encoder, ids[:2], loader, cache, progress=False)
+    assert loader.loaded == ids[:2]  # a changed encoder misses
+    assert not torch.equal(changed[ids[0]], first[ids[0]])
+    assert len(list((tmp_path / "features").iterdir())) == 2  # one folder per fingerprint
+    assert not list((tmp_path / "features").rglob("*.tmp"))
+
+
+def test_cache_treats_a_corrupt_entry_as_a_miss_and_checks_names(tmp_path):
+    encoder = create_encoder("lidar-rangevit", **TINY["lidar-rangevit"]).freeze()
+    cache = FeatureCache(tmp_path)
+    loader = CountingLoader()
+    encode_frames(encoder, ["frame-1"], loader, cache, progress=False)
+    cache.path(encoder.fingerprint(), "frame-1").write_bytes(b"half a file")
+    assert cache.get(encoder.fingerprint(), "frame-1") is None
+    encode_frames(encoder, ["frame-1"], loader, cache, progress=False)
+    assert loader.loaded == ["frame-1", "frame-1"]
+    assert cache.get(encoder.fingerprint(), "frame-1") is not None
+    with pytest.raises(ValueError, match="cannot be a cache file name"):
+        cache.path(encoder.fingerprint(), "../escape")
+    with pytest.raises(ValueError, match="fingerprint"):
+        cache.path("not-hex", "frame-1")
+
+
+@pytest.mark.parametrize("kind", list_encoders())
+def test_onnx_matches_torch(kind, tmp_path):
+    encoder = create_encoder(kind, **TINY[kind]).freeze()
+    path = export_onnx(encoder, tmp_path / f"{kind}.onnx")
+    runtime = OnnxEncoder(path, encoder, OnnxRuntimeConfig(providers=("CPUExecutionProvider",)))
+    frames = [make_frame(i) for i in range(3)]  # batch 3: the export used batch 2
+    expected = encoder.encode(frames)
+    got = runtime.encode(frames)
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max()) < 1e-4
+    assert runtime.providers == ["CPUExecutionProvider"]
+
+
+def test_onnx_runtime_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="at least one provider"):
+        OnnxRuntimeConfig(providers=())
+    with pytest.raises(ValueError, match="not in providers"):
+        OnnxRuntimeConfig(provider_options={"CUDAExecutionProvider": {"device_id": 0}})
+    encoder = create_encoder("camera-vit", **TINY["camera-vit"]).freeze()
+    path = export_onnx(encoder, tmp_path / "cam.onnx")
+    strict = OnnxRuntimeConfig(providers=("NoSuchExecutionProvider", "CPUExecutionProvider"),
+                               require_all=True)
+    with pytest.raises(ValueError, match="NoSuchExecutionProvider is not available"):
+        OnnxEncoder(path, encoder, strict)
+    lenient = OnnxRuntimeConfig(providers=("NoSuchExecutionProvider", "CPUExecutionProvider"))
+    assert OnnxEncoder(path, encoder, lenient).providers == ["CPUExecutionProvider"]
+    with pytest.raises(FileNotFoundError, match="mpnp encoders export"):
+        OnnxEncoder(tmp_path / "absent.onnx", encoder)
