@@ -1,0 +1,252 @@
+"""Offline supervised pretraining of the encoders on the synthetic world, then freezing.
+
+No pretrained weights can be downloaded here, so each encoder learns from the world's ground
+truth: for every region of its tokens (camera: each view; LiDAR: each azimuth band) a
+throw-away linear head predicts clipped counts per class and per distance ring
+(:mod:`encoders.targets`). Day *and* night frames of the train split are used as they are:
+the camera honestly loses what the dark hides, the LiDAR does not care. The trained encoder
+is frozen and saved to ``<model store>/encoders/<kind>`` with a ``pretrain.json`` record;
+:func:`ensure_pretrained` reuses it when it is there and valid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from encoders import Encoder, EncoderFormatError, create_encoder, encoder_class, load_encoder
+from encoders.targets import TARGET_NAMES, region_counts
+from mpnp.paths import model_store_dir
+from scenes.dataset import QADataset
+
+log = logging.getLogger(__name__)
+
+RECORD_FILE = "pretrain.json"
+#: Epochs that fit "a few minutes per encoder" on a 2-core CPU with the default world.
+DEFAULT_EPOCHS = {"camera-vit": 8, "lidar-rangevit": 10}
+
+
+@dataclass
+class PretrainConfig:
+    """How an encoder is pretrained.
+
+    Attributes:
+        epochs: passes over the train split (``None``: the kind's default).
+        batch_size / lr / weight_decay / warmup_fraction: AdamW with a cosine schedule.
+        max_count: counts are clipped to this and predicted as classes 0..max_count.
+        augment: camera: random horizontal flips per view; LiDAR: random rotations by whole
+            azimuth bands (targets rotated with them).
+        split: the world split trained on (``val`` is used for the record's accuracy).
+        seed: data order, augmentation and head initialisation.
+        encoder: overrides of the encoder's config (e.g. ``{"depth": 6}``).
+    """
+
+    epochs: int | None = None
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.1
+    max_count: int = 3
+    augment: bool = True
+    split: str = "train"
+    seed: int = 0
+    encoder: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"PretrainConfig.epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1 or self.max_count < 1:
+            raise ValueError("PretrainConfig.batch_size and max_count must be >= 1")
+        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.warmup_fraction < 1:
+            raise ValueError("PretrainConfig: lr must be > 0, weight_decay >= 0, "
+                             "0 <= warmup_fraction < 1")
+        if self.split not in ("train", "val", "test"):
+            raise ValueError(f"PretrainConfig.split must be train/val/test, got {self.split!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def encoder_dir(kind: str, store_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where the pretrained encoder of ``kind`` lives in the model store."""
+    return model_store_dir(store_dir) / "encoders" / kind
+
+
+def default_world_dir(store_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where ``mpnp`` keeps the default generated world: ``<model store>/worlds/default``."""
+    return model_store_dir(store_dir) / "worlds" / "default"
+
+
+def _regions(encoder: Encoder) -> tuple[str, int]:
+    if encoder.modality == "camera":
+        return "views", 6
+    return "bands", encoder.config.bands
+
+
+def load_split(world_dir: str | os.PathLike[str], split: str) -> QADataset:
+    root = Path(world_dir)
+    if not (root / "manifest.json").is_file():
+        raise FileNotFoundError(f"no generated world at {root} (missing manifest.json); create "
+                                f"one with `mpnp scenes generate --out {root}`")
+    return QADataset.load(root, split)
+
+
+def encode_inputs(encoder: Encoder, data: QADataset, max_count: int, chunk: int = 32
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Preprocessed inputs, region count targets ``(N, R, Q)`` and night flags ``(N,)``."""
+    regions, n_regions = _regions(encoder)
+    ids = data.frame_ids
+    inputs, targets, night = [], [], []
+    for start in range(0, len(ids), chunk):
+        frames = [data.frame(i) for i in ids[start:start + chunk]]
+        inputs.append(encoder.preprocess(frames))
+        targets.append(torch.from_numpy(region_counts(frames, regions, n_regions, max_count)))
+        night.extend(f.is_night for f in frames)
+    return torch.cat(inputs), torch.cat(targets), torch.tensor(night)
+
+
+def _augment(encoder: Encoder, x: torch.Tensor, y: torch.Tensor,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    if encoder.modality == "camera":  # x: (B, 6, 3, H, W); counts per view survive a flip
+        flip = torch.rand(x.shape[:2], generator=gen) < 0.5
+        return torch.where(flip[:, :, None, None, None], x.flip(-1), x), y
+    bands = y.shape[1]  # x: (B, 5, beams, width): rotate the sweep by whole bands
+    shift = int(torch.randint(bands, (1,), generator=gen))
+    return torch.roll(x, shift * (x.shape[-1] // bands), dims=-1), torch.roll(y, shift, dims=1)
+
+
+class RegionHead(nn.Module):
+    """Throw-away linear head: a region's tokens -> count logits per target."""
+
+    def __init__(self, width: int, n_targets: int, n_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.linear = nn.Linear(width, n_targets * n_classes)
+        self.shape = (n_targets, n_classes)
+
+    def forward(self, tokens: torch.Tensor, n_regions: int) -> torch.Tensor:
+        batch = tokens.shape[0]
+        per_region = tokens.reshape(batch, n_regions, -1)  # (B, R, k*D): tokens are region-major
+        return self.linear(self.norm(per_region)).reshape(batch, n_regions, *self.shape)
+
+
+def count_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == targets).float().mean())
+
+
+def pretrain_encoder(kind: str, world_dir: str | os.PathLike[str],
+                     config: PretrainConfig | None = None, progress: bool = True
+                     ) -> tuple[Encoder, dict]:
+    """Train a fresh encoder of ``kind`` on the world; returns it frozen, and a record."""
+    from tqdm import tqdm
+
+    config = config or PretrainConfig()
+    epochs = config.epochs or DEFAULT_EPOCHS.get(kind, 8)
+    encoder_class(kind)  # unknown kind -> ValueError before any work
+    train = load_split(world_dir, config.split)
+    torch.manual_seed(config.seed)
+    encoder = create_encoder(kind, **config.encoder)
+    _, n_regions = _regions(encoder)
+    started = time.perf_counter()
+    x_all, y_all, _ = encode_inputs(encoder, train, config.max_count)
+    width = encoder.dim * encoder.num_tokens // n_regions
+    head = RegionHead(width, len(TARGET_NAMES), config.max_count + 1)
+    params = list(encoder.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(x_all) / config.batch_size)
+    total = epochs * steps_per_epoch
+    warmup = max(1, int(config.warmup_fraction * total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+        (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
+    gen = torch.Generator().manual_seed(config.seed)
+    loss_fn = nn.CrossEntropyLoss()
+    encoder.train()
+    head.train()
+    bar = tqdm(total=total, desc=f"pretraining {kind}", unit="step", disable=not progress)
+    losses = []
+    for _epoch in range(epochs):
+        order = torch.randperm(len(x_all), generator=gen)
+        for start in range(0, len(order), config.batch_size):
+            index = order[start:start + config.batch_size]
+            x, y = x_all[index], y_all[index]
+            if config.augment:
+                x, y = _augment(encoder, x, y, gen)
+            logits = head(encoder(x), n_regions)  # (B, R, Q, max_count+1)
+            loss = loss_fn(logits.flatten(0, 2), y.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-steps_per_epoch:]):.3f}")
+    bar.close()
+    train_seconds = time.perf_counter() - started
+    encoder.freeze()
+    head.eval()
+    record = {"kind": kind, "world": str(Path(world_dir).resolve()), "epochs": epochs,
+              "steps": total, "train_frames": len(x_all), "pretrain": config.to_dict(),
+              "encoder_config": encoder.config_dict(), "wall_seconds": round(train_seconds, 1),
+              "final_train_loss": round(float(np.mean(losses[-steps_per_epoch:])), 4),
+              "val": _validate(encoder, head, world_dir, config, n_regions)}
+    log.info("pretrained %s in %.0f s: %s", kind, train_seconds, record["val"])
+    return encoder, record
+
+
+def _validate(encoder: Encoder, head: RegionHead, world_dir, config: PretrainConfig,
+              n_regions: int) -> dict:
+    """Region count accuracy of the pretraining head on the val split, day and night, next to
+    predicting the most common count of each target."""
+    data = load_split(world_dir, "val")
+    x, y, night = encode_inputs(encoder, data, config.max_count)
+    with torch.no_grad():
+        logits = torch.cat([head(encoder(x[i:i + 32]), n_regions) for i in range(0, len(x), 32)])
+    majority = torch.mode(y.flatten(0, 1), dim=0).values  # (Q,) most common count per target
+    out = {}
+    for name, mask in (("day", ~night), ("night", night)):
+        if mask.any():
+            out[name] = {"frames": int(mask.sum()),
+                         "count_accuracy": round(count_accuracy(logits[mask], y[mask]), 4),
+                         "majority": round(float((y[mask] == majority).float().mean()), 4)}
+    return out
+
+
+def ensure_pretrained(kind: str, world_dir: str | os.PathLike[str],
+                      store_dir: str | os.PathLike[str] | None = None,
+                      config: PretrainConfig | None = None, progress: bool = True,
+                      force: bool = False) -> Encoder:
+    """The frozen pretrained encoder of ``kind`` from the model store, pretraining (and
+    saving) it first when it is missing, unreadable, or was trained with another
+    ``config`` (when one is given)."""
+    directory = encoder_dir(kind, store_dir)
+    if not force and (directory / RECORD_FILE).is_file():
+        try:
+            record = json.loads((directory / RECORD_FILE).read_text())
+            encoder = load_encoder(directory)
+            if encoder.kind != kind:
+                raise EncoderFormatError(f"{directory} holds a {encoder.kind!r} encoder")
+            # Compare as JSON: tuples in the config come back from the record as lists.
+            wanted = json.loads(json.dumps(config.to_dict())) if config is not None else None
+            if wanted is None or record.get("pretrain") == wanted:
+                log.info("reusing the pretrained %s encoder in %s", kind, directory)
+                return encoder
+            log.info("%s was pretrained with another config; pretraining again", directory)
+        except (EncoderFormatError, FileNotFoundError, json.JSONDecodeError, OSError) as exc:
+            log.warning("cannot reuse %s (%s); pretraining again", directory, exc)
+    encoder, record = pretrain_encoder(kind, world_dir, config, progress)
+    encoder.save(directory)
+    record["fingerprint"] = encoder.fingerprint()
+    tmp = directory / (RECORD_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, directory / RECORD_FILE)
+    return encoder

@@ -1,0 +1,107 @@
+"""Pretraining, reuse from the model store, probes and the CLI, on a tiny generated world."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from test_encoders import TINY
+
+from encoders import create_encoder
+from encoders.base import WEIGHTS_FILE
+from encoders.pretrain import RECORD_FILE, PretrainConfig, encoder_dir, ensure_pretrained
+from encoders.probe import ProbeConfig, probe_encoder, to_markdown
+from encoders.targets import TARGET_NAMES, band_of, frame_class_counts, region_counts
+from scenes.sample import CAMERA_VIEWS, Frame, ObjectAnnotation
+from scenes.synthetic import WorldConfig, generate_world
+
+WORLD = dict(day_frames=12, night_frames=9, frames_per_scene=3, questions_per_frame=2,
+             image_height=16, image_width=32, lidar_width=64)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return generate_world(WorldConfig(**WORLD), tmp_path_factory.mktemp("world"), progress=False)
+
+
+def tiny_pretrain(kind: str) -> PretrainConfig:
+    return PretrainConfig(epochs=1, batch_size=4, encoder=TINY[kind])
+
+
+def _frame_with(objects: list[ObjectAnnotation]) -> Frame:
+    cams = {v: np.zeros((4, 4, 3), np.uint8) for v in CAMERA_VIEWS}
+    return Frame("f", "s", 0.0, 1.0, cams, np.zeros((0, 4), np.float32), objects)
+
+
+def test_region_targets_follow_object_positions():
+    ahead = ObjectAnnotation("car", (10.0, 0.0, 0.0), (1.8, 4.5, 1.5), 0.0)
+    behind = ObjectAnnotation("pedestrian", (-25.0, 0.5, 0.0), (0.6, 0.5, 1.7), 0.0)
+    left = ObjectAnnotation("car", (0.0, 35.0, 0.0), (1.8, 4.5, 1.5), 0.0)
+    frame = _frame_with([ahead, behind, left])
+    views = region_counts([frame], "views")[0]  # (6, Q)
+    car, ped = TARGET_NAMES.index("car"), TARGET_NAMES.index("pedestrian")
+    assert views[CAMERA_VIEWS.index("CAM_FRONT"), car] == 1
+    assert views[CAMERA_VIEWS.index("CAM_BACK"), ped] == 1
+    assert views[CAMERA_VIEWS.index("CAM_BACK_LEFT"), car] == 1  # 90 deg left: back-left view
+    assert views[:, TARGET_NAMES.index("objects within 0-10 m")].sum() == 1
+    bands = region_counts([frame], "bands", bands=8)[0]
+    assert bands[band_of(0.0, 8), car] == 1 and band_of(0.0, 8) == 4  # ahead: middle columns
+    assert bands[band_of(math.pi - 0.02, 8), ped] == 1 and band_of(math.pi - 0.02, 8) == 0
+    assert frame_class_counts([frame])[0, 0] == 2  # two cars
+    many = _frame_with([ahead] * 7)
+    assert region_counts([many], "views", max_count=3).max() == 3
+    with pytest.raises(ValueError, match="no ground-truth objects"):
+        region_counts([_frame_with(None)], "views")
+
+
+@pytest.mark.parametrize("kind", ["camera-vit", "lidar-rangevit"])
+def test_pretrain_saves_frozen_and_is_reused(kind, world, tmp_path):
+    config = tiny_pretrain(kind)
+    encoder = ensure_pretrained(kind, world, tmp_path, config, progress=False)
+    assert all(not p.requires_grad for p in encoder.parameters()) and not encoder.training
+    fresh = create_encoder(kind, **TINY[kind])
+    assert encoder.fingerprint() != fresh.fingerprint()  # it trained
+    record = json.loads((encoder_dir(kind, tmp_path) / RECORD_FILE).read_text())
+    assert record["fingerprint"] == encoder.fingerprint()
+    assert set(record["val"]) == {"day", "night"}
+    weights = encoder_dir(kind, tmp_path) / WEIGHTS_FILE
+    stamp = weights.stat().st_mtime_ns
+    again = ensure_pretrained(kind, world, tmp_path, config, progress=False)
+    assert weights.stat().st_mtime_ns == stamp  # reused, not retrained
+    assert again.fingerprint() == encoder.fingerprint()
+    weights.write_bytes(b"corrupt")
+    repaired = ensure_pretrained(kind, world, tmp_path, config, progress=False)
+    assert repaired.fingerprint() == encoder.fingerprint()  # retrained, deterministically
+
+
+def test_pretrain_needs_a_world(tmp_path):
+    with pytest.raises(FileNotFoundError, match="mpnp scenes generate"):
+        ensure_pretrained("lidar-rangevit", tmp_path / "none", tmp_path, progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        PretrainConfig(epochs=0)
+
+
+def test_probe_reports_day_and_night(world, tmp_path):
+    kind = "lidar-rangevit"
+    encoder = ensure_pretrained(kind, world, tmp_path, tiny_pretrain(kind), progress=False)
+    report = probe_encoder(encoder, world, ProbeConfig(steps=20, weight_decays=(0.1,)),
+                           progress=False)
+    presence = report["tasks"]["presence"]
+    assert {"day", "night"} <= set(presence)
+    for light in ("day", "night"):
+        assert 0.0 <= presence[light]["accuracy"] <= 1.0
+        assert len(presence[light]["per_class"]) == 10
+    text = to_markdown({"world": str(world), "encoders": [report]})
+    assert "| lidar-rangevit | night |" in text
+
+
+def test_cli_lists_and_pretrains(world, tmp_path, capsys):
+    from mpnp.cli import main
+
+    assert main(["encoders", "list", "--store", str(tmp_path)]) == 0
+    assert "camera-vit" in capsys.readouterr().out
+    assert main(["encoders", "pretrain", "--kind", "radar", "--store", str(tmp_path),
+                 "--world", str(world)]) == 1
+    assert "known: camera-vit" in capsys.readouterr().err
