@@ -89,7 +89,7 @@ class AdaptationController:
         self.publish(EventType.BUDGET_PLAN, {"plan": plan.to_dict(), "for": sorted(modalities)})
         if not plan.feasible:
             return plan
-        self.backend.start_adaptation(modalities, plan.n_blocks, plan.steps)
+        self.backend.start_adaptation(modalities, plan.n_blocks, plan.steps, plan.batch_size)
         self.run = AdaptationRun(modalities, plan, reason, force_commit)
         self.publish(EventType.ADAPTATION_STARTED, self.run.describe())
         log.info("adaptation started for %s (%s): N=%d, %d steps", sorted(modalities), reason,

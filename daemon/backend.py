@@ -55,9 +55,12 @@ class ModelBackend(Protocol):
         state, using only ``modalities`` of the frames."""
         ...
 
-    def start_adaptation(self, modalities: frozenset[str], n_blocks: int, steps: int) -> None:
+    def start_adaptation(
+        self, modalities: frozenset[str], n_blocks: int, steps: int, batch_size: int
+    ) -> None:
         """Select + reconnect ``modalities`` into a fresh candidate with the last
-        ``n_blocks`` blocks connected, to be trained for (about) ``steps`` steps."""
+        ``n_blocks`` blocks connected, to be trained for (about) ``steps`` optimizer steps
+        of ``batch_size`` samples."""
         ...
 
     def adaptation_step(self) -> AdaptProgress | None:
@@ -102,6 +105,8 @@ BACKEND_METHODS: tuple[str, ...] = (
 )
 BackendFactory = Callable[..., ModelBackend]
 _BACKENDS: dict[str, BackendFactory] = {}
+#: Built-in backends, imported (heavy: torch) only when named.
+_BUILTIN: dict[str, str] = {"mpnp": "daemon.mpnp_backend"}
 
 
 def register_backend(name: str, factory: BackendFactory) -> None:
@@ -111,7 +116,7 @@ def register_backend(name: str, factory: BackendFactory) -> None:
 
 
 def list_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    return sorted(set(_BACKENDS) | set(_BUILTIN))
 
 
 def create_backend(spec: str, options: dict[str, Any] | None = None) -> ModelBackend:
@@ -123,7 +128,9 @@ def create_backend(spec: str, options: dict[str, Any] | None = None) -> ModelBac
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise ValueError(f"model.backend {spec!r} cannot be imported: {exc}") from exc
-    elif spec in _BACKENDS:
+    elif spec in _BACKENDS or spec in _BUILTIN:
+        if spec not in _BACKENDS:
+            importlib.import_module(_BUILTIN[spec])
         factory = _BACKENDS[spec]
     else:
         raise ValueError(

@@ -156,6 +156,9 @@ class Engine:
 
     def start(self) -> None:
         """Resume with the last good adapted state in the store, if any."""
+        attach = getattr(self.backend, "attach_store", None)
+        if callable(attach):  # backends that load encoders on demand from the store
+            attach(self.store)
         for entry in self.store.states():
             try:
                 self.store.verify(entry.name)
@@ -168,6 +171,10 @@ class Engine:
             log.info("resumed adapted state generation %d for %s", entry.generation,
                      sorted(self.serving))
             break
+        if self.serving_generation is None:
+            # The shipped (offline) state goes into the store too, so that returning to
+            # this modality set later is a Reconnect from the store, not a new adaptation.
+            self._save_serving({"reason": "initial state"})
         self._poll_power(force=True)
 
     def drain(self) -> None:
@@ -510,6 +517,15 @@ class Engine:
 
     # --- status -------------------------------------------------------------------------
 
+    def _adaptation_cost(self) -> dict[str, Any] | None:
+        """Measured figures of the running/last run, when the backend reports them."""
+        report = getattr(self.backend, "progress_report", None)
+        try:
+            return report() if callable(report) else None
+        except Exception:  # status must always answer
+            log.exception("backend progress report failed")
+            return None
+
     def status(self) -> dict[str, Any]:
         m = self.metrics
         mode = self.monitor.current_mode()
@@ -538,6 +554,7 @@ class Engine:
                 "errors": m.errors.by_label("code"),
             },
             "latency": m.query_latency.summary(),
+            "adaptation_cost": self._adaptation_cost(),
             "frames": self.frames.describe(),
             "store": {"root": str(self.store.root), "entries": len(self.store.entries())},
         }

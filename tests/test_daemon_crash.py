@@ -123,8 +123,9 @@ def test_daemon_sigkill_during_adaptation_resumes_last_saved_state(tmp_path):
         try:
             with Client(f"ipc://{ipc}/query", timeout_s=0.5) as client:
                 status = _wait_ready(client, proc)
-                # Resumed with the newest state saved before the last kill.
-                assert status["serving"]["generation"] == (max(saved) if saved else None)
+                # Resumed with the newest state saved before the last kill (1: the initial
+                # state, saved at the first start).
+                assert status["serving"]["generation"] == (max(saved) if saved else 1)
                 if saved:
                     _assert_answers_with_store_state(client, ipc, tmp_path / "store", status)
                 kill_at = time.monotonic() + rng.uniform(0.3, 1.2)

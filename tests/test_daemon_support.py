@@ -65,7 +65,7 @@ class ToyBackend:
             for q, f in zip(questions, frames or [None] * len(questions))
         ]
 
-    def start_adaptation(self, modalities, n_blocks, steps):
+    def start_adaptation(self, modalities, n_blocks, steps, batch_size):
         self.calls.append(("start", tuple(sorted(modalities)), n_blocks, steps))
         self.candidate = {"modalities": modalities, "n": n_blocks, "steps": steps, "done": 0}
 
