@@ -11,6 +11,8 @@ the base LLM exactly: no extra keys anywhere and every LoRA disabled.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -120,6 +122,25 @@ class MPnPModel(nn.Module):
         if connect:
             state.connected = [s.name for s in modalities]
         self._sync_lora(state)
+        if activate:
+            self.activate(name)
+        return state
+
+    @torch.no_grad()
+    def clone_state(self, source: str, name: str, *, activate: bool = True) -> AdaptedState:
+        """Copy state ``source`` (aligners, connections, LoRA, connected set) as ``name``.
+
+        Runtime Adapt trains the copy while ``source`` keeps serving untouched.
+        """
+        if source not in self.states:
+            raise KeyError(f"unknown state {source!r}; have {sorted(self.states)}")
+        src = self.states[source]
+        state = self.create_state(name, src.modalities, dataclasses.replace(src.config),
+                                  connect=False, activate=False)
+        theirs = self.state_tensors(source)
+        for key, tensor in self.state_tensors(name).items():
+            tensor.copy_(theirs[key])
+        state.connected = list(src.connected)
         if activate:
             self.activate(name)
         return state

@@ -205,3 +205,56 @@ def test_scores_and_majority_baseline():
     assert res.per_type_hop["exist/1"] == 1.0
     train = items + [QAItem("g", "q", "yes", "exist", 0)]
     assert majority_baseline(train, items).per_type["exist"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED_GROUPS))
+def test_fork_then_switch_leaves_the_original_serving(kind, model):
+    """Runtime Adapt (C -> L) trains a fork; the day connector's answers do not move."""
+    day = make(kind, model)
+    day.eval()
+    batch = feature_set().batch([0, 1, 2])
+    before = day.loss(batch).detach()
+    night = day.fork("night")
+    night.reconnect([LIDAR])
+    assert night.modality_names == ([] if kind == "question_only" else ["lidar"])
+    groups = set(EXPECTED_GROUPS[kind])
+    Trainer(night, TrainConfig(learning_rates=dict.fromkeys(groups, 1e-1))).step(batch)
+    day.eval()
+    torch.testing.assert_close(day.loss(batch).detach(), before, rtol=0, atol=0)
+    if kind != "question_only":  # the camera no longer matters to the switched fork
+        night.eval()
+        a = night.loss(batch)
+        batch.tokens["camera"] = torch.randn_like(batch.tokens["camera"]) * 10
+        assert torch.equal(a, night.loss(batch))
+
+
+def test_mpnp_add_keeps_the_trained_camera_aligner(model):
+    day = make("mpnp", model)
+    cam_before = {k: v.clone() for k, v in day.model.state_tensors("adapt").items()
+                  if k.startswith("aligners.camera")}
+    both = day.fork("both")
+    both.reconnect([CAM, LIDAR])
+    both.set_num_blocks(3)
+    state = both.model.states["both"]
+    assert state.connected == ["camera", "lidar"] and state.config.num_blocks == 3
+    theirs = both.model.state_tensors("both")
+    assert all(torch.equal(theirs[k], v) for k, v in cam_before.items())
+    assert day.model.states["adapt"].config.num_blocks == 2
+
+
+def test_ablated_runtime_fork_uses_its_own_connection_config(model):
+    from adapt.algorithm import runtime_adapt
+
+    day = make("mpnp", model)
+    data = feature_set()
+    rates = {"aligners": 1e-3, "lora": 1e-3, "connections": 1e-1}
+    fork, report, _ = runtime_adapt(
+        day, "switch", {"camera": CAM, "lidar": LIDAR}, data, None,
+        TrainConfig(epochs=1, batch_size=6, learning_rates=rates), num_blocks=3,
+        connection_changes={"aligner_kind": "linear", "lora": False,
+                            "train_connections": False}, progress=False)
+    state = fork.model.states[fork.state_name]
+    assert len(state.aligners["lidar"].key.net) == 1  # Linear aligner
+    assert set(fork.parameter_groups()) == {"aligners"}
+    assert state.config.num_blocks == 3 and report.steps == 3
+    assert day.model.states["adapt"].config.aligner_kind == "mlp"

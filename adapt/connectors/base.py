@@ -83,6 +83,21 @@ class Connector(nn.Module, ABC):
     def answer(self, questions: Sequence[str], tokens: Mapping[str, torch.Tensor]) -> list[str]:
         """Normalised greedy answers."""
 
+    @abstractmethod
+    def fork(self, name: str) -> Connector:
+        """An independent copy of the trained parts that shares the frozen LLM.
+
+        Runtime Adapt trains a fork while the original keeps serving untouched.
+        """
+
+    @abstractmethod
+    def reconnect(self, modalities: Sequence[ModalitySpec]) -> None:
+        """Select → Reconnect: serve ``modalities`` from now on.
+
+        What is trained for a modality that stays is kept; a new modality gets fresh
+        parameters; a dropped one stops reaching the LLM.
+        """
+
     def device(self) -> torch.device:
         return next(self.parameters()).device
 

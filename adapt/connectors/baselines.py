@@ -50,6 +50,24 @@ class InputPrefixConnector(Connector):
         )
         self.to(llm.get_input_embeddings().weight.device)
 
+    def fork(self, name: str) -> InputPrefixConnector:
+        llm = self._modules.pop("llm")  # share the frozen LLM, copy the rest
+        try:
+            twin = copy.deepcopy(self)
+        finally:
+            self._modules["llm"] = llm
+        twin._modules["llm"] = llm
+        return twin
+
+    def reconnect(self, modalities: Sequence[ModalitySpec]) -> None:
+        hidden = self.llm.config.hidden_size
+        kept = {m.name: self.projection[m.name] for m in modalities if m.name in self.projection}
+        self.projection = nn.ModuleDict(
+            {m.name: kept.get(m.name) or nn.Linear(m.embed_dim, hidden).to(self.device())
+             for m in modalities}
+        )
+        self.modalities = list(modalities)
+
     # What goes in front of the text; subclasses extend it.
     def prefix(self, tokens: Mapping[str, torch.Tensor], batch_size: int) -> torch.Tensor:
         dev = self.device()
@@ -151,6 +169,9 @@ class QuestionOnlyConnector(PromptFuseConnector):
     def __init__(self, llm, tokenizer, modalities, config, **kwargs):
         super().__init__(llm, tokenizer, [], config, **kwargs)
 
+    def reconnect(self, modalities: Sequence[ModalitySpec]) -> None:
+        """No sensor ever reaches this model."""
+
 
 @register_connector
 class FullLLMConnector(InputPrefixConnector):
@@ -160,6 +181,9 @@ class FullLLMConnector(InputPrefixConnector):
 
     def __init__(self, llm, tokenizer, modalities, config, **kwargs):
         super().__init__(copy.deepcopy(llm), tokenizer, modalities, config, num_prompts=0)
+
+    def fork(self, name: str) -> FullLLMConnector:
+        return copy.deepcopy(self)  # the fine-tuned LLM is part of what was trained
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         llm_params = [p for n, p in self.llm.named_parameters() if "lora_" not in n]
@@ -188,7 +212,13 @@ class EPALMConnector(InputPrefixConnector):
 
     def prefix(self, tokens, batch_size):
         # [reserved slot][10 soft prompts]; encoder tokens enter through the hooks instead.
-        slot = torch.zeros(batch_size, 1, self.llm.config.hidden_size, device=self.device())
+        # The slot's input is a real token embedding (an all-zero input row makes the
+        # RMSNorm backward produce NaN); the hooks overwrite it from the first upper block.
+        tok = self.tokenizer
+        slot_id = next(i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, 0)
+                       if i is not None)
+        slot = self.llm.get_input_embeddings().weight[slot_id].detach()
+        slot = slot.expand(batch_size, 1, -1)
         return torch.cat([slot, self.prompts.expand(batch_size, -1, -1)], dim=1)
 
     def summary_tokens(self, tokens: Mapping[str, torch.Tensor]) -> torch.Tensor:

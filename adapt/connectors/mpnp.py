@@ -10,6 +10,7 @@ forward, and block ``L − N`` receives the cached states. Per step this removes
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -155,6 +156,40 @@ class MPnPConnector(Connector):
         out = generate_answers(self.model, questions, self._tokens(tokens),
                                max_new_tokens=self.config.max_new_tokens)
         return out.answers
+
+    def fork(self, name: str) -> MPnPConnector:
+        self.model.clone_state(self.state_name, name, activate=False)
+        return MPnPConnector(self.model.llm, self.tokenizer, self.modalities, self.config,
+                             model=self.model, state_name=name, cache_hidden=self.cache_hidden)
+
+    def reconnect(self, modalities: Sequence[ModalitySpec]) -> None:
+        self.model.activate(self.state_name)
+        state = self.model.state
+        wanted = [m.name for m in modalities]
+        dropped = [m for m in state.connected if m not in wanted]
+        if dropped:
+            self.model.disconnect(*dropped)
+        for spec in modalities:
+            if spec.name not in state.aligners:
+                self.model.add_modality(spec)
+            elif spec.name not in state.connected:
+                self.model.connect(spec.name)
+        self.modalities = list(modalities)
+
+    def update_connection(self, **changes) -> None:
+        """Change this state's :class:`ConnectionConfig` (e.g. for ablations): modalities
+        added afterwards follow it; ``lora`` and ``train_connections`` apply at once."""
+        self.model.activate(self.state_name)
+        state = self.model.state
+        state.config = dataclasses.replace(state.config, **changes)
+        state.connections.weight.requires_grad_(state.config.train_connections)
+        self.model.activate(self.state_name)  # re-reads config.lora
+
+    def set_num_blocks(self, num_blocks: int) -> None:
+        """Change N (the lower-block cache is keyed by it, so it stays valid)."""
+        self.model.activate(self.state_name)
+        self.model.set_num_blocks(num_blocks)
+        self.config.num_blocks = num_blocks
 
     def clear_hidden_cache(self) -> None:
         self._hidden.clear()

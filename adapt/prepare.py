@@ -1,0 +1,221 @@
+"""Algorithm 1, offline stage: what a vehicle ships with before it ever sees the night.
+
+1. a driving dataset (the synthetic world, generated once into the model store);
+2. frozen encoders (pretrained on that world once — no downloadable weights here);
+3. Select camera → Reconnect → Train camera aligners + latent connections + K/V LoRA on
+   *day* camera data, saved as an adapted state in the store.
+
+Everything is kept in the model store (``$MPNP_HOME`` or ``~/.cache/mpnp``) and reused on
+the next run: re-running ``mpnp prepare`` only redoes a step whose inputs changed.
+
+Store layout::
+
+    worlds/<name>/             generated world (scenes/README.md)
+    encoders/<kind>/           pretrained frozen encoders
+    features/                  encoder outputs per frame, keyed by encoder fingerprint
+    states/day-camera/         the offline adapted state (aligners/state.py format)
+    states/day-camera/prepare.json   how it was made and its day/night accuracy
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from adapt.connectors.base import ConnectorConfig
+from adapt.connectors.mpnp import MPnPConnector
+from adapt.data import load_splits, modality_specs
+from adapt.evaluate import evaluate
+from adapt.trainer import TrainConfig, Trainer
+from aligners.config import ConnectionConfig
+from aligners.model import MPnPModel
+from aligners.state import StateError, load_state, save_state
+from encoders.base import Encoder
+from encoders.cache import FeatureCache
+from encoders.pretrain import PretrainConfig, ensure_pretrained
+from mpnp.paths import model_store_dir
+from scenes.synthetic import WorldConfig, generate_world
+
+log = logging.getLogger(__name__)
+
+DAY_STATE = "day-camera"
+RECORD_FILE = "prepare.json"
+#: Learning rates for short runs on a CPU (the official 2e-5 on aligners needs the paper's
+#: many more steps; these are the project's defaults for runtime adaptation).
+FAST_LEARNING_RATES: dict[str, float] = {
+    "aligners": 1e-3, "lora": 5e-4, "connections": 1e-1,
+    "llm": 5e-5, "projection": 1e-3, "prompts": 1e-3,
+}
+
+
+def fast_train_config(**overrides) -> TrainConfig:
+    """The project's training defaults for on-device adaptation runs."""
+    base = {"epochs": 3, "batch_size": 16, "patience": 1,
+            "learning_rates": dict(FAST_LEARNING_RATES)}
+    return TrainConfig(**(base | overrides))
+
+
+@dataclass
+class PrepareConfig:
+    """What the offline stage builds.
+
+    Attributes:
+        world: the synthetic world to generate (ignored when ``data_dir`` is given).
+        data_dir: an existing dataset directory (generated world or nuScenes-QA) instead.
+        encoders: modality -> encoder kind.
+        pretrain: encoder kind -> pretraining config (``None``: the kind's defaults).
+        num_blocks: N of the offline state.
+        day_samples: cap on the day training questions (``None``: all) — a CPU budget.
+        train: how the day state is trained.
+    """
+
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data_dir: str | None = None
+    encoders: dict[str, str] = field(
+        default_factory=lambda: {"camera": "camera-vit", "lidar": "lidar-rangevit"}
+    )
+    pretrain: dict[str, PretrainConfig | None] = field(default_factory=dict)
+    num_blocks: int = 12
+    day_samples: int | None = 1200
+    train: TrainConfig = field(default_factory=fast_train_config)
+
+    def __post_init__(self) -> None:
+        if "camera" not in self.encoders:
+            raise ValueError("PrepareConfig.encoders needs a camera encoder (the offline stage)")
+        if self.num_blocks < 1:
+            raise ValueError(f"PrepareConfig.num_blocks must be >= 1, got {self.num_blocks}")
+        if self.day_samples is not None and self.day_samples < 1:
+            raise ValueError("PrepareConfig.day_samples must be >= 1 or None")
+
+    def digest(self) -> str:
+        """A short hash of everything that shapes the day state."""
+        text = json.dumps(asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Prepared:
+    """Where the offline stage's products are, and the encoders, loaded."""
+
+    store_dir: Path
+    data_dir: Path
+    encoders: dict[str, Encoder]
+    state_dir: Path
+    record: dict
+
+    def feature_cache(self) -> FeatureCache:
+        return FeatureCache(self.store_dir / "features")
+
+
+def world_dir_for(config: WorldConfig, store: Path) -> Path:
+    """``worlds/default`` for the default world, ``worlds/w-<hash>`` for any other."""
+    if config == WorldConfig():
+        return store / "worlds" / "default"
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
+    return store / "worlds" / f"w-{digest[:12]}"
+
+
+def ensure_world(config: WorldConfig, store: Path, progress: bool = True) -> Path:
+    path = world_dir_for(config, store)
+    if (path / "manifest.json").is_file():
+        log.info("reusing the world in %s", path)
+        return path
+    log.info("generating the synthetic world into %s", path)
+    return generate_world(config, path, progress=progress)
+
+
+def ensure_encoders(config: PrepareConfig, data_dir: Path, store: Path,
+                    progress: bool = True) -> dict[str, Encoder]:
+    return {modality: ensure_pretrained(kind, data_dir, store, config.pretrain.get(kind),
+                                        progress=progress)
+            for modality, kind in config.encoders.items()}
+
+
+def ensure_prepared(store_dir: str | os.PathLike[str] | None = None,
+                    config: PrepareConfig | None = None, *, llm=None, tokenizer=None,
+                    model_path: str | None = None, progress: bool = True,
+                    force: bool = False) -> Prepared:
+    """Run (or reuse) the offline stage; see the module docstring.
+
+    Args:
+        store_dir: the model store (default: ``$MPNP_HOME`` or ``~/.cache/mpnp``).
+        config: what to build.
+        llm, tokenizer: a resident LLM to train on (else ``model_path`` is loaded).
+        model_path: an LLM directory/GGUF; ``None`` = the embedded SmolLM2.
+        force: retrain the day state even if a matching one exists.
+    """
+    config = config or PrepareConfig()
+    store = model_store_dir(store_dir)
+    data_dir = Path(config.data_dir) if config.data_dir else ensure_world(config.world, store,
+                                                                            progress)
+    encoders = ensure_encoders(config, data_dir, store, progress)
+    state_dir = store / "states" / DAY_STATE
+    record_path = state_dir / RECORD_FILE
+    digest = config.digest()
+    if not force and record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            record = {}
+        fingerprints = {m: e.fingerprint() for m, e in encoders.items()}
+        if record.get("config_digest") == digest and record.get("encoders") == fingerprints:
+            log.info("reusing the day state in %s", state_dir)
+            return Prepared(store, data_dir, encoders, state_dir, record)
+    if llm is None:
+        from mpnp.llm import load_llm
+
+        llm, tokenizer = load_llm(model_path, store=store)
+    record = train_day_state(config, data_dir, encoders, FeatureCache(store / "features"),
+                             llm, tokenizer, state_dir, progress)
+    record["config_digest"] = digest
+    tmp = record_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, record_path)
+    return Prepared(store, data_dir, encoders, state_dir, record)
+
+
+def train_day_state(config: PrepareConfig, data_dir: Path, encoders: dict[str, Encoder],
+                    cache: FeatureCache, llm, tokenizer, state_dir: Path,
+                    progress: bool = True) -> dict:
+    """Train the camera state on day data and save it; returns its record."""
+    splits = load_splits(data_dir, encoders, cache, progress=progress)
+    specs = modality_specs(encoders)
+    train = splits.day_train
+    if config.day_samples is not None and config.day_samples < len(train):
+        train = train.fraction(config.day_samples / len(train), seed=config.train.seed)
+    model = MPnPModel(llm, tokenizer)
+    connector = MPnPConnector(
+        llm, tokenizer, [specs["camera"]], ConnectorConfig(num_blocks=config.num_blocks),
+        model=model, state_name=DAY_STATE,
+        connection=ConnectionConfig(num_blocks=config.num_blocks),
+    )
+    log.info("offline stage: training the camera state (N=%d) on %d day questions",
+             config.num_blocks, len(train))
+    report = Trainer(connector, config.train).fit(train, splits.day_val, progress=progress)
+    day = evaluate(connector, splits.day_test)
+    night = evaluate(connector, splits.night_test)
+    save_state(model, state_dir, DAY_STATE)
+    log.info("day state: day accuracy %.3f, night accuracy %.3f", day.accuracy, night.accuracy)
+    return {
+        "state": DAY_STATE, "num_blocks": config.num_blocks, "data_dir": str(data_dir),
+        "encoders": {m: e.fingerprint() for m, e in encoders.items()},
+        "train": report.to_dict(), "day_accuracy": day.accuracy,
+        "night_accuracy": night.accuracy, "day_questions": len(train),
+    }
+
+
+def load_day_connector(prepared: Prepared, model: MPnPModel,
+                       config: ConnectorConfig | None = None) -> MPnPConnector:
+    """The offline state, loaded into ``model`` and wrapped as a connector."""
+    try:
+        name = load_state(model, prepared.state_dir, name=DAY_STATE)
+    except StateError as exc:
+        raise StateError(f"{exc}; run `mpnp prepare --force` to rebuild it") from exc
+    state = model.states[name]
+    cfg = config or ConnectorConfig(num_blocks=state.config.num_blocks)
+    return MPnPConnector(model.llm, model.tokenizer, state.modalities, cfg, model=model,
+                         state_name=name)

@@ -1,0 +1,450 @@
+"""``mpnp bench table1``: mPnP against the baselines on the same data, side by side.
+
+Protocol (one process, one machine, one seed):
+
+1. the world and the frozen encoders come from the model store (:mod:`adapt.prepare`);
+2. every method trains a camera model on the same day questions (the offline stage):
+   that gives **Day (C)** and, unadapted, **Night (C)**. mPnP prepares one offline state
+   (at ``offline_n``) as Algorithm 1 does — runtime N is elastic — so its Day/Night (C)
+   cells are that state's for every N row;
+3. from its day model every method adapts a *fork* on the same night questions:
+   **add** (C → C+L) and **switch** (C → L), mPnP at each N of the rows;
+4. the cost of each adaptation is measured: FLOPs counted by ``torch.utils.flop_counter``
+   over every training step, peak memory above the resident state across fork + training
+   (the fork is part of the cost: Full LLM needs a second copy of the LLM), wall time and
+   samples/s; validation passes are in the wall time but not the FLOPs;
+5. then the data-efficiency runs (60 / 80 % of the night questions) and the ablations of
+   the paper (LoRA off, Linear aligner, fixed connections, no positional embeddings), all
+   mPnP C → L at one N.
+
+``--quick`` runs the same protocol on a tiny world, tiny encoders and a tiny random LLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from adapt.algorithm import runtime_adapt
+from adapt.connectors import create_connector
+from adapt.connectors.base import Connector, ConnectorConfig
+from adapt.connectors.mpnp import MPnPConnector
+from adapt.data import Splits, load_splits, modality_specs
+from adapt.evaluate import EvalResult, evaluate, majority_baseline
+from adapt.features import FeatureSet
+from adapt.prepare import FAST_LEARNING_RATES, PrepareConfig, ensure_encoders, ensure_world
+from adapt.trainer import TrainConfig, Trainer, TrainReport
+from aligners.config import ConnectionConfig
+from aligners.model import MPnPModel
+from encoders.cache import FeatureCache
+from encoders.pretrain import PretrainConfig
+from mpnp.measure import PeakMemory, release_free_memory
+from mpnp.paths import model_store_dir
+from scenes.synthetic import WorldConfig
+
+log = logging.getLogger(__name__)
+
+SCENARIOS = {
+    "day_c": "Day (C)",
+    "night_c": "Night (C)",
+    "night_c_to_cl": "Night (C → C+L)",
+    "night_c_to_l": "Night (C → L)",
+}
+MODE_SCENARIO = {"add": "night_c_to_cl", "switch": "night_c_to_l"}
+BASELINES = ("full_llm", "promptfuse", "epalm", "question_only")
+ABLATIONS: dict[str, dict] = {
+    "lora_off": {"lora": False},
+    "aligner_linear": {"aligner_kind": "linear"},
+    "connections_fixed": {"train_connections": False},
+    "no_positional": {"positional_embeddings": False},
+}
+
+
+@dataclass
+class Table1Config:
+    """The benchmark's protocol; ``quick()`` gives the CI-sized one."""
+
+    model: str | None = None  # None: the embedded SmolLM2
+    ns: tuple[int, ...] = (4, 8, 12, 15, 20, 25)
+    offline_n: int = 12
+    baselines: tuple[str, ...] = BASELINES
+    day_samples: int = 400
+    night_samples: int | None = 300  # None: every night training question
+    val_samples: int = 60
+    test_samples: int = 200
+    fractions: tuple[float, ...] = (0.6, 0.8)
+    study_n: int | None = 12  # N of the data-efficiency and ablation runs
+    epochs: int = 2
+    batch_size: int = 16
+    learning_rates: dict[str, float] = field(default_factory=lambda: dict(FAST_LEARNING_RATES))
+    max_new_tokens: int = 6
+    seed: int = 0
+    world: WorldConfig = field(default_factory=WorldConfig)
+    pretrain: dict[str, PretrainConfig | None] = field(default_factory=dict)
+    store_subdir: str = ""  # a separate store for --quick, so it never touches the real one
+
+    @classmethod
+    def quick(cls) -> Table1Config:
+        small_cam = {"image_height": 32, "image_width": 56, "patch_size": 8, "embed_dim": 48,
+                     "depth": 2, "num_heads": 2, "cls_blocks": 2}
+        small_lidar = {"range_width": 128, "embed_dim": 48, "depth": 2, "num_heads": 2,
+                       "token_blocks": 1}
+        return cls(
+            model="tiny", ns=(2, 4, 6), offline_n=4, day_samples=96, night_samples=64,
+            val_samples=24, test_samples=48, study_n=4, epochs=2, batch_size=16,
+            max_new_tokens=24,
+            world=WorldConfig(day_frames=30, night_frames=20, frames_per_scene=5,
+                              questions_per_frame=6, image_height=32, image_width=56,
+                              lidar_width=128),
+            pretrain={"camera-vit": PretrainConfig(epochs=1, encoder=small_cam),
+                      "lidar-rangevit": PretrainConfig(epochs=1, encoder=small_lidar)},
+            store_subdir="bench-quick",
+        )
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, seed=self.seed,
+                           learning_rates=dict(self.learning_rates), patience=1)
+
+
+def _subset(data: FeatureSet, n: int | None, seed: int) -> FeatureSet:
+    return data if n is None or n >= len(data) else data.fraction(n / len(data), seed=seed)
+
+
+def _load_llm(cfg: Table1Config):
+    if cfg.model == "tiny":
+        from mpnp.tiny import tiny_llm
+
+        return tiny_llm("llama", num_layers=8)
+    from mpnp.llm import load_llm
+
+    return load_llm(cfg.model)
+
+
+class Table1:
+    """Runs the protocol; rows accumulate in :attr:`rows`."""
+
+    def __init__(self, cfg: Table1Config, store: Path, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        self.rows: list[dict] = []
+        prep = PrepareConfig(world=cfg.world, pretrain=cfg.pretrain)
+        world = ensure_world(cfg.world, store, progress)
+        self.encoders = ensure_encoders(prep, world, store, progress)
+        self.specs = modality_specs(self.encoders)
+        full = load_splits(world, self.encoders, FeatureCache(store / "features"),
+                           progress=progress)
+        s = cfg.seed
+        self.data = Splits(
+            day_train=_subset(full.day_train, cfg.day_samples, s),
+            day_val=_subset(full.day_val, cfg.val_samples, s),
+            day_test=_subset(full.day_test, cfg.test_samples, s),
+            night_train=_subset(full.night_train, cfg.night_samples, s),
+            night_val=_subset(full.night_val, cfg.val_samples, s),
+            night_test=_subset(full.night_test, cfg.test_samples, s),
+        )
+        self.world = world
+        self.train_cfg = cfg.train_config()
+
+    # ------------------------------------------------------------------ rows
+
+    def _row(self, method: str, n: int | None, scenario: str, result: EvalResult,
+             report: TrainReport | None, peak: int | None = None, **extra) -> dict:
+        row = {
+            "method": method, "N": n, "scenario": scenario, "accuracy": result.accuracy,
+            "per_type": result.per_type, "per_type_hop": result.per_type_hop,
+            "adapt_flops": float(report.flops) if report else 0.0,
+            "peak_mem_bytes": int(peak if peak is not None else
+                                  (report.peak_mem_bytes if report else 0)),
+            "wall_s": report.wall_s if report else 0.0,
+            "samples_per_s": report.samples_per_s if report else 0.0,
+            "train_samples": report.samples if report else 0,
+            "epochs_run": report.epochs_run if report else 0,
+            **extra,
+        }
+        self.rows.append(row)
+        log.info("%s N=%s %s: accuracy %.3f, %.3g FLOPs, %.0f MB, %.0f s", method, n,
+                 scenario, row["accuracy"], row["adapt_flops"], row["peak_mem_bytes"] / 2**20,
+                 row["wall_s"])
+        return row
+
+    def _connector_config(self, n: int) -> ConnectorConfig:
+        return ConnectorConfig(num_blocks=n, max_new_tokens=self.cfg.max_new_tokens)
+
+    def _train_day(self, connector: Connector) -> TrainReport:
+        with PeakMemory(connector.device(), interval_s=0.005) as mem:
+            report = Trainer(connector, self.train_cfg).fit(
+                self.data.day_train, self.data.day_val, progress=self.progress)
+        report.peak_mem_bytes = int(mem.peak_bytes)
+        return report
+
+    def _adapt(self, day: Connector, mode: str, n: int | None, *, fraction: float = 1.0,
+               ablation: dict | None = None) -> tuple[Connector, TrainReport, int]:
+        train = self.data.night_train
+        if fraction < 1.0:
+            train = train.fraction(fraction, seed=self.cfg.seed)
+        release_free_memory()
+        tag = "-".join(ablation or ()) or str(int(fraction * 100))
+        with PeakMemory(day.device(), interval_s=0.005) as mem:
+            fork, report, _ = runtime_adapt(
+                day, mode, self.specs, train, self.data.night_val, self.train_cfg,
+                num_blocks=n, name=f"{day.kind}-{mode}-{n}-{tag}", connection_changes=ablation,
+                progress=self.progress)
+        return fork, report, int(mem.peak_bytes)
+
+    def _night_rows(self, method: str, day: Connector, n: int | None, **extra) -> None:
+        for mode, scenario in MODE_SCENARIO.items():
+            fork, report, peak = self._adapt(day, mode, n)
+            self._row(method, n, scenario, evaluate(fork, self.data.night_test), report, peak,
+                      table="main", **extra)
+            _drop(fork)
+
+    # ------------------------------------------------------------------ methods
+
+    def run_majority(self) -> None:
+        d = self.data
+        for scenario, train, test in (("day_c", d.day_train, d.day_test),
+                                      ("night_c", d.day_train, d.night_test),
+                                      ("night_c_to_cl", d.night_train, d.night_test),
+                                      ("night_c_to_l", d.night_train, d.night_test)):
+            self._row("majority", None, scenario, majority_baseline(train.items, test.items),
+                      None, table="main")
+
+    def run_baseline(self, kind: str, llm, tokenizer) -> None:
+        day = create_connector(kind, llm, tokenizer, [self.specs["camera"]],
+                               self._connector_config(0))
+        report = self._train_day(day)
+        self._row(kind, None, "day_c", evaluate(day, self.data.day_test), report, table="main")
+        self._row(kind, None, "night_c", evaluate(day, self.data.night_test), None,
+                  table="main")
+        self._night_rows(kind, day, None)
+        _drop(day)
+
+    def run_mpnp(self, llm, tokenizer) -> MPnPConnector:
+        cfg = self.cfg
+        model = MPnPModel(llm, tokenizer)
+        day = MPnPConnector(llm, tokenizer, [self.specs["camera"]],
+                            self._connector_config(cfg.offline_n), model=model,
+                            state_name="day", connection=ConnectionConfig(num_blocks=cfg.offline_n))
+        report = self._train_day(day)
+        day_res = evaluate(day, self.data.day_test)
+        night_res = evaluate(day, self.data.night_test)
+        for n in cfg.ns:
+            shared = {"offline_N": cfg.offline_n, "table": "main"}
+            self._row("mpnp", n, "day_c", day_res, report, **shared)
+            self._row("mpnp", n, "night_c", night_res, None, **shared)
+            self._night_rows("mpnp", day, n)
+        return day
+
+    def run_studies(self, day: MPnPConnector) -> None:
+        cfg = self.cfg
+        n = cfg.study_n or self.best_n()
+        for fraction in cfg.fractions:
+            fork, report, peak = self._adapt(day, "switch", n, fraction=fraction)
+            self._row("mpnp", n, "night_c_to_l", evaluate(fork, self.data.night_test), report,
+                      peak, table="data_efficiency", fraction=fraction)
+            _drop(fork)
+        for name, change in ABLATIONS.items():
+            fork, report, peak = self._adapt(day, "switch", n, ablation=change)
+            self._row("mpnp", n, "night_c_to_l", evaluate(fork, self.data.night_test), report,
+                      peak, table="ablation", ablation=name)
+            _drop(fork)
+
+    def best_n(self) -> int:
+        rows = [r for r in self.rows if r["method"] == "mpnp" and r["table"] == "main"
+                and r["scenario"] == "night_c_to_l"]
+        return max(rows, key=lambda r: r["accuracy"])["N"]
+
+
+def _drop(connector: Connector) -> None:
+    if isinstance(connector, MPnPConnector) and connector.state_name in connector.model.states:
+        if connector.state_name != "day":
+            connector.model.remove_state(connector.state_name)
+    del connector
+    gc.collect()
+
+
+def run(cfg: Table1Config, store_dir: str | None = None, progress: bool = True) -> dict:
+    """The whole benchmark; returns the JSON document."""
+    torch.manual_seed(cfg.seed)
+    store = model_store_dir(store_dir)
+    if cfg.store_subdir:
+        store = store / cfg.store_subdir
+    started = time.perf_counter()
+    bench = Table1(cfg, store, progress)
+    bench.run_majority()
+    llm_b, tok = _load_llm(cfg)  # baselines: a plain LLM (mPnP's carries LoRA layers)
+    for kind in cfg.baselines:
+        bench.run_baseline(kind, llm_b, tok)
+    del llm_b
+    gc.collect()
+    llm_m, tok = _load_llm(cfg)
+    day = bench.run_mpnp(llm_m, tok)
+    bench.run_studies(day)
+    from mpnp.llm import llm_fingerprint
+
+    d = bench.data
+    meta = {
+        "benchmark": "table1", "quick": cfg.model == "tiny",
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "device": "cpu", "torch_threads": torch.get_num_threads()},
+        "llm": llm_fingerprint(llm_m),
+        "dataset": {"dir": str(bench.world), "sizes": {k: len(getattr(d, k)) for k in
+                                                        ("day_train", "day_val", "day_test",
+                                                         "night_train", "night_val",
+                                                         "night_test")}},
+        "encoders": {m: {"kind": e.kind, "fingerprint": e.fingerprint(), "tokens": e.num_tokens,
+                         "dim": e.dim} for m, e in bench.encoders.items()},
+        "seed": cfg.seed,
+        "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+        "best_n": bench.best_n(),
+        "total_wall_s": time.perf_counter() - started,
+    }
+    return {"meta": meta, "rows": bench.rows}
+
+
+# ---------------------------------------------------------------------- reporting
+
+def _cell(rows: list[dict], method: str, n, scenario: str, table: str = "main") -> dict | None:
+    for r in rows:
+        if (r["method"], r["N"], r["scenario"], r.get("table")) == (method, n, scenario, table):
+            return r
+    return None
+
+
+def to_markdown(result: dict) -> str:
+    rows, meta = result["rows"], result["meta"]
+    sizes = meta["dataset"]["sizes"]
+    out = [
+        f"# mpnp bench table1 — {meta['llm'].get('name', meta['llm'].get('model_type'))} "
+        f"on {meta['machine']['device']}",
+        "",
+        f"Questions: day train {sizes['day_train']}, night train {sizes['night_train']}, "
+        f"day test {sizes['day_test']}, night test {sizes['night_test']}; "
+        f"{meta['config']['epochs']} epochs (early stop on validation), batch "
+        f"{meta['config']['batch_size']}, seed {meta['seed']}. Adaptation cost = the "
+        "Night (C → L) run: FLOPs counted, peak memory above the resident state, wall time.",
+        "",
+        "| method | N | Day (C) | Night (C) | Night (C → C+L) | Night (C → L) | adapt TFLOPs "
+        "| vs Full LLM | peak MB | vs Full LLM | wall s | samples/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    full = _cell(rows, "full_llm", None, "night_c_to_l")
+    keys = list(dict.fromkeys((r["method"], r["N"]) for r in rows if r.get("table") == "main"))
+    for method, n in keys:
+        cells = [_cell(rows, method, n, s) for s in SCENARIOS]
+        acc = [f"{100 * c['accuracy']:.1f}" if c else "–" for c in cells]
+        cost = cells[3]
+        if cost and cost["adapt_flops"]:
+            tf = cost["adapt_flops"] / 1e12
+            rf = f"{cost['adapt_flops'] / full['adapt_flops']:.2f}" if full else "–"
+            mb = cost["peak_mem_bytes"] / 2**20
+            rm = f"{cost['peak_mem_bytes'] / max(full['peak_mem_bytes'], 1):.2f}" if full else "–"
+            tail = [f"{tf:.2f}", rf, f"{mb:.0f}", rm, f"{cost['wall_s']:.0f}",
+                    f"{cost['samples_per_s']:.1f}"]
+        else:
+            tail = ["–"] * 6
+        out.append(f"| {method} | {n if n is not None else '–'} | " + " | ".join(acc + tail)
+                   + " |")
+    out += ["", f"mPnP Day (C) / Night (C): the one offline state (N={meta['config']['offline_n']})"
+            " — runtime N is elastic.", ""]
+    de = [r for r in rows if r.get("table") == "data_efficiency"]
+    if de:
+        n = de[0]["N"]
+        main = _cell(rows, "mpnp", n, "night_c_to_l")
+        out += [f"## Data efficiency (mPnP N={n}, Night (C → L))", "",
+                "| night training samples | accuracy | adapt TFLOPs |", "|---|---|---|"]
+        for r in sorted(de, key=lambda r: r["fraction"]) + ([main] if main else []):
+            frac = r.get("fraction", 1.0)
+            out.append(f"| {100 * frac:.0f} % | {100 * r['accuracy']:.1f} | "
+                       f"{r['adapt_flops'] / 1e12:.2f} |")
+        out.append("")
+    ab = [r for r in rows if r.get("table") == "ablation"]
+    if ab:
+        n = ab[0]["N"]
+        main = _cell(rows, "mpnp", n, "night_c_to_l")
+        out += [f"## Ablations (mPnP N={n}, Night (C → L))", "", "| variant | accuracy |",
+                "|---|---|"]
+        if main:
+            out.append(f"| full method | {100 * main['accuracy']:.1f} |")
+        for r in ab:
+            out.append(f"| {r['ablation']} | {100 * r['accuracy']:.1f} |")
+        out.append("")
+    out.append(f"Best mPnP N on Night (C → L): {meta['best_n']}. Total wall time "
+               f"{meta['total_wall_s'] / 60:.1f} min.")
+    return "\n".join(out) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Night (C → L) accuracy against adaptation FLOPs for every method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r.get("table") == "main"
+            and r["scenario"] == "night_c_to_l" and r["adapt_flops"] > 0]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    mpnp = sorted((r for r in rows if r["method"] == "mpnp"), key=lambda r: r["adapt_flops"])
+    if mpnp:
+        ax.plot([r["adapt_flops"] / 1e12 for r in mpnp], [100 * r["accuracy"] for r in mpnp],
+                "o-", color="tab:red", label="mPnP (N labelled)")
+        for r in mpnp:
+            ax.annotate(f"N={r['N']}", (r["adapt_flops"] / 1e12, 100 * r["accuracy"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)
+    markers = {"full_llm": "s", "promptfuse": "^", "epalm": "D", "question_only": "x"}
+    for r in rows:
+        if r["method"] != "mpnp":
+            ax.plot(r["adapt_flops"] / 1e12, 100 * r["accuracy"], markers.get(r["method"], "o"),
+                    label=r["method"], markersize=8)
+    maj = _cell(result["rows"], "majority", None, "night_c_to_l")
+    if maj:
+        ax.axhline(100 * maj["accuracy"], color="grey", ls="--", lw=1, label="majority")
+    ax.set_xlabel("adaptation FLOPs (TFLOPs, measured)")
+    ax.set_ylabel("Night (C → L) accuracy (%)")
+    ax.set_title(f"Runtime adaptation: accuracy vs cost ({result['meta']['llm'].get('name', '')})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- CLI
+
+def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("table1", help="mPnP vs Full LLM / PromptFuse / eP-ALM (Table 1)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny world, encoders and LLM (CI-sized, a few minutes)")
+    p.add_argument("--model", help="LLM directory or .gguf (default: embedded SmolLM2)")
+    p.add_argument("--store", help="model store (default: $MPNP_HOME or ~/.cache/mpnp)")
+    p.add_argument("--json", type=Path, help="write the result JSON here")
+    p.add_argument("--markdown", type=Path, help="write the Markdown tables here")
+    p.add_argument("--plot", type=Path, help="write the accuracy-vs-FLOPs PNG here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from bench.cli import write_output
+
+    cfg = Table1Config.quick() if args.quick else Table1Config()
+    if args.model:
+        cfg.model = args.model
+    result = run(cfg, args.store, progress=not args.no_progress)
+    markdown = to_markdown(result)
+    print(markdown)
+    write_output(args.json, json.dumps(result, indent=2))
+    write_output(args.markdown, markdown)
+    if args.plot:
+        plot(result, args.plot)
+    return 0
