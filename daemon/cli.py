@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 DEFAULT_QUERY = "tcp://127.0.0.1:5556"
@@ -50,6 +51,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     kg.add_argument("directory")
     c.set_defaults(func=cmd_client)
 
+    d = subparsers.add_parser("demo", help="daemon + simulated vehicle, day -> night, report")
+    d.add_argument("--quick", action="store_true", help="short adaptation (<= ~10 min on 2 cores)")
+    d.add_argument("--out", default="demo-out", help="where the report and timeline go")
+    d.add_argument("--model-store", default="", help="model store (default $MPNP_HOME)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+
     s = subparsers.add_parser("sim-vehicle", help="publish simulated sensor frames")
     s.add_argument("--endpoint", default=DEFAULT_INGEST, help="the daemon's ingest endpoint")
     s.add_argument("--camera-hz", type=float, default=12.0)
@@ -80,6 +88,15 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from daemon.server import Daemon
 
     return Daemon(config).run()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from daemon.demo import DemoConfig, run_demo
+
+    report = run_demo(DemoConfig(out_dir=args.out, model_store=args.model_store,
+                                 quick=args.quick, seed=args.seed))
+    print((Path(args.out) / "demo_report.md").read_text())
+    return 0 if report["adaptation"]["result"] else 1
 
 
 def _client_settings(args: argparse.Namespace) -> dict[str, Any]:
