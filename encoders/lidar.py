@@ -40,12 +40,15 @@ class LidarRangeViTConfig:
     """Sizes of the LiDAR range-image ViT.
 
     Attributes:
-        beams / range_width: range-image rows (LiDAR beams) and azimuth columns.
+        beams / range_width: range-image rows (LiDAR beams) and azimuth columns (128 columns,
+            2.8 degrees each, keep the stem cheap enough to pretrain on a 2-core CPU; the
+            nearest return wins a pixel, so small objects survive the coarse grid).
         fov_up_deg / fov_down_deg: vertical field of view of the projection.
         stem_channels / stem_hidden: widths of the conv stem (RangeViT: 32 / 64, halved
             here for the CPU).
         stem_context_blocks: residual context blocks before the last stem block (RangeViT: 3).
-        patch_stride: (rows, columns) pooled into one token; both even.
+        patch_stride: (rows, columns) pooled into one token; both even (default: an 8 x 16
+            token grid).
         embed_dim / depth / num_heads / mlp_ratio: the ViT.
         bands: azimuth sectors the tokens are averaged into (must divide the token columns).
         token_blocks: how many of the last blocks contribute their band tokens.
@@ -53,13 +56,13 @@ class LidarRangeViTConfig:
     """
 
     beams: int = 32
-    range_width: int = 256
+    range_width: int = 128
     fov_up_deg: float = 10.0
     fov_down_deg: float = -30.0
     stem_channels: int = 16
     stem_hidden: int = 32
     stem_context_blocks: int = 2
-    patch_stride: tuple[int, int] = (4, 16)
+    patch_stride: tuple[int, int] = (4, 8)
     embed_dim: int = 192
     depth: int = 4
     num_heads: int = 3

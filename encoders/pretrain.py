@@ -11,10 +11,12 @@ is frozen and saved to ``<model store>/encoders/<kind>`` with a ``pretrain.json`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,8 +33,11 @@ from scenes.dataset import QADataset
 log = logging.getLogger(__name__)
 
 RECORD_FILE = "pretrain.json"
-#: Epochs that fit "a few minutes per encoder" on a 2-core CPU with the default world.
-DEFAULT_EPOCHS = {"camera-vit": 8, "lidar-rangevit": 10}
+#: Epochs that fit "a few minutes per encoder" on a 2-core CPU with the default corpus.
+DEFAULT_EPOCHS = {"camera-vit": 3, "lidar-rangevit": 5}
+#: The default pretraining corpus: 600 drives of 2 frames, a third of them at night.
+DEFAULT_CORPUS = {"seed": 1000, "day_frames": 800, "night_frames": 400, "frames_per_scene": 2,
+                  "questions_per_frame": 1}
 
 
 @dataclass
@@ -48,6 +53,12 @@ class PretrainConfig:
         split: the world split trained on (``val`` is used for the record's accuracy).
         seed: data order, augmentation and head initialisation.
         encoder: overrides of the encoder's config (e.g. ``{"depth": 6}``).
+        corpus: the pretraining corpus, a world of its own generated once into the model
+            store with these :class:`~scenes.synthetic.WorldConfig` fields (image and
+            LiDAR sizes are copied from the given world): many short drives give far more
+            variety per frame than the QA world's long ones, and none of its scenes is in
+            the QA world's test split. ``None`` pretrains on the given world's
+            ``split`` instead.
     """
 
     epochs: int | None = None
@@ -60,6 +71,7 @@ class PretrainConfig:
     split: str = "train"
     seed: int = 0
     encoder: dict = field(default_factory=dict)
+    corpus: dict | None = field(default_factory=lambda: dict(DEFAULT_CORPUS))
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:
@@ -86,7 +98,9 @@ def default_world_dir(store_dir: str | os.PathLike[str] | None = None) -> Path:
     return model_store_dir(store_dir) / "worlds" / "default"
 
 
-def _regions(encoder: Encoder) -> tuple[str, int]:
+def region_layout(encoder: Encoder) -> tuple[str, int]:
+    """How an encoder's tokens map to regions: ("views", 6) or ("bands", bands); tokens are
+    region-major, so ``tokens.reshape(B, R, -1)`` gives each region's tokens."""
     if encoder.modality == "camera":
         return "views", 6
     return "bands", encoder.config.bands
@@ -100,10 +114,33 @@ def load_split(world_dir: str | os.PathLike[str], split: str) -> QADataset:
     return QADataset.load(root, split)
 
 
+def corpus_dir(world_dir: str | os.PathLike[str], corpus: dict,
+               store_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
+    """The pretraining corpus for ``world_dir`` (generated into the store on first use)."""
+    from scenes.storage import read_manifest
+    from scenes.synthetic import WorldConfig, generate_world
+
+    load_split(world_dir, "train")  # the world must exist
+    world = read_manifest(Path(world_dir))["config"]
+    fields = {k: world[k] for k in ("image_height", "image_width", "lidar_beams", "lidar_width",
+                                    "day_light", "night_light") if k in world}
+    config = WorldConfig(**{**fields, **corpus, "train_fraction": 1.0, "val_fraction": 0.0})
+    key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
+    root = model_store_dir(store_dir) / "worlds" / f"pretrain-{key[:12]}"
+    if not (root / "manifest.json").is_file():
+        log.info("generating the pretraining corpus into %s", root)
+        tmp = root.with_name(root.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        generate_world(config, tmp, progress=progress)
+        os.replace(tmp, root)
+    return root
+
+
 def encode_inputs(encoder: Encoder, data: QADataset, max_count: int, chunk: int = 32
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Preprocessed inputs, region count targets ``(N, R, Q)`` and night flags ``(N,)``."""
-    regions, n_regions = _regions(encoder)
+    regions, n_regions = region_layout(encoder)
     ids = data.frame_ids
     inputs, targets, night = [], [], []
     for start in range(0, len(ids), chunk):
@@ -144,18 +181,23 @@ def count_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def pretrain_encoder(kind: str, world_dir: str | os.PathLike[str],
-                     config: PretrainConfig | None = None, progress: bool = True
-                     ) -> tuple[Encoder, dict]:
+                     config: PretrainConfig | None = None, progress: bool = True,
+                     store_dir: str | os.PathLike[str] | None = None) -> tuple[Encoder, dict]:
     """Train a fresh encoder of ``kind`` on the world; returns it frozen, and a record."""
     from tqdm import tqdm
 
     config = config or PretrainConfig()
     epochs = config.epochs or DEFAULT_EPOCHS.get(kind, 8)
     encoder_class(kind)  # unknown kind -> ValueError before any work
-    train = load_split(world_dir, config.split)
+    corpus = None
+    if config.corpus is not None:
+        corpus = corpus_dir(world_dir, config.corpus, store_dir, progress)
+        train = load_split(corpus, "train")
+    else:
+        train = load_split(world_dir, config.split)
     torch.manual_seed(config.seed)
     encoder = create_encoder(kind, **config.encoder)
-    _, n_regions = _regions(encoder)
+    _, n_regions = region_layout(encoder)
     started = time.perf_counter()
     x_all, y_all, _ = encode_inputs(encoder, train, config.max_count)
     width = encoder.dim * encoder.num_tokens // n_regions
@@ -173,7 +215,7 @@ def pretrain_encoder(kind: str, world_dir: str | os.PathLike[str],
     head.train()
     bar = tqdm(total=total, desc=f"pretraining {kind}", unit="step", disable=not progress)
     losses = []
-    for _epoch in range(epochs):
+    for epoch in range(epochs):
         order = torch.randperm(len(x_all), generator=gen)
         for start in range(0, len(order), config.batch_size):
             index = order[start:start + config.batch_size]
@@ -190,11 +232,14 @@ def pretrain_encoder(kind: str, world_dir: str | os.PathLike[str],
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-steps_per_epoch:]):.3f}")
+        log.info("%s epoch %d/%d: train loss %.4f", kind, epoch + 1, epochs,
+                 np.mean(losses[-steps_per_epoch:]))
     bar.close()
     train_seconds = time.perf_counter() - started
     encoder.freeze()
     head.eval()
-    record = {"kind": kind, "world": str(Path(world_dir).resolve()), "epochs": epochs,
+    record = {"kind": kind, "world": str(Path(world_dir).resolve()),
+              "corpus": str(corpus) if corpus else None, "epochs": epochs,
               "steps": total, "train_frames": len(x_all), "pretrain": config.to_dict(),
               "encoder_config": encoder.config_dict(), "wall_seconds": round(train_seconds, 1),
               "final_train_loss": round(float(np.mean(losses[-steps_per_epoch:])), 4),
@@ -243,7 +288,7 @@ def ensure_pretrained(kind: str, world_dir: str | os.PathLike[str],
             log.info("%s was pretrained with another config; pretraining again", directory)
         except (EncoderFormatError, FileNotFoundError, json.JSONDecodeError, OSError) as exc:
             log.warning("cannot reuse %s (%s); pretraining again", directory, exc)
-    encoder, record = pretrain_encoder(kind, world_dir, config, progress)
+    encoder, record = pretrain_encoder(kind, world_dir, config, progress, store_dir)
     encoder.save(directory)
     record["fingerprint"] = encoder.fingerprint()
     tmp = directory / (RECORD_FILE + ".tmp")

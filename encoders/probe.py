@@ -1,10 +1,13 @@
 """Linear probes: do the frozen tokens carry the scene?
 
-For each encoder, a linear classifier reads the flattened, standardised tokens of a frame and
-predicts, for every class, (a) whether the frame holds an object of that class and (b) how
-many (0, 1, 2, 3+). It is trained on the train split (weight decay chosen on val) and scored
-on the test split, separately for day and night frames, next to the majority answer of
-each class from the train split. Splits are by scene, so no drive is in two splits.
+The tokens of both encoders belong to *regions* around the vehicle: camera tokens to views,
+LiDAR tokens to azimuth bands. A linear probe reads the tokens of one region (its blocks
+concatenated, standardised) and predicts what is in that region: (a) for each class, whether
+an object of it is there; (b) per *shape group* (classes of one shape merged, what geometry
+alone can count) how many objects (0, 1, 2, 3+); (c) how many objects in each distance ring.
+Probes are fit on the train split of the world (L2 penalty chosen on val) and scored on the
+test split (split by scene), separately for day and night frames, next to answering each
+target with its most common train value (*majority*).
 """
 
 from __future__ import annotations
@@ -14,17 +17,19 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from encoders.cache import FeatureCache, encode_frames
-from encoders.pretrain import ensure_pretrained, load_split
-from encoders.targets import frame_class_counts
+from encoders.pretrain import ensure_pretrained, load_split, region_layout
+from encoders.targets import DISTANCE_RINGS, SHAPE_GROUPS, region_counts
 from mpnp.paths import model_store_dir
 from scenes.layout import CLASS_NAMES
 
 log = logging.getLogger(__name__)
+
+RING_NAMES = tuple(f"{lo:g}-{hi:g} m" for lo, hi in zip((0.0,) + DISTANCE_RINGS, DISTANCE_RINGS))
+GROUP_NAMES = tuple(" / ".join(g) for g in SHAPE_GROUPS)
 
 
 @dataclass
@@ -33,14 +38,14 @@ class ProbeConfig:
 
     Attributes:
         max_count: counts are clipped to this (classes 0..max_count).
-        weight_decays: candidates, the best on the val split is kept.
-        steps / lr: full-batch AdamW steps.
+        weight_decays: L2 penalties to try; the best on the val split is kept.
+        steps / lr: full-batch Adam steps.
         seed: head initialisation.
     """
 
     max_count: int = 3
-    weight_decays: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
-    steps: int = 300
+    weight_decays: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
+    steps: int = 200
     lr: float = 1e-2
     seed: int = 0
 
@@ -56,10 +61,11 @@ def fit_linear_probe(features: torch.Tensor, targets: torch.Tensor, n_classes: i
     """Multi-task linear softmax classifier ``(N, F) -> (N, C, n_classes)``."""
     torch.manual_seed(config.seed)
     probe = nn.Linear(features.shape[1], targets.shape[1] * n_classes)
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=config.lr, weight_decay=weight_decay)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=config.lr)
     for _ in range(config.steps):
         logits = probe(features).reshape(len(features), -1, n_classes)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss = loss + weight_decay * probe.weight.square().sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -71,34 +77,47 @@ def _predict(probe: nn.Linear, features: torch.Tensor, n_classes: int) -> torch.
         return probe(features).reshape(len(features), -1, n_classes).argmax(-1)
 
 
-def _split_tokens(encoder, world_dir, split: str, cache: FeatureCache | None, progress: bool):
+def _split_regions(encoder, world_dir, split: str, cache: FeatureCache | None,
+                   progress: bool, max_count: int):
+    """Per-region features ``(N*R, k*D)``, targets per task and night flags ``(N*R,)``."""
     data = load_split(world_dir, split)
     ids = data.frame_ids
-    tokens = encode_frames(encoder, ids, data.frame, cache, progress=progress)
-    features = torch.stack([tokens[i].flatten() for i in ids])  # (N, T*D)
-    frames_counts = []
-    for start in range(0, len(ids), 64):
-        frames_counts.append(frame_class_counts([data.frame(i) for i in ids[start:start + 64]]))
-    night = torch.tensor([data.frame_info(i).night for i in ids])
-    return features, torch.from_numpy(np.concatenate(frames_counts)), night
+    regions, n_regions = region_layout(encoder)
+    frames = {i: data.frame(i) for i in ids}  # read each file once
+    tokens = encode_frames(encoder, ids, frames.__getitem__, cache, progress=progress)
+    features = torch.stack([tokens[i] for i in ids])  # (N, T, D), region-major tokens
+    features = features.reshape(len(ids) * n_regions, -1)  # (N*R, k*D)
+    counts = region_counts(list(frames.values()), regions, n_regions, max_count=10**6)
+    counts = torch.from_numpy(counts).reshape(len(ids) * n_regions, -1)
+    classes = counts[:, :len(CLASS_NAMES)]
+    groups = torch.stack([classes[:, [CLASS_NAMES.index(n) for n in g]].sum(1)
+                          for g in SHAPE_GROUPS], dim=1)
+    targets = {"class presence": (classes > 0).long(),
+               "shape-group count": groups.clamp(max=max_count),
+               "objects by distance": counts[:, len(CLASS_NAMES):].clamp(max=max_count)}
+    night = torch.tensor([data.frame_info(i).night for i in ids]).repeat_interleave(n_regions)
+    return features, targets, night
 
 
 def probe_encoder(encoder, world_dir, config: ProbeConfig | None = None,
                   cache: FeatureCache | None = None, progress: bool = True) -> dict:
     """Probe accuracies of one frozen encoder (see the module docstring)."""
     config = config or ProbeConfig()
-    splits = {s: _split_tokens(encoder, world_dir, s, cache, progress)
+    splits = {s: _split_regions(encoder, world_dir, s, cache, progress, config.max_count)
               for s in ("train", "val", "test")}
     mean = splits["train"][0].mean(0)
     std = splits["train"][0].std(0) + 1e-4
     feats = {s: (v[0] - mean) / std for s, v in splits.items()}
-    counts = {s: v[1].clamp(max=config.max_count) for s, v in splits.items()}
-    tasks = {"presence": ({s: (c > 0).long() for s, c in counts.items()}, 2),
-             "count": (counts, config.max_count + 1)}
     night = splits["test"][2]
+    names = {"class presence": CLASS_NAMES, "shape-group count": GROUP_NAMES,
+             "objects by distance": RING_NAMES}
+    regions, n_regions = region_layout(encoder)
     result: dict = {"kind": encoder.kind, "fingerprint": encoder.fingerprint()[:16],
-                    "tokens": [encoder.num_tokens, encoder.dim], "tasks": {}}
-    for task, (targets, n_classes) in tasks.items():
+                    "tokens": [encoder.num_tokens, encoder.dim], "regions": regions,
+                    "tasks": {}}
+    for task, target_names in names.items():
+        targets = {s: v[1][task] for s, v in splits.items()}
+        n_classes = 2 if task == "class presence" else config.max_count + 1
         best = None
         for wd in config.weight_decays:
             probe = fit_linear_probe(feats["train"], targets["train"], n_classes, wd, config)
@@ -108,18 +127,18 @@ def probe_encoder(encoder, world_dir, config: ProbeConfig | None = None,
                 best = (val, wd, probe)
         val_acc, wd, probe = best
         majority = torch.mode(targets["train"], dim=0).values  # (C,)
-        correct = _predict(probe, feats["test"], n_classes) == targets["test"]  # (N, C)
+        correct = _predict(probe, feats["test"], n_classes) == targets["test"]  # (N*R, C)
         base = targets["test"] == majority
-        entry = {"weight_decay": wd, "val_accuracy": round(val_acc, 4)}
+        entry = {"l2": wd, "val_accuracy": round(val_acc, 4)}
         for light, mask in (("all", torch.ones_like(night)), ("day", ~night), ("night", night)):
             if not mask.any():
                 continue
             entry[light] = {
-                "frames": int(mask.sum()),
+                "frames": int(mask.sum()) // n_regions,
                 "accuracy": round(float(correct[mask].float().mean()), 4),
                 "majority": round(float(base[mask].float().mean()), 4),
-                "per_class": {name: round(float(correct[mask, i].float().mean()), 4)
-                              for i, name in enumerate(CLASS_NAMES)},
+                "per_target": {name: round(float(correct[mask, i].float().mean()), 4)
+                               for i, name in enumerate(target_names)},
             }
         result["tasks"][task] = entry
     return result
@@ -139,20 +158,29 @@ def run_probes(world_dir: str | os.PathLike[str], kinds: list[str],
 
 def to_markdown(report: dict) -> str:
     """Summary tables of :func:`run_probes` output."""
+    tasks = list(report["encoders"][0]["tasks"]) if report["encoders"] else []
     lines = ["# Linear probes on frozen encoder tokens", "",
-             f"World: `{report['world']}` (train split fits, val picks weight decay, test "
-             "scores). Accuracy is the mean over the 10 classes; *majority* answers each class "
-             "with its most common train value.", "",
-             "| encoder | light | test frames | presence acc | majority | count acc (0-3+) "
-             "| majority |", "|---|---|---|---|---|---|---|"]
+             f"World: `{report['world']}`. A linear probe per task reads the frozen tokens of "
+             "one region (camera: a view; LiDAR: an azimuth band) and predicts what is in it; "
+             "fit on the train split, L2 penalty picked on val, scored on the test split "
+             "(split by scene). Accuracy is the mean over regions and the task's targets; "
+             "*maj.* answers each target with its most common train value. Counts are 0, 1, "
+             "2, 3+. Shape groups merge the classes that share one shape (" + "; ".join(
+                 " / ".join(g) for g in SHAPE_GROUPS if len(g) > 1) + "): geometry alone "
+             "can count these groups but cannot tell their members apart.", "",
+             "| encoder | light | test frames | " + " | ".join(
+                 f"{t} | maj." for t in tasks) + " |",
+             "|---|---|---|" + "---|---|" * len(tasks)]
     for enc in report["encoders"]:
         for light in ("day", "night"):
-            p, c = enc["tasks"]["presence"].get(light), enc["tasks"]["count"].get(light)
-            if p is None:
+            first = enc["tasks"][tasks[0]].get(light)
+            if first is None:
                 continue
-            lines.append(f"| {enc['kind']} | {light} | {p['frames']} | {p['accuracy']:.3f} | "
-                         f"{p['majority']:.3f} | {c['accuracy']:.3f} | {c['majority']:.3f} |")
-    lines += ["", "Presence accuracy per class (test):", "",
+            cells = [f"{enc['tasks'][t][light]['accuracy']:.3f} | "
+                     f"{enc['tasks'][t][light]['majority']:.3f}" for t in tasks]
+            lines.append(f"| {enc['kind']} | {light} | {first['frames']} | "
+                         + " | ".join(cells) + " |")
+    lines += ["", "Class presence accuracy per class (test):", "",
               "| class | " + " | ".join(f"{e['kind']} {light}" for e in report["encoders"]
                                          for light in ("day", "night")) + " |",
               "|---|" + "---|" * (2 * len(report["encoders"]))]
@@ -160,7 +188,7 @@ def to_markdown(report: dict) -> str:
         cells = []
         for enc in report["encoders"]:
             for light in ("day", "night"):
-                entry = enc["tasks"]["presence"].get(light)
-                cells.append(f"{entry['per_class'][name]:.2f}" if entry else "-")
+                entry = enc["tasks"]["class presence"].get(light)
+                cells.append(f"{entry['per_target'][name]:.2f}" if entry else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

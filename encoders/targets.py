@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from scenes.camera import RIG
-from scenes.layout import CLASS_NAMES
+from scenes.layout import CLASS_NAMES, CLASSES
 from scenes.sample import CAMERA_VIEWS, Frame
 
 #: Distance rings (metres, upper bounds) of the class-agnostic occupancy targets.
@@ -22,6 +22,19 @@ DISTANCE_RINGS: tuple[float, ...] = (10.0, 20.0, 40.0)
 #: Names of the count targets of one region, in order.
 TARGET_NAMES: tuple[str, ...] = CLASS_NAMES + tuple(
     f"objects within {lo:g}-{hi:g} m" for lo, hi in zip((0.0,) + DISTANCE_RINGS, DISTANCE_RINGS))
+
+
+def _shape_groups() -> tuple[tuple[str, ...], ...]:
+    """Classes grouped by identical size ranges in the world (truck and construction vehicle,
+    bus and trailer, ...): what geometry alone (LiDAR) can tell apart."""
+    groups: dict[tuple, list[str]] = {}
+    for name, spec in CLASSES.items():
+        groups.setdefault((spec.width, spec.length, spec.height), []).append(name)
+    return tuple(tuple(g) for g in groups.values())
+
+
+#: Classes that share one shape, in class order (e.g. ``("truck", "construction vehicle")``).
+SHAPE_GROUPS: tuple[tuple[str, ...], ...] = _shape_groups()
 
 
 def _wrap(angle: float) -> float:
@@ -88,4 +101,12 @@ def frame_class_counts(frames: Sequence[Frame], max_count: int = 3) -> np.ndarra
         for cls, _, _ in _object_rows(frame):
             if cls >= 0:
                 out[b, cls] += 1
+    return np.minimum(out, max_count)
+
+
+def frame_group_counts(frames: Sequence[Frame], max_count: int = 3) -> np.ndarray:
+    """Clipped object counts per :data:`SHAPE_GROUPS` entry ``(B, len(SHAPE_GROUPS))``."""
+    per_class = frame_class_counts(frames, max_count=10**6)
+    out = np.stack([per_class[:, [CLASS_NAMES.index(n) for n in group]].sum(1)
+                    for group in SHAPE_GROUPS], axis=1)
     return np.minimum(out, max_count)

@@ -27,7 +27,10 @@ def world(tmp_path_factory):
 
 
 def tiny_pretrain(kind: str) -> PretrainConfig:
-    return PretrainConfig(epochs=1, batch_size=4, encoder=TINY[kind])
+    # The camera pretrains on a (tiny) corpus of its own, the LiDAR on the world's train split.
+    corpus = dict(day_frames=4, night_frames=2, frames_per_scene=2, questions_per_frame=1) \
+        if kind == "camera-vit" else None
+    return PretrainConfig(epochs=1, batch_size=4, encoder=TINY[kind], corpus=corpus)
 
 
 def _frame_with(objects: list[ObjectAnnotation]) -> Frame:
@@ -66,6 +69,9 @@ def test_pretrain_saves_frozen_and_is_reused(kind, world, tmp_path):
     record = json.loads((encoder_dir(kind, tmp_path) / RECORD_FILE).read_text())
     assert record["fingerprint"] == encoder.fingerprint()
     assert set(record["val"]) == {"day", "night"}
+    if kind == "camera-vit":  # the corpus went to the store, sized like the world's frames
+        corpus = next((tmp_path / "worlds").glob("pretrain-*"))
+        assert record["train_frames"] == 6 and record["corpus"] == str(corpus)
     weights = encoder_dir(kind, tmp_path) / WEIGHTS_FILE
     stamp = weights.stat().st_mtime_ns
     again = ensure_pretrained(kind, world, tmp_path, config, progress=False)
@@ -88,11 +94,12 @@ def test_probe_reports_day_and_night(world, tmp_path):
     encoder = ensure_pretrained(kind, world, tmp_path, tiny_pretrain(kind), progress=False)
     report = probe_encoder(encoder, world, ProbeConfig(steps=20, weight_decays=(0.1,)),
                            progress=False)
-    presence = report["tasks"]["presence"]
-    assert {"day", "night"} <= set(presence)
+    presence = report["tasks"]["class presence"]
+    assert {"day", "night"} <= set(presence) and report["regions"] == "bands"
     for light in ("day", "night"):
         assert 0.0 <= presence[light]["accuracy"] <= 1.0
-        assert len(presence[light]["per_class"]) == 10
+        assert len(presence[light]["per_target"]) == 10
+    assert set(report["tasks"]) == {"class presence", "shape-group count", "objects by distance"}
     text = to_markdown({"world": str(world), "encoders": [report]})
     assert "| lidar-rangevit | night |" in text
 
