@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -55,6 +56,9 @@ class MPnPBackendConfig:
         eval_chunk: validation questions per bounded call.
         max_new_tokens: answer length limit.
         frame_cache: encoded live frames kept (questions often ask about the same frame).
+        micro_batch: training samples per bounded call; gradients accumulate until an
+            optimizer step's ``batch_size`` samples are done. Smaller = shorter waits for
+            questions that arrive during adaptation (the engine cannot pre-empt a call).
         learning_rates: per parameter group (the project's fast runtime defaults).
         seed: data order.
     """
@@ -69,6 +73,7 @@ class MPnPBackendConfig:
     eval_chunk: int = 8
     max_new_tokens: int = 4
     frame_cache: int = 16
+    micro_batch: int = 1
     learning_rates: dict[str, float] = field(default_factory=dict)
     seed: int = 0
 
@@ -76,7 +81,8 @@ class MPnPBackendConfig:
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"model.options.dtype must be float32/float16/bfloat16, got "
                              f"{self.dtype!r}")
-        for name in ("val_questions", "eval_chunk", "max_new_tokens", "frame_cache"):
+        for name in ("val_questions", "eval_chunk", "max_new_tokens", "frame_cache",
+                     "micro_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.options.{name} must be >= 1, got {getattr(self, name)}")
         if self.threads < 0 or self.train_questions < 0:
@@ -91,17 +97,22 @@ def context_of(modalities: frozenset[str] | Sequence[str]) -> str:
 class _Run:
     """One adaptation run's moving parts."""
 
-    def __init__(self, connector, trainer, train, val, steps: int, batch_size: int, seed: int):
+    def __init__(self, connector, optimizer, train, val, steps: int, batch_size: int, seed: int):
         self.connector = connector
-        self.trainer = trainer
+        self.optimizer = optimizer
+        self.params = [p for ps in connector.parameter_groups().values() for p in ps]
         self.train = train
         self.val = val
         self.total_steps = steps
         self.batch_size = batch_size
         self.seed = seed
         self.steps = 0
+        self.samples = 0
+        self.flops = 0.0
+        self.pending = 0  # samples accumulated into the current optimizer step
+        self.step_loss = 0.0
         self.epoch = 0
-        self.batches = iter(())
+        self.order: list[int] = []
         self.loss: float | None = None
         self.phase = "baseline"
         self.cursor = 0
@@ -109,15 +120,20 @@ class _Run:
         self.accuracy: dict[str, float] = {}
         self.started = time.perf_counter()
 
-    def next_batch(self):
-        for _ in range(2):
-            batch = next(self.batches, None)
-            if batch is not None:
-                return batch
-            self.epoch += 1
-            self.batches = self.train.batches(self.batch_size, shuffle=True,
-                                              seed=self.seed * 1000 + self.epoch)
-        raise RuntimeError("the runtime training set is empty")
+    def next_indices(self, count: int) -> list[int]:
+        """The next ``count`` training items of a shuffled pass (reshuffled every epoch)."""
+        if len(self.train) == 0:
+            raise RuntimeError("the runtime training set is empty")
+        out: list[int] = []
+        while len(out) < count:
+            if not self.order:
+                import random
+
+                self.epoch += 1
+                self.order = list(range(len(self.train)))
+                random.Random(self.seed * 1000 + self.epoch).shuffle(self.order)
+            out.append(self.order.pop())
+        return out
 
 
 class MPnPBackend:
@@ -231,11 +247,15 @@ class MPnPBackend:
         candidate.reconnect(specs)  # Select -> Reconnect (kept aligners stay trained)
         candidate.set_num_blocks(n_blocks)
         rates = {**fast_train_config().learning_rates, **self.config.learning_rates}
+        # The trainer marks what trains (by structure) and builds the per-group optimizer;
+        # the steps themselves are micro-batched here.
         trainer = Trainer(candidate, fast_train_config(batch_size=batch_size,
                                                        seed=self.config.seed,
-                                                       learning_rates=rates))
+                                                       learning_rates=rates,
+                                                       count_flops=False))
         train, val = self._data(modalities)
-        self._run = _Run(candidate, trainer, train, val, steps, batch_size, self.config.seed)
+        self._run = _Run(candidate, trainer.optimizer, train, val, steps, batch_size,
+                         self.config.seed)
         log.info("adapting %s: N=%d, %d steps of %d on %d %s questions (val %d)",
                  sorted(modalities), n_blocks, steps, batch_size, len(train),
                  context_of(modalities), len(val))
@@ -259,8 +279,7 @@ class MPnPBackend:
                 run.phase = "train"
         elif run.phase == "train":
             if run.steps < run.total_steps:
-                run.loss = run.trainer.step(run.next_batch())
-                run.steps += 1
+                self._train_micro(run)
             if run.steps >= run.total_steps:
                 run.phase = "validate"
         elif run.phase == "validate":
@@ -268,8 +287,38 @@ class MPnPBackend:
                 run.phase = "done"
         else:
             return None
-        return AdaptProgress(run.steps, run.total_steps, run.loss,
-                             run.trainer.report.samples, run.phase)
+        return AdaptProgress(run.steps, run.total_steps, run.loss, run.samples, run.phase)
+
+    def _train_micro(self, run: _Run) -> None:
+        """One micro-batch forward/backward (FLOPs counted); an optimizer step once the
+        accumulated samples make a full batch."""
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        if run.pending == 0:
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step_loss = 0.0
+        take = min(self.config.micro_batch, run.batch_size - run.pending)
+        indices = run.next_indices(take)
+        batch = run.train.batch(indices, run.connector.modality_names)
+        run.connector.train()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss = run.connector.loss(batch) * (len(indices) / run.batch_size)
+            loss.backward()
+        run.flops += counter.get_total_flops()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise RuntimeError(f"adaptation loss is {value} at step {run.steps + 1}")
+        run.step_loss += value
+        run.pending += len(indices)
+        run.samples += len(indices)
+        if run.pending >= run.batch_size:
+            torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+            run.optimizer.step()
+            run.steps += 1
+            run.loss = run.step_loss
+            run.pending = 0
 
     def _score(self, run: _Run, which: Which, indices: list[int]) -> int:
         """Exact-match hits of ``which`` on validation items ``indices``."""
@@ -329,10 +378,9 @@ class MPnPBackend:
         return self._run
 
     def _report(self, run: _Run, committed: bool) -> dict[str, Any]:
-        report = run.trainer.report
         return {"committed": committed, "modalities": run.connector.modality_names,
                 "n_blocks": run.connector.config.num_blocks, "steps": run.steps,
-                "samples": report.samples, "flops": report.flops,
+                "samples": run.samples, "flops": run.flops,
                 "wall_s": time.perf_counter() - run.started, "loss": run.loss,
                 "accuracy": dict(run.accuracy)}
 

@@ -351,6 +351,14 @@ class ModelStore:
             self._cache[name] = (obj, size)
             return obj
 
+    def evict(self, name: str | None = None) -> None:
+        """Drop one loaded entry (or all) from memory; the next load reads it again."""
+        with self._mutex:
+            if name is None:
+                self._cache.clear()
+            else:
+                self._cache.pop(name, None)
+
     @property
     def memory_used(self) -> int:
         return sum(size for _, size in self._cache.values())
