@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 
 #: Modules that contribute a benchmark (each defines ``add_bench_command(subparsers)``).
-BENCH_MODULES: tuple[str, ...] = ("bench.table1", "bench.encoders", "bench.daemon")
+BENCH_MODULES: tuple[str, ...] = (
+    "bench.table1", "bench.savings", "bench.encoders", "bench.daemon",
+)
 
 
 def _ints(text: str) -> tuple[int, ...]:
