@@ -21,6 +21,7 @@ half-trained state; :meth:`commit_adapted` swaps the pointer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -143,6 +144,7 @@ class MPnPBackend:
         self.config = config
         self.model = model
         self.serving = serving  # an adapt.connectors.mpnp.MPnPConnector
+        serving.config.max_new_tokens = config.max_new_tokens
         self.prepared = prepared
         self.splits = splits
         self._encoders = dict(prepared.encoders)  # used until a store is attached
@@ -244,6 +246,7 @@ class MPnPBackend:
             self.discard_adapted()
         specs = [self._spec_for(m) for m in sorted(modalities)]
         candidate = self.serving.fork(self._new_name("candidate"))
+        candidate.config = dataclasses.replace(candidate.config)  # fork shares the object
         candidate.reconnect(specs)  # Select -> Reconnect (kept aligners stay trained)
         candidate.set_num_blocks(n_blocks)
         rates = {**fast_train_config().learning_rates, **self.config.learning_rates}
@@ -274,6 +277,7 @@ class MPnPBackend:
         run = self._run
         if run is None:
             return None
+        did = run.phase  # progress reports the work this call did
         if run.phase == "baseline":
             if self._validate_chunk(run, "serving"):
                 run.phase = "train"
@@ -287,7 +291,7 @@ class MPnPBackend:
                 run.phase = "done"
         else:
             return None
-        return AdaptProgress(run.steps, run.total_steps, run.loss, run.samples, run.phase)
+        return AdaptProgress(run.steps, run.total_steps, run.loss, run.samples, did)
 
     def _train_micro(self, run: _Run) -> None:
         """One micro-batch forward/backward (FLOPs counted); an optimizer step once the
@@ -551,7 +555,6 @@ def create_mpnp_backend(**options: Any) -> MPnPBackend:
     prepared = load_prepared(store, llm, tokenizer)
     model = MPnPModel(llm, tokenizer)
     serving = load_day_connector(prepared, model)
-    serving.config.max_new_tokens = config.max_new_tokens
     splits = load_splits(prepared.data_dir, prepared.encoders, prepared.feature_cache(),
                          progress=False)
     backend = MPnPBackend(config, model, serving, prepared, splits)
