@@ -73,7 +73,8 @@ ABLATIONS: dict[str, dict] = {
 class Table1Config:
     """The benchmark's protocol; ``quick()`` gives the CI-sized one."""
 
-    model: str | None = None  # None: the embedded SmolLM2
+    model: str | None = None  # None: the embedded SmolLM2; "tiny"; "random-opt-1.3b"
+    device: str = "cpu"
     ns: tuple[int, ...] = (4, 8, 12, 15, 20, 25)
     offline_n: int = 12
     baselines: tuple[str, ...] = BASELINES
@@ -129,10 +130,16 @@ def _load_llm(cfg: Table1Config):
     if cfg.model == "tiny":
         from mpnp.tiny import tiny_llm
 
-        return tiny_llm("llama", num_layers=8)
+        llm, tok = tiny_llm("llama", num_layers=8)
+        return llm.to(cfg.device), tok
     from mpnp.llm import load_llm
 
-    return load_llm(cfg.model)
+    if cfg.model and cfg.model.startswith("random-"):
+        from mpnp.tiny import random_paper_llm
+
+        _, tok = load_llm(None)  # the embedded tokenizer; the weights are random
+        return random_paper_llm(cfg.model[len("random-"):], tok, device=cfg.device), tok
+    return load_llm(cfg.model, device=cfg.device)
 
 
 class Table1:
@@ -270,6 +277,12 @@ class Table1:
         return max(rows, key=lambda r: r["accuracy"])["N"]
 
 
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
+
+
 def _drop(connector: Connector) -> None:
     if isinstance(connector, MPnPConnector) and connector.state_name in connector.model.states:
         if connector.state_name != "day":
@@ -301,7 +314,8 @@ def run(cfg: Table1Config, store_dir: str | None = None, progress: bool = True) 
     meta = {
         "benchmark": "table1", "quick": cfg.model == "tiny",
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "device": "cpu", "torch_threads": torch.get_num_threads()},
+                    "device": _device_name(cfg.device),
+                    "torch_threads": torch.get_num_threads()},
         "llm": llm_fingerprint(llm_m),
         "dataset": {"dir": str(bench.world), "sizes": {k: len(getattr(d, k)) for k in
                                                         ("day_train", "day_val", "day_test",
@@ -433,12 +447,22 @@ def plot(result: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------------- CLI
 
+def _ints(text: str) -> tuple[int, ...]:
+    from bench.cli import _ints as parse
+
+    return parse(text)
+
+
 def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("table1", help="mPnP vs Full LLM / PromptFuse / eP-ALM (Table 1)")
     p.add_argument("--quick", action="store_true",
                    help="tiny world, encoders and LLM (CI-sized, a few minutes)")
     p.add_argument("--model", help="LLM directory or .gguf (default: embedded SmolLM2)")
     p.add_argument("--store", help="model store (default: $MPNP_HOME or ~/.cache/mpnp)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--ns", type=_ints, help="mPnP N values of the rows (default 4,8,12,15,20,25)")
+    p.add_argument("--methods", type=lambda t: tuple(x for x in t.split(",") if x),
+                   help=f"baselines to run (default {','.join(BASELINES)}; empty: none)")
     p.add_argument("--json", type=Path, help="write the result JSON here")
     p.add_argument("--markdown", type=Path, help="write the Markdown tables here")
     p.add_argument("--plot", type=Path, help="write the accuracy-vs-FLOPs PNG here")
@@ -452,6 +476,16 @@ def _main(args: argparse.Namespace) -> int:
     cfg = Table1Config.quick() if args.quick else Table1Config()
     if args.model:
         cfg.model = args.model
+    cfg.device = args.device
+    if args.ns:
+        cfg.ns = args.ns
+        if cfg.study_n not in args.ns:
+            cfg.study_n = args.ns[0]
+    if args.methods is not None:
+        unknown = sorted(set(args.methods) - set(BASELINES))
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {list(BASELINES)}")
+        cfg.baselines = args.methods
     result = run(cfg, args.store, progress=not args.no_progress)
     markdown = to_markdown(result)
     print(markdown)

@@ -84,3 +84,30 @@ def tiny_llm(
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
     model.eval().requires_grad_(False)
     return model, tok
+
+
+#: Paper-sized shapes for speed and memory measurements with random weights (no hub here).
+PAPER_SIZES: dict[str, dict] = {
+    "opt-1.3b": {"hidden_size": 2048, "num_hidden_layers": 24, "ffn_dim": 8192,
+                 "num_attention_heads": 32, "word_embed_proj_dim": 2048},
+}
+
+
+def random_paper_llm(name: str, tokenizer, *, dtype: torch.dtype = torch.float32,
+                     device: str | torch.device = "cpu", seed: int = 0):
+    """A randomly initialised model with a paper model's shapes (e.g. ``opt-1.3b``).
+
+    Accuracy is meaningless with random weights; samples/s, FLOPs and memory are what the
+    paper's model would cost. ``tokenizer`` (any) supplies the vocabulary size and ids.
+    """
+    from transformers import OPTConfig
+
+    if name not in PAPER_SIZES:
+        raise ValueError(f"unknown paper model {name!r}; choose from {sorted(PAPER_SIZES)}")
+    torch.manual_seed(seed)
+    ids = {k: getattr(tokenizer, f"{k}_token_id") for k in ("pad", "bos", "eos")}
+    cfg = OPTConfig(vocab_size=len(tokenizer), max_position_embeddings=2048,
+                    pad_token_id=ids["pad"] or 0, bos_token_id=ids["bos"] or 0,
+                    eos_token_id=ids["eos"] or 0, **PAPER_SIZES[name])
+    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval().requires_grad_(False)
