@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+
+# Passive OpenMP waits (as `mpnp` sets): spinning threads starve the IO threads on few cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from daemon.cli import cmd_daemon
 

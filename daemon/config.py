@@ -111,6 +111,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.backend:
             raise ValueError("model.backend must name a backend")
+        if self.backend == "mpnp":  # the built-in backend's options are checked here, cheaply
+            from daemon.mpnp_backend import MPnPBackendConfig
+
+            try:
+                MPnPBackendConfig(**self.options)
+            except TypeError as exc:
+                raise ValueError(f"model.options: {exc}") from exc
 
 
 @dataclass

@@ -57,6 +57,7 @@ class DemoConfig:
     eval_chunk: int = 4
     train_questions: int = 0
     power_switch_to: str = "MODE_15W"
+    threads: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -206,7 +207,7 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict[str, Any]:
     progress("[demo] loading SmolLM2, encoders and the day-camera state (offline stage)...")
     backend = create_mpnp_backend(model_store=cfg.model_store, val_questions=cfg.val_questions,
                                   eval_chunk=cfg.eval_chunk, train_questions=cfg.train_questions,
-                                  seed=cfg.seed)
+                                  seed=cfg.seed, threads=cfg.threads)
     load_s = time.monotonic() - wall0
     progress(f"[demo] model resident after {load_s:.1f}s; offline day state: day accuracy "
              f"{backend.prepared.record.get('day_accuracy', float('nan')):.3f}, night "

@@ -43,6 +43,23 @@ def test_shipped_config_passes_the_daemon_check_command(path):
     assert "OK" in result.stdout
 
 
+def test_config_loading_does_not_import_torch(tmp_path):
+    code = ("import sys; from daemon.config import load_config; "
+            f"load_config({str(DEPLOY / 'config' / 'dev.toml')!r}); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_bad_backend_options_are_refused(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\nbackend = "mpnp"\noptions = { lmm = "x" }\n')
+    with pytest.raises(ValueError, match="model.*options.*lmm"):
+        load_config(bad)
+    bad.write_text('[model]\nbackend = "mpnp"\noptions = { dtype = "int3" }\n')
+    with pytest.raises(ValueError, match="dtype"):
+        load_config(bad)
+
+
 def test_a_broken_config_is_refused_with_the_file_and_key(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text((DEPLOY / "config" / "dev.toml").read_text() + "\n[limits]\nmax_batch = 0\n")
