@@ -1,0 +1,92 @@
+"""``mpnp client ...`` against a live daemon, and the simulated vehicle's rates and schedule."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import zmq
+from test_daemon_support import running_daemon, test_config, toy_frame, wait_for
+
+from daemon.cli import add_commands
+from daemon.protocol import SensorKind, decode_sensor_message, encode_sensor_message
+from daemon.sim_vehicle import SimVehicle, SimVehicleConfig
+
+
+def _client(capsys, endpoint: str, *argv: str, timeout: str = "5") -> tuple[int, str, str]:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(["client", "--endpoint", endpoint, "--timeout", timeout, *argv])
+    code = args.func(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_client_commands(tmp_path, capsys):
+    with running_daemon(test_config(tmp_path)) as daemon:
+        endpoint = daemon.endpoints["query"]
+        parts = encode_sensor_message(SensorKind.CAMERA, "cli-0", 1.0,
+                                      dict(toy_frame("cli-0").cameras))
+        daemon.engine.ingest(decode_sensor_message([bytes(p) for p in parts],
+                                                   daemon.config.limits))
+        code, out, _ = _client(capsys, endpoint, "--json", "status")
+        assert code == 0 and json.loads(out)["serving"]["modalities"] == ["camera"]
+        wait_for(lambda: daemon.metrics.frames_in.total() >= 1)
+        code, out, _ = _client(capsys, endpoint, "ask", "how many cars?")
+        assert code == 0 and out.startswith("how many cars?|camera|v0|cli-0") and "ms]" in out
+        code, out, _ = _client(capsys, endpoint, "power-mode")
+        assert code == 0 and out.startswith("MODE_30W (modes: MAXN, MODE_15W")
+        code, out, _ = _client(capsys, endpoint, "power-mode", "MODE_50W")
+        assert code == 0 and out.strip() == "MODE_50W: applied"
+        code, out, _ = _client(capsys, endpoint, "modality", "forced", "camera", "lidar")
+        assert code == 0 and "desired ['camera', 'lidar']" in out
+        code, out, _ = _client(capsys, endpoint, "--json", "store")
+        assert code == 0 and json.loads(out)["entries"][0]["kind"] == "state"
+        code, _, err = _client(capsys, endpoint, "power-mode", "MODE_9W")
+        assert code == 1 and "power_error" in err
+    code, _, err = _client(capsys, "tcp://127.0.0.1:1", "ping", timeout="0.3")
+    assert code == 2 and "is the daemon running" in err
+
+
+class _CountingSource:
+    def __init__(self):
+        self.lights = []
+
+    def frame(self, index, light):
+        self.lights.append(light)
+        return toy_frame(f"v{index}", light=light)
+
+
+def test_sim_vehicle_rates_and_day_dusk_night():
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    counts = {"camera": 0, "lidar": 0}
+    stop = threading.Event()
+
+    def receive():
+        while not stop.is_set():
+            if pull.poll(50):
+                header = json.loads(pull.recv_multipart()[0])
+                counts[header["sensor"]] += 1
+
+    receiver = threading.Thread(target=receive, daemon=True)
+    receiver.start()
+    config = SimVehicleConfig(endpoint=f"tcp://127.0.0.1:{port}", camera_hz=12, lidar_hz=20,
+                              duration_s=2.0, day_s=0.8, dusk_s=0.4, night_s=10,
+                              world_interval_s=0.1, loop=False)
+    source = _CountingSource()
+    stats = SimVehicle(config, source).run()
+    stop.set()
+    receiver.join()
+    pull.close()
+    rates = stats.rates()
+    assert rates["camera_hz"] == pytest.approx(12, rel=0.15)
+    assert rates["lidar_hz"] == pytest.approx(20, rel=0.15)
+    assert counts["camera"] == stats.camera_sent and counts["lidar"] == stats.lidar_sent
+    assert source.lights[0] == 1.0 and source.lights[-1] == config.night_light
+    assert any(config.night_light < x < 1.0 for x in source.lights)  # the dusk ramp
+    assert config.light_at(1.0) == pytest.approx(0.5 * (1.0 + config.night_light), rel=0.3)
