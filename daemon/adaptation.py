@@ -9,6 +9,7 @@ is saved to the store at once, so a restart resumes with it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -89,7 +90,16 @@ class AdaptationController:
         self.publish(EventType.BUDGET_PLAN, {"plan": plan.to_dict(), "for": sorted(modalities)})
         if not plan.feasible:
             return plan
-        self.backend.start_adaptation(modalities, plan.n_blocks, plan.steps, plan.batch_size)
+        try:
+            self.backend.start_adaptation(modalities, plan.n_blocks, plan.steps,
+                                          plan.batch_size)
+        except Exception as exc:  # e.g. a corrupt encoder in the store: keep serving
+            log.error("cannot start adapting %s: %s", sorted(modalities), exc)
+            failed = dataclasses.replace(plan, feasible=False, reason=f"cannot start: {exc}")
+            self.last_result = {"modalities": sorted(modalities), "reason": reason,
+                                "committed": False, "outcome": "failed", "error": str(exc)}
+            self.publish(EventType.ADAPTATION_RESULT, self.last_result)
+            return failed
         self.run = AdaptationRun(modalities, plan, reason, force_commit)
         self.publish(EventType.ADAPTATION_STARTED, self.run.describe())
         log.info("adaptation started for %s (%s): N=%d, %d steps", sorted(modalities), reason,

@@ -160,3 +160,24 @@ def test_daemon_serves_and_adapts_with_the_real_backend(backend, tmp_path):
         assert client.ask("is there a car?", "live-7")["modalities"] == ["lidar"]
         kinds = {e["kind"] for e in client.list_store()["entries"]}
         assert kinds == {"encoder", "state"}
+
+
+def test_corrupt_encoder_in_the_store_fails_the_switch_but_serving_goes_on(backend, tmp_path,
+                                                                           caplog):
+    config = test_config(tmp_path, adaptation={"target_steps": 2, "batch_size": 1,
+                                               "min_steps": 1})
+    with running_daemon(config, backend) as daemon, \
+            Client(daemon.endpoints["query"], timeout_s=30) as client, \
+            SensorPublisher(daemon.endpoints["ingest"]) as publisher:
+        store = daemon.engine.store
+        store.path(store.get("encoder-lidar")).write_bytes(b"not an encoder")
+        store.evict()
+        client.set_modality("forced", ["lidar"])
+        result = wait_for(lambda: client.status()["last_adaptation"], timeout=30)
+        assert result["outcome"] == "failed"
+        assert "encoder-lidar" in result["error"] and "corrupt" in result["error"]
+        frame = _frame(8, "live-8")
+        wait_for(lambda: publisher.send_camera(frame) and daemon.metrics.frames_in.total() >= 1)
+        reply = client.ask("is there a car?", "live-8")
+        assert reply["modalities"] == ["camera"]
+        assert client.status()["serving"]["modalities"] == ["camera"]
