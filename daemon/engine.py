@@ -203,8 +203,12 @@ class Engine:
         block = not self.adaptation.active
         requests = self._take_requests(timeout if block else 0.0)
         self._serve(requests)
-        self._poll_power()
-        self._update_policy()
+        for part in (self._poll_power, self._update_policy):
+            try:
+                part()
+            except Exception:  # a monitor/policy fault must not stop the serving loop
+                log.exception("engine %s failed; serving goes on", part.__name__)
+                self.metrics.errors.inc(code=ErrorCode.INTERNAL.value)
         if self.adaptation.active and self._inbox.empty():
             result = self.adaptation.step()
             if result is not None:
