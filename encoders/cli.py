@@ -31,6 +31,8 @@ def add_commands(subparsers) -> None:
     probe.add_argument("--json", type=Path, default=Path(DEFAULT_PROBE_JSON))
     probe.add_argument("--markdown", type=Path, default=Path(DEFAULT_PROBE_MD))
     probe.add_argument("--no-cache", action="store_true", help="do not use the feature cache")
+    probe.add_argument("--no-random-baseline", action="store_true",
+                       help="skip probing randomly initialised encoders for comparison")
     probe.set_defaults(func=_probe)
 
     export = sub.add_parser("export", help="export a pretrained encoder's network to ONNX")
@@ -102,7 +104,8 @@ def _probe(args) -> int:
     from encoders.probe import run_probes, to_markdown
 
     report = run_probes(_world(args), _kinds(args.kind), args.store,
-                        use_cache=not args.no_cache, progress=not args.no_progress)
+                        use_cache=not args.no_cache, progress=not args.no_progress,
+                        random_baseline=not args.no_random_baseline)
     markdown = to_markdown(report)
     print(markdown)
     for path, text in ((args.json, json.dumps(report, indent=2) + "\n"), (args.markdown, markdown)):

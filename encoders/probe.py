@@ -72,6 +72,18 @@ def fit_linear_probe(features: torch.Tensor, targets: torch.Tensor, n_classes: i
     return probe.eval()
 
 
+def balanced_accuracy(predicted: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean over targets (columns) of the mean recall over the classes present in that column:
+    answering every sample with one value scores 1 / (classes present), whatever the
+    imbalance, so it separates real information from a skewed prior."""
+    scores = []
+    for col in range(targets.shape[1]):
+        t, p = targets[:, col], predicted[:, col]
+        recalls = [float((p[t == c] == c).float().mean()) for c in torch.unique(t)]
+        scores.append(sum(recalls) / len(recalls))
+    return sum(scores) / len(scores)
+
+
 def _predict(probe: nn.Linear, features: torch.Tensor, n_classes: int) -> torch.Tensor:
     with torch.no_grad():
         return probe(features).reshape(len(features), -1, n_classes).argmax(-1)
@@ -127,7 +139,8 @@ def probe_encoder(encoder, world_dir, config: ProbeConfig | None = None,
                 best = (val, wd, probe)
         val_acc, wd, probe = best
         majority = torch.mode(targets["train"], dim=0).values  # (C,)
-        correct = _predict(probe, feats["test"], n_classes) == targets["test"]  # (N*R, C)
+        predicted = _predict(probe, feats["test"], n_classes)  # (N*R, C)
+        correct = predicted == targets["test"]
         base = targets["test"] == majority
         entry = {"l2": wd, "val_accuracy": round(val_acc, 4)}
         for light, mask in (("all", torch.ones_like(night)), ("day", ~night), ("night", night)):
@@ -137,6 +150,10 @@ def probe_encoder(encoder, world_dir, config: ProbeConfig | None = None,
                 "frames": int(mask.sum()) // n_regions,
                 "accuracy": round(float(correct[mask].float().mean()), 4),
                 "majority": round(float(base[mask].float().mean()), 4),
+                "balanced_accuracy": round(balanced_accuracy(predicted[mask],
+                                                             targets["test"][mask]), 4),
+                "majority_balanced_accuracy": round(balanced_accuracy(
+                    majority.expand_as(predicted[mask]), targets["test"][mask]), 4),
                 "per_target": {name: round(float(correct[mask, i].float().mean()), 4)
                                for i, name in enumerate(target_names)},
             }
@@ -147,12 +164,22 @@ def probe_encoder(encoder, world_dir, config: ProbeConfig | None = None,
 def run_probes(world_dir: str | os.PathLike[str], kinds: list[str],
                store_dir: str | os.PathLike[str] | None = None,
                config: ProbeConfig | None = None, use_cache: bool = True,
-               progress: bool = True) -> dict:
-    """Probe each pretrained encoder of ``kinds`` (pretraining it first if needed)."""
+               progress: bool = True, random_baseline: bool = True) -> dict:
+    """Probe each pretrained encoder of ``kinds`` (pretraining it first if needed) and, with
+    ``random_baseline``, a randomly initialised encoder of the same config next to it."""
+    from encoders import create_encoder
+
     config = config or ProbeConfig()
     cache = FeatureCache(model_store_dir(store_dir) / "features") if use_cache else None
-    results = [probe_encoder(ensure_pretrained(k, world_dir, store_dir, progress=progress),
-                             world_dir, config, cache, progress) for k in kinds]
+    results = []
+    for kind in kinds:
+        encoder = ensure_pretrained(kind, world_dir, store_dir, progress=progress)
+        results.append(probe_encoder(encoder, world_dir, config, cache, progress))
+        if random_baseline:
+            fresh = create_encoder(kind, **encoder.config_dict()).freeze()
+            row = probe_encoder(fresh, world_dir, config, None, progress)
+            row["kind"] = f"{kind} (random init)"
+            results.append(row)
     return {"world": str(Path(world_dir)), "probe": asdict(config), "encoders": results}
 
 
@@ -180,6 +207,18 @@ def to_markdown(report: dict) -> str:
                      f"{enc['tasks'][t][light]['majority']:.3f}" for t in tasks]
             lines.append(f"| {enc['kind']} | {light} | {first['frames']} | "
                          + " | ".join(cells) + " |")
+    lines += ["", "Balanced accuracy (mean recall over the values present; majority scores "
+              "1 / values present):", "",
+              "| encoder | light | " + " | ".join(f"{t} | maj." for t in tasks) + " |",
+              "|---|---|" + "---|---|" * len(tasks)]
+    for enc in report["encoders"]:
+        for light in ("day", "night"):
+            if enc["tasks"][tasks[0]].get(light) is None:
+                continue
+            cells = [f"{enc['tasks'][t][light]['balanced_accuracy']:.3f} | "
+                     f"{enc['tasks'][t][light]['majority_balanced_accuracy']:.3f}"
+                     for t in tasks]
+            lines.append(f"| {enc['kind']} | {light} | " + " | ".join(cells) + " |")
     lines += ["", "Class presence accuracy per class (test):", "",
               "| class | " + " | ".join(f"{e['kind']} {light}" for e in report["encoders"]
                                          for light in ("day", "night")) + " |",

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from test_encoders import TINY
 
 from encoders import create_encoder
@@ -112,3 +113,12 @@ def test_cli_lists_and_pretrains(world, tmp_path, capsys):
     assert main(["encoders", "pretrain", "--kind", "radar", "--store", str(tmp_path),
                  "--world", str(world)]) == 1
     assert "known: camera-vit" in capsys.readouterr().err
+
+
+def test_balanced_accuracy_ignores_the_prior():
+    from encoders.probe import balanced_accuracy
+
+    targets = torch.tensor([[0], [0], [0], [1]])
+    assert balanced_accuracy(torch.zeros_like(targets), targets) == 0.5  # majority: 0.75 acc
+    assert balanced_accuracy(targets.clone(), targets) == 1.0
+    assert balanced_accuracy(torch.tensor([[0], [0], [1], [1]]), targets) == pytest.approx(5 / 6)
