@@ -47,7 +47,7 @@ class DemoConfig:
     day_s: float = 25.0
     dusk_s: float = 10.0
     after_s: float = 30.0
-    max_s: float = 900.0
+    max_s: float = 540.0
     query_interval_s: float = 2.0
     camera_hz: float = 12.0
     lidar_hz: float = 20.0
@@ -65,7 +65,7 @@ class DemoConfig:
             self.target_steps = min(self.target_steps, 10)
             self.val_questions = min(self.val_questions, 16)
             self.after_s = min(self.after_s, 20.0)
-            self.max_s = min(self.max_s, 540.0)
+            self.max_s = min(self.max_s, 360.0)
         for name in ("day_s", "dusk_s", "after_s", "max_s", "query_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"demo {name} must be > 0, got {getattr(self, name)}")

@@ -363,6 +363,7 @@ class MPnPBackend:
         self.serving = run.connector
         self.last_report = self._report(run, committed=True)
         self._run = None
+        self.model.activate(self.serving.state_name)
         self.model.remove_state(old.state_name)
         self._frames.clear()
 
@@ -372,9 +373,8 @@ class MPnPBackend:
             return
         self.last_report = self._report(run, committed=False)
         self._run = None
+        self.model.activate(self.serving.state_name)  # before removing the active candidate
         self.model.remove_state(run.connector.state_name)
-        if self.model.active_name is None:
-            self.model.activate(self.serving.state_name)
 
     def _require_run(self) -> _Run:
         if self._run is None:
