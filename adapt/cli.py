@@ -65,15 +65,14 @@ def _adapt(args: argparse.Namespace) -> int:
     from adapt.algorithm import runtime_adapt
     from adapt.data import load_splits, modality_specs
     from adapt.evaluate import evaluate
-    from adapt.prepare import PrepareConfig, ensure_prepared, fast_train_config, load_day_connector
+    from adapt.prepare import fast_train_config, load_day_connector, open_prepared
     from aligners.model import MPnPModel
     from aligners.state import save_state
     from mpnp.llm import load_llm
 
     progress = not args.no_progress
+    prepared = open_prepared(args.store)
     llm, tok = load_llm(args.model, store=args.store)
-    prepared = ensure_prepared(args.store, PrepareConfig(), llm=llm, tokenizer=tok,
-                               progress=progress)
     model = MPnPModel(llm, tok)
     day = load_day_connector(prepared, model)
     splits = load_splits(prepared.data_dir, prepared.encoders, prepared.feature_cache(),

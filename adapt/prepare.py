@@ -203,9 +203,38 @@ def train_day_state(config: PrepareConfig, data_dir: Path, encoders: dict[str, E
     return {
         "state": DAY_STATE, "num_blocks": config.num_blocks, "data_dir": str(data_dir),
         "encoders": {m: e.fingerprint() for m, e in encoders.items()},
+        "encoder_kinds": dict(config.encoders),
         "train": report.to_dict(), "day_accuracy": day.accuracy,
         "night_accuracy": night.accuracy, "day_questions": len(train),
     }
+
+
+def open_prepared(store_dir: str | os.PathLike[str] | None = None) -> Prepared:
+    """What ``mpnp prepare`` left in the store, whatever configuration made it.
+
+    Raises:
+        FileNotFoundError: nothing prepared yet (run ``mpnp prepare``).
+        ValueError: an encoder changed since the day state was trained on its tokens.
+    """
+    from encoders.base import load_encoder
+    from encoders.pretrain import encoder_dir
+
+    store = model_store_dir(store_dir)
+    state_dir = store / "states" / DAY_STATE
+    record_path = state_dir / RECORD_FILE
+    if not record_path.is_file():
+        raise FileNotFoundError(f"{record_path} is missing: run `mpnp prepare` first")
+    record = json.loads(record_path.read_text())
+    kinds = record.get("encoder_kinds") or PrepareConfig().encoders
+    encoders = {}
+    for modality, fingerprint in record["encoders"].items():
+        directory = encoder_dir(kinds[modality], store)
+        encoder = load_encoder(directory)
+        if encoder.fingerprint() != fingerprint:
+            raise ValueError(f"{directory} changed since the day state was trained on its "
+                             "tokens; run `mpnp prepare --force`")
+        encoders[modality] = encoder
+    return Prepared(store, Path(record["data_dir"]), encoders, state_dir, record)
 
 
 def load_day_connector(prepared: Prepared, model: MPnPModel,

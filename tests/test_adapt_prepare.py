@@ -9,7 +9,13 @@ import pytest
 
 from adapt.algorithm import plan_num_blocks, runtime_adapt, select_modalities
 from adapt.data import load_splits, modality_specs
-from adapt.prepare import PrepareConfig, ensure_prepared, fast_train_config, load_day_connector
+from adapt.prepare import (
+    PrepareConfig,
+    ensure_prepared,
+    fast_train_config,
+    load_day_connector,
+    open_prepared,
+)
 from aligners.model import MPnPModel
 from encoders.pretrain import PretrainConfig
 from mpnp.tiny import tiny_llm
@@ -53,6 +59,15 @@ def test_prepare_again_reuses_what_is_there(prepared):
     again = ensure_prepared(store, config, llm=llm, tokenizer=tok, progress=False)
     assert again.record == first.record
     assert (first.state_dir / "prepare.json").stat().st_mtime_ns == mtime
+
+
+def test_open_prepared_finds_what_prepare_left(prepared, tmp_path):
+    store, _, _, _, first = prepared
+    opened = open_prepared(store)
+    assert opened.record == first.record and opened.data_dir == first.data_dir
+    assert {m: e.fingerprint() for m, e in opened.encoders.items()} == first.record["encoders"]
+    with pytest.raises(FileNotFoundError, match="mpnp prepare"):
+        open_prepared(tmp_path)
 
 
 def test_runtime_switch_from_the_saved_state(prepared):

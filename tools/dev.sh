@@ -2,7 +2,7 @@
 # Developer entry point: sets up the environment on first use, then runs a job.
 #
 #   bash tools/dev.sh test     # the test suite (+ ruff)
-#   bash tools/dev.sh main     # the main end-to-end job on the embedded default LLM
+#   bash tools/dev.sh main     # the main job: mpnp prepare (once) + mpnp demo on SmolLM2
 #   bash tools/dev.sh mpnp ... # any mpnp command inside the environment
 #
 # The virtual environment lives in $MPNP_VENV (default: .venv). It is (re)built when the
@@ -36,8 +36,9 @@ case "$cmd" in
     exec "$venv/bin/python" -m pytest -q "$@"
     ;;
   main)
-    exec "$venv/bin/mpnp" bench core --json bench/results/core.json \
-      --markdown bench/results/core.md "$@"
+    # The offline stage once (reused afterwards), then the demo on the embedded default.
+    "$venv/bin/mpnp" prepare
+    exec "$venv/bin/mpnp" demo "$@"
     ;;
   mpnp)
     exec "$venv/bin/mpnp" "$@"
