@@ -63,7 +63,9 @@ def _stats(seconds: list[float]) -> dict:
 
 
 def run(kinds: list[str], batches: tuple[int, ...], rounds: int, warmup: int, store=None,
-        providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> dict:
+        providers: tuple[str, ...] = ("CPUExecutionProvider",), encoders: dict | None = None
+        ) -> dict:
+    """Time every kind (``encoders`` may supply the encoder objects, e.g. in tests)."""
     import onnxruntime
     import torch
 
@@ -72,7 +74,10 @@ def run(kinds: list[str], batches: tuple[int, ...], rounds: int, warmup: int, st
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind in kinds:
-            encoder, weights = _encoder(kind, store)
+            if encoders and kind in encoders:
+                encoder, weights = encoders[kind].freeze(), "given"
+            else:
+                encoder, weights = _encoder(kind, store)
             path = export_onnx(encoder, Path(tmp) / f"{kind}.onnx")
             runtime = OnnxEncoder(path, encoder, OnnxRuntimeConfig(providers=providers))
             for batch in batches:

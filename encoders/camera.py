@@ -2,8 +2,9 @@
 
 SPEC §2.1: the [CLS] token of each of the last 4 blocks (before the final norm) of each view,
 6 views x 4 = 24 tokens. The default ViT is small because it must pretrain and run on a
-2-core CPU on the world's 64x112 views: patch 8 gives an 8x14 grid (112 patches, fine enough
-for a pedestrian 30 m away to cover a patch), width 192 / 3 heads is ViT-Tiny's, and depth 4
+2-core CPU on the world's 64x112 views: patch 16 gives a 4x7 grid (28 patches per view; the
+linear patch embedding still sees every pixel, so a far pedestrian's colours reach a token;
+patch 8 was 3-4x slower to pretrain here), width 192 / 3 heads is ViT-Tiny's, and depth 4
 is the least that still has 4 distinct last blocks. A real timm checkpoint (e.g. vit_base)
 loads through :func:`load_timm_checkpoint` into an encoder created with its sizes.
 """
@@ -47,7 +48,7 @@ class CameraViTConfig:
 
     image_height: int = 64
     image_width: int = 112
-    patch_size: int = 8
+    patch_size: int = 16
     embed_dim: int = 192
     depth: int = 4
     num_heads: int = 3

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 RECORD_FILE = "pretrain.json"
 #: Epochs that fit "a few minutes per encoder" on a 2-core CPU with the default corpus.
-DEFAULT_EPOCHS = {"camera-vit": 3, "lidar-rangevit": 5}
+DEFAULT_EPOCHS = {"camera-vit": 6, "lidar-rangevit": 10}
 #: The default pretraining corpus: 600 drives of 2 frames, a third of them at night.
 DEFAULT_CORPUS = {"seed": 1000, "day_frames": 800, "night_frames": 400, "frames_per_scene": 2,
                   "questions_per_frame": 1}
@@ -63,7 +63,7 @@ class PretrainConfig:
 
     epochs: int | None = None
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1
     max_count: int = 3
@@ -266,13 +266,18 @@ def _validate(encoder: Encoder, head: RegionHead, world_dir, config: PretrainCon
     return out
 
 
+def _as_json(value):
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
 def ensure_pretrained(kind: str, world_dir: str | os.PathLike[str],
                       store_dir: str | os.PathLike[str] | None = None,
                       config: PretrainConfig | None = None, progress: bool = True,
                       force: bool = False) -> Encoder:
     """The frozen pretrained encoder of ``kind`` from the model store, pretraining (and
     saving) it first when it is missing, unreadable, or was trained with another
-    ``config`` (when one is given)."""
+    ``config`` (default: :class:`PretrainConfig` ()) or another encoder config (so that
+    changed defaults retrain)."""
     directory = encoder_dir(kind, store_dir)
     if not force and (directory / RECORD_FILE).is_file():
         try:
@@ -281,8 +286,11 @@ def ensure_pretrained(kind: str, world_dir: str | os.PathLike[str],
             if encoder.kind != kind:
                 raise EncoderFormatError(f"{directory} holds a {encoder.kind!r} encoder")
             # Compare as JSON: tuples in the config come back from the record as lists.
-            wanted = json.loads(json.dumps(config.to_dict())) if config is not None else None
-            if wanted is None or record.get("pretrain") == wanted:
+            wanted = _as_json((config or PretrainConfig()).to_dict())
+            expected_encoder = _as_json(encoder_class(kind).config_class(
+                **(config or PretrainConfig()).encoder).__dict__)
+            if record.get("pretrain") == wanted and \
+                    _as_json(encoder.config_dict()) == expected_encoder:
                 log.info("reusing the pretrained %s encoder in %s", kind, directory)
                 return encoder
             log.info("%s was pretrained with another config; pretraining again", directory)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -78,6 +79,10 @@ def test_pretrain_saves_frozen_and_is_reused(kind, world, tmp_path):
     again = ensure_pretrained(kind, world, tmp_path, config, progress=False)
     assert weights.stat().st_mtime_ns == stamp  # reused, not retrained
     assert again.fingerprint() == encoder.fingerprint()
+    retrained = ensure_pretrained(kind, world, tmp_path, replace(config, lr=5e-4),
+                                  progress=False)
+    assert retrained.fingerprint() != encoder.fingerprint()  # another config: trained again
+    encoder = ensure_pretrained(kind, world, tmp_path, config, progress=False)
     weights.write_bytes(b"corrupt")
     repaired = ensure_pretrained(kind, world, tmp_path, config, progress=False)
     assert repaired.fingerprint() == encoder.fingerprint()  # retrained, deterministically

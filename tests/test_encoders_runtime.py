@@ -90,3 +90,16 @@ def test_onnx_runtime_config_errors(tmp_path):
     assert OnnxEncoder(path, encoder, lenient).providers == ["CPUExecutionProvider"]
     with pytest.raises(FileNotFoundError, match="mpnp encoders export"):
         OnnxEncoder(tmp_path / "absent.onnx", encoder)
+
+
+def test_latency_bench_rows(tmp_path):
+    from bench.encoders import run, to_markdown
+
+    tiny = {k: create_encoder(k, **TINY[k]) for k in list_encoders()}
+    result = run(list_encoders(), (1, 2), rounds=2, warmup=1, encoders=tiny)
+    assert [(r["kind"], r["batch"]) for r in result["rows"]] == [
+        (k, b) for k in list_encoders() for b in (1, 2)]
+    for row in result["rows"]:
+        assert row["max_abs_diff"] < 1e-4 and row["ratio_torch_over_ort"] > 0
+        assert row["torch"]["median_ms"] > 0 and row["onnxruntime"]["median_ms"] > 0
+    assert "| camera-vit | 2 |" in to_markdown(result)
