@@ -3,8 +3,9 @@
 The tokens of both encoders belong to *regions* around the vehicle: camera tokens to views,
 LiDAR tokens to azimuth bands. A linear probe reads the tokens of one region (its blocks
 concatenated, standardised) and predicts what is in that region: (a) for each class, whether
-an object of it is there; (b) per *shape group* (classes of one shape merged, what geometry
-alone can count) how many objects (0, 1, 2, 3+); (c) how many objects in each distance ring.
+an object of it is there (all annotated objects, up to 40 m; and only those within 20 m);
+(b) per *shape group* (classes of one shape merged, what geometry alone can count) how many
+objects (0, 1, 2, 3+); (c) how many objects in each distance ring.
 Probes are fit on the train split of the world (L2 penalty chosen on val) and scored on the
 test split (split by scene), separately for day and night frames, next to answering each
 target with its most common train value (*majority*).
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 RING_NAMES = tuple(f"{lo:g}-{hi:g} m" for lo, hi in zip((0.0,) + DISTANCE_RINGS, DISTANCE_RINGS))
 GROUP_NAMES = tuple(" / ".join(g) for g in SHAPE_GROUPS)
+#: The near range of the second presence task: objects the sensors resolve well.
+NEAR_METRES = 20.0
 
 
 @dataclass
@@ -101,10 +104,14 @@ def _split_regions(encoder, world_dir, split: str, cache: FeatureCache | None,
     features = features.reshape(len(ids) * n_regions, -1)  # (N*R, k*D)
     counts = region_counts(list(frames.values()), regions, n_regions, max_count=10**6)
     counts = torch.from_numpy(counts).reshape(len(ids) * n_regions, -1)
+    near = region_counts(list(frames.values()), regions, n_regions, max_count=1,
+                         max_distance=NEAR_METRES)
+    near = torch.from_numpy(near).reshape(len(ids) * n_regions, -1)[:, :len(CLASS_NAMES)]
     classes = counts[:, :len(CLASS_NAMES)]
     groups = torch.stack([classes[:, [CLASS_NAMES.index(n) for n in g]].sum(1)
                           for g in SHAPE_GROUPS], dim=1)
     targets = {"class presence": (classes > 0).long(),
+               f"class presence <= {NEAR_METRES:g} m": near,
                "shape-group count": groups.clamp(max=max_count),
                "objects by distance": counts[:, len(CLASS_NAMES):].clamp(max=max_count)}
     night = torch.tensor([data.frame_info(i).night for i in ids]).repeat_interleave(n_regions)
@@ -121,7 +128,8 @@ def probe_encoder(encoder, world_dir, config: ProbeConfig | None = None,
     std = splits["train"][0].std(0) + 1e-4
     feats = {s: (v[0] - mean) / std for s, v in splits.items()}
     night = splits["test"][2]
-    names = {"class presence": CLASS_NAMES, "shape-group count": GROUP_NAMES,
+    names = {"class presence": CLASS_NAMES, f"class presence <= {NEAR_METRES:g} m": CLASS_NAMES,
+             "shape-group count": GROUP_NAMES,
              "objects by distance": RING_NAMES}
     regions, n_regions = region_layout(encoder)
     result: dict = {"kind": encoder.kind, "fingerprint": encoder.fingerprint()[:16],
@@ -129,7 +137,7 @@ def probe_encoder(encoder, world_dir, config: ProbeConfig | None = None,
                     "tasks": {}}
     for task, target_names in names.items():
         targets = {s: v[1][task] for s, v in splits.items()}
-        n_classes = 2 if task == "class presence" else config.max_count + 1
+        n_classes = 2 if task.startswith("class presence") else config.max_count + 1
         best = None
         for wd in config.weight_decays:
             probe = fit_linear_probe(feats["train"], targets["train"], n_classes, wd, config)
@@ -219,15 +227,16 @@ def to_markdown(report: dict) -> str:
                      f"{enc['tasks'][t][light]['majority_balanced_accuracy']:.3f}"
                      for t in tasks]
             lines.append(f"| {enc['kind']} | {light} | " + " | ".join(cells) + " |")
-    lines += ["", "Class presence accuracy per class (test):", "",
-              "| class | " + " | ".join(f"{e['kind']} {light}" for e in report["encoders"]
-                                         for light in ("day", "night")) + " |",
-              "|---|" + "---|" * (2 * len(report["encoders"]))]
-    for name in CLASS_NAMES:
-        cells = []
-        for enc in report["encoders"]:
-            for light in ("day", "night"):
-                entry = enc["tasks"]["class presence"].get(light)
-                cells.append(f"{entry['per_target'][name]:.2f}" if entry else "-")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for task in (t for t in tasks if t.startswith("class presence")):
+        lines += ["", f"{task}: accuracy per class (test):", "",
+                  "| class | " + " | ".join(f"{e['kind']} {light}" for e in report["encoders"]
+                                             for light in ("day", "night")) + " |",
+                  "|---|" + "---|" * (2 * len(report["encoders"]))]
+        for name in CLASS_NAMES:
+            cells = []
+            for enc in report["encoders"]:
+                for light in ("day", "night"):
+                    entry = enc["tasks"][task].get(light)
+                    cells.append(f"{entry['per_target'][name]:.2f}" if entry else "-")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -59,8 +59,10 @@ def band_of(azimuth: float, bands: int) -> int:
     return min(int(fraction * bands), bands - 1)
 
 
-def _object_rows(frame: Frame) -> list[tuple[int, int, float]]:
-    """(class index or -1, ring index or -1, azimuth) of every annotated object."""
+def _object_rows(frame: Frame, max_distance: float | None = None
+                 ) -> list[tuple[int, int, float]]:
+    """(class index or -1, ring index or -1, azimuth) of every annotated object (only those
+    within ``max_distance`` metres when given)."""
     if frame.objects is None:
         raise ValueError(f"frame {frame.frame_id} has no ground-truth objects; pretraining and "
                          "probes need annotated frames (the synthetic world has them)")
@@ -68,6 +70,8 @@ def _object_rows(frame: Frame) -> list[tuple[int, int, float]]:
     for obj in frame.objects:
         x, y = obj.center[0], obj.center[1]
         distance = math.hypot(x, y)
+        if max_distance is not None and distance > max_distance:
+            continue
         ring = next((i for i, hi in enumerate(DISTANCE_RINGS) if distance <= hi), -1)
         cls = CLASS_NAMES.index(obj.category) if obj.category in CLASS_NAMES else -1
         rows.append((cls, ring, math.atan2(y, x)))
@@ -75,16 +79,17 @@ def _object_rows(frame: Frame) -> list[tuple[int, int, float]]:
 
 
 def region_counts(frames: Sequence[Frame], regions: str, bands: int = 8,
-                  max_count: int = 3) -> np.ndarray:
+                  max_count: int = 3, max_distance: float | None = None) -> np.ndarray:
     """Clipped counts ``(B, R, len(TARGET_NAMES))`` int64 per view (``regions="views"``,
-    R = 6) or per azimuth band (``regions="bands"``, R = ``bands``)."""
+    R = 6) or per azimuth band (``regions="bands"``, R = ``bands``), of the objects within
+    ``max_distance`` metres (all annotated ones by default)."""
     if regions not in ("views", "bands"):
         raise ValueError(f"regions must be 'views' or 'bands', got {regions!r}")
     n_regions = len(CAMERA_VIEWS) if regions == "views" else bands
     n_classes = len(CLASS_NAMES)
     out = np.zeros((len(frames), n_regions, len(TARGET_NAMES)), dtype=np.int64)
     for b, frame in enumerate(frames):
-        for cls, ring, azimuth in _object_rows(frame):
+        for cls, ring, azimuth in _object_rows(frame, max_distance):
             where = view_membership(azimuth) if regions == "views" else [band_of(azimuth, bands)]
             for r in where:
                 if cls >= 0:

@@ -55,6 +55,8 @@ def test_region_targets_follow_object_positions():
     assert bands[band_of(0.0, 8), car] == 1 and band_of(0.0, 8) == 4  # ahead: middle columns
     assert bands[band_of(math.pi - 0.02, 8), ped] == 1 and band_of(math.pi - 0.02, 8) == 0
     assert frame_class_counts([frame])[0, 0] == 2  # two cars
+    near = region_counts([frame], "views", max_distance=20.0)[0]
+    assert near[:, car].sum() == 1 and near[:, ped].sum() == 0  # the pedestrian is 25 m away
     many = _frame_with([ahead] * 7)
     assert region_counts([many], "views", max_count=3).max() == 3
     with pytest.raises(ValueError, match="no ground-truth objects"):
@@ -105,7 +107,8 @@ def test_probe_reports_day_and_night(world, tmp_path):
     for light in ("day", "night"):
         assert 0.0 <= presence[light]["accuracy"] <= 1.0
         assert len(presence[light]["per_target"]) == 10
-    assert set(report["tasks"]) == {"class presence", "shape-group count", "objects by distance"}
+    assert set(report["tasks"]) == {"class presence", "class presence <= 20 m",
+                                    "shape-group count", "objects by distance"}
     text = to_markdown({"world": str(world), "encoders": [report]})
     assert "| lidar-rangevit | night |" in text
 
