@@ -12,7 +12,6 @@ the base LLM exactly: no extra keys anywhere and every LoRA disabled.
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
