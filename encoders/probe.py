@@ -33,6 +33,8 @@ RING_NAMES = tuple(f"{lo:g}-{hi:g} m" for lo, hi in zip((0.0,) + DISTANCE_RINGS,
 GROUP_NAMES = tuple(" / ".join(g) for g in SHAPE_GROUPS)
 #: The near range of the second presence task: objects the sensors resolve well.
 NEAR_METRES = 20.0
+#: Light levels the test scenes are rendered at again for a paired day / night comparison.
+RELIT_LIGHTS = {"relit day": 1.0, "relit night": 0.05}
 
 
 @dataclass
@@ -92,21 +94,15 @@ def _predict(probe: nn.Linear, features: torch.Tensor, n_classes: int) -> torch.
         return probe(features).reshape(len(features), -1, n_classes).argmax(-1)
 
 
-def _split_regions(encoder, world_dir, split: str, cache: FeatureCache | None,
-                   progress: bool, max_count: int):
-    """Per-region features ``(N*R, k*D)``, targets per task and night flags ``(N*R,)``."""
-    data = load_split(world_dir, split)
-    ids = data.frame_ids
+def _region_data(encoder, frames: list, tokens: torch.Tensor, max_count: int):
+    """Per-region features ``(N*R, k*D)``, targets per task and night flags ``(N*R,)`` of
+    ``frames`` whose tokens are ``tokens`` ``(N, T, D)``."""
     regions, n_regions = region_layout(encoder)
-    frames = {i: data.frame(i) for i in ids}  # read each file once
-    tokens = encode_frames(encoder, ids, frames.__getitem__, cache, progress=progress)
-    features = torch.stack([tokens[i] for i in ids])  # (N, T, D), region-major tokens
-    features = features.reshape(len(ids) * n_regions, -1)  # (N*R, k*D)
-    counts = region_counts(list(frames.values()), regions, n_regions, max_count=10**6)
-    counts = torch.from_numpy(counts).reshape(len(ids) * n_regions, -1)
-    near = region_counts(list(frames.values()), regions, n_regions, max_count=1,
-                         max_distance=NEAR_METRES)
-    near = torch.from_numpy(near).reshape(len(ids) * n_regions, -1)[:, :len(CLASS_NAMES)]
+    features = tokens.reshape(len(frames) * n_regions, -1)  # (N*R, k*D): region-major tokens
+    counts = region_counts(frames, regions, n_regions, max_count=10**6)
+    counts = torch.from_numpy(counts).reshape(len(frames) * n_regions, -1)
+    near = region_counts(frames, regions, n_regions, max_count=1, max_distance=NEAR_METRES)
+    near = torch.from_numpy(near).reshape(len(frames) * n_regions, -1)[:, :len(CLASS_NAMES)]
     classes = counts[:, :len(CLASS_NAMES)]
     groups = torch.stack([classes[:, [CLASS_NAMES.index(n) for n in g]].sum(1)
                           for g in SHAPE_GROUPS], dim=1)
@@ -114,13 +110,47 @@ def _split_regions(encoder, world_dir, split: str, cache: FeatureCache | None,
                f"class presence <= {NEAR_METRES:g} m": near,
                "shape-group count": groups.clamp(max=max_count),
                "objects by distance": counts[:, len(CLASS_NAMES):].clamp(max=max_count)}
-    night = torch.tensor([data.frame_info(i).night for i in ids]).repeat_interleave(n_regions)
+    night = torch.tensor([f.is_night for f in frames]).repeat_interleave(n_regions)
     return features, targets, night
 
 
+def _split_regions(encoder, world_dir, split: str, cache: FeatureCache | None,
+                   progress: bool, max_count: int):
+    data = load_split(world_dir, split)
+    ids = data.frame_ids
+    frames = {i: data.frame(i) for i in ids}  # read each file once
+    tokens = encode_frames(encoder, ids, frames.__getitem__, cache, progress=progress)
+    return _region_data(encoder, list(frames.values()), torch.stack([tokens[i] for i in ids]),
+                        max_count)
+
+
+def relit_test_frames(world_dir: str | os.PathLike[str], lights: dict[str, float]
+                      ) -> dict[str, list]:
+    """The test split of a synthetic world rendered again at each light level: the same
+    objects and LiDAR sweeps, only the light differs, so day and night compare directly."""
+    from scenes.storage import read_manifest
+    from scenes.synthetic import SyntheticWorld, WorldConfig
+
+    manifest = read_manifest(Path(world_dir))
+    if manifest.get("source") != "synthetic":
+        return {}
+    world = SyntheticWorld(WorldConfig.from_dict(manifest["config"]))
+    ids = load_split(world_dir, "test").frame_ids
+    out = {}
+    for name, light in lights.items():
+        frames = []
+        for frame_id in ids:
+            scene_id, index = frame_id.rsplit("-", 1)
+            frames.append(world.make_frame(scene_id, int(index), light)[0])
+        out[name] = frames
+    return out
+
+
 def probe_encoder(encoder, world_dir, config: ProbeConfig | None = None,
-                  cache: FeatureCache | None = None, progress: bool = True) -> dict:
-    """Probe accuracies of one frozen encoder (see the module docstring)."""
+                  cache: FeatureCache | None = None, progress: bool = True,
+                  relit: dict[str, list] | None = None) -> dict:
+    """Probe accuracies of one frozen encoder (see the module docstring); ``relit`` adds
+    scores on re-rendered test frames (:func:`relit_test_frames`)."""
     config = config or ProbeConfig()
     splits = {s: _split_regions(encoder, world_dir, s, cache, progress, config.max_count)
               for s in ("train", "val", "test")}
@@ -128,6 +158,12 @@ def probe_encoder(encoder, world_dir, config: ProbeConfig | None = None,
     std = splits["train"][0].std(0) + 1e-4
     feats = {s: (v[0] - mean) / std for s, v in splits.items()}
     night = splits["test"][2]
+    relit_data = {}
+    for name, frames in (relit or {}).items():
+        tokens = torch.cat([encoder.encode(frames[i:i + 16]).cpu()
+                            for i in range(0, len(frames), 16)])
+        f, t, _ = _region_data(encoder, frames, tokens, config.max_count)
+        relit_data[name] = ((f - mean) / std, t)
     names = {"class presence": CLASS_NAMES, f"class presence <= {NEAR_METRES:g} m": CLASS_NAMES,
              "shape-group count": GROUP_NAMES,
              "objects by distance": RING_NAMES}
@@ -165,6 +201,13 @@ def probe_encoder(encoder, world_dir, config: ProbeConfig | None = None,
                 "per_target": {name: round(float(correct[mask, i].float().mean()), 4)
                                for i, name in enumerate(target_names)},
             }
+        for name, (f, t) in relit_data.items():
+            hits = _predict(probe, f, n_classes) == t[task]
+            entry[name] = {"frames": len(f) // n_regions,
+                           "accuracy": round(float(hits.float().mean()), 4),
+                           "majority": round(float((t[task] == majority).float().mean()), 4),
+                           "balanced_accuracy": round(balanced_accuracy(
+                               _predict(probe, f, n_classes), t[task]), 4)}
         result["tasks"][task] = entry
     return result
 
@@ -179,13 +222,14 @@ def run_probes(world_dir: str | os.PathLike[str], kinds: list[str],
 
     config = config or ProbeConfig()
     cache = FeatureCache(model_store_dir(store_dir) / "features") if use_cache else None
+    relit = relit_test_frames(world_dir, RELIT_LIGHTS)
     results = []
     for kind in kinds:
         encoder = ensure_pretrained(kind, world_dir, store_dir, progress=progress)
-        results.append(probe_encoder(encoder, world_dir, config, cache, progress))
+        results.append(probe_encoder(encoder, world_dir, config, cache, progress, relit))
         if random_baseline:
             fresh = create_encoder(kind, **encoder.config_dict()).freeze()
-            row = probe_encoder(fresh, world_dir, config, None, progress)
+            row = probe_encoder(fresh, world_dir, config, None, progress, relit)
             row["kind"] = f"{kind} (random init)"
             results.append(row)
     return {"world": str(Path(world_dir)), "probe": asdict(config), "encoders": results}
@@ -227,6 +271,20 @@ def to_markdown(report: dict) -> str:
                      f"{enc['tasks'][t][light]['majority_balanced_accuracy']:.3f}"
                      for t in tasks]
             lines.append(f"| {enc['kind']} | {light} | " + " | ".join(cells) + " |")
+    relit = [k for k in RELIT_LIGHTS if report["encoders"] and
+             k in report["encoders"][0]["tasks"][tasks[0]]]
+    if relit:
+        lights = ", ".join(f"{k} = light {v:g}" for k, v in RELIT_LIGHTS.items())
+        lines += ["", f"The same test frames rendered again at two light levels ({lights}): same "
+                  "objects and LiDAR sweeps, only the light differs. Accuracy (balanced "
+                  "accuracy in brackets); the probes are the ones above.", "",
+                  "| encoder | " + " | ".join(f"{t} {k}" for t in tasks for k in relit) + " |",
+                  "|---|" + "---|" * (len(tasks) * len(relit))]
+        for enc in report["encoders"]:
+            cells = [f"{enc['tasks'][t][k]['accuracy']:.3f} "
+                     f"({enc['tasks'][t][k]['balanced_accuracy']:.3f})"
+                     for t in tasks for k in relit]
+            lines.append(f"| {enc['kind']} | " + " | ".join(cells) + " |")
     for task in (t for t in tasks if t.startswith("class presence")):
         lines += ["", f"{task}: accuracy per class (test):", "",
                   "| class | " + " | ".join(f"{e['kind']} {light}" for e in report["encoders"]

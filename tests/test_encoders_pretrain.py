@@ -130,3 +130,16 @@ def test_balanced_accuracy_ignores_the_prior():
     assert balanced_accuracy(torch.zeros_like(targets), targets) == 0.5  # majority: 0.75 acc
     assert balanced_accuracy(targets.clone(), targets) == 1.0
     assert balanced_accuracy(torch.tensor([[0], [0], [1], [1]]), targets) == pytest.approx(5 / 6)
+
+
+def test_relit_test_frames_change_only_the_light(world):
+    from encoders.probe import relit_test_frames
+    from scenes.dataset import QADataset
+
+    relit = relit_test_frames(world, {"day": 1.0, "night": 0.05})
+    stored = QADataset.load(world, "test")
+    assert [f.frame_id for f in relit["day"]] == stored.frame_ids
+    day, night = relit["day"][0], relit["night"][0]
+    assert day.light == 1.0 and night.is_night
+    assert np.array_equal(day.lidar, night.lidar) and day.objects == night.objects
+    assert day.cameras["CAM_FRONT"].mean() > night.cameras["CAM_FRONT"].mean()
