@@ -56,6 +56,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--out", default="demo-out", help="where the report and timeline go")
     d.add_argument("--model-store", default="", help="model store (default $MPNP_HOME)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--night-modalities", nargs="+", default=["lidar"],
+                   help="what the light-level policy wants at night (lidar, or camera lidar)")
     d.add_argument("--threads", type=int, default=1,
                    help="torch threads for the model (1 leaves a core to IO on 2 cores)")
     d.set_defaults(func=cmd_demo)
@@ -96,7 +98,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from daemon.demo import DemoConfig, run_demo
 
     report = run_demo(DemoConfig(out_dir=args.out, model_store=args.model_store,
-                                 quick=args.quick, seed=args.seed, threads=args.threads))
+                                 quick=args.quick, seed=args.seed, threads=args.threads,
+                                 night_modalities=tuple(args.night_modalities)))
     print((Path(args.out) / "demo_report.md").read_text())
     return 0 if report["adaptation"]["result"] else 1
 

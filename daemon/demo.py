@@ -57,6 +57,7 @@ class DemoConfig:
     eval_chunk: int = 4
     train_questions: int = 0
     power_switch_to: str = "MODE_15W"
+    night_modalities: tuple[str, ...] = ("lidar",)
     threads: int = 1
     seed: int = 0
 
@@ -132,7 +133,8 @@ def _daemon_config(cfg: DemoConfig, run_dir: Path, cost, ipc: Path) -> DaemonCon
                       "events": f"ipc://{ipc}/events", "metrics": "127.0.0.1:0",
                       "ingest_queue": 64},
         "store": {"path": str(run_dir / "store"), "memory_budget_mb": 512},
-        "policy": {"name": "light-level", "options": {"dwell_s": 2.0}},
+        "policy": {"name": "light-level",
+                   "options": {"dwell_s": 2.0, "night_modalities": list(cfg.night_modalities)}},
         "power": {"monitor": "sim-orin", "poll_interval_s": 0.5,
                   "options": {"initial_mode": "MODE_30W", "switch_delay_s": 0.5,
                               "flops_scale": needed * 1.02 / mode_30w}},
