@@ -129,6 +129,14 @@ def _subset(data: FeatureSet, n: int | None, seed: int) -> FeatureSet:
 
 
 def _load_llm(cfg: Table1Config):
+    llm, tok = _load_llm_lazily(cfg)
+    with torch.no_grad():  # page in every weight (safetensors maps them lazily), so that
+        for p in llm.parameters():  # the first training run's peak memory is not inflated
+            p.abs().sum()  # by the LLM's own pages arriving
+    return llm, tok
+
+
+def _load_llm_lazily(cfg: Table1Config):
     if cfg.model == "tiny":
         from mpnp.tiny import tiny_llm
 
