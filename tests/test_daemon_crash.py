@@ -103,7 +103,7 @@ def _start(config: Path) -> subprocess.Popen:
 
 
 def _wait_ready(client: Client, proc: subprocess.Popen) -> dict:
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         try:
@@ -121,7 +121,7 @@ def test_daemon_sigkill_during_adaptation_resumes_last_saved_state(tmp_path):
     for round_ in range(4):
         proc = _start(config)
         try:
-            with Client(f"ipc://{ipc}/query", timeout_s=0.5) as client:
+            with Client(f"ipc://{ipc}/query", timeout_s=5) as client:
                 status = _wait_ready(client, proc)
                 # Resumed with the newest state saved before the last kill (1: the initial
                 # state, saved at the first start).

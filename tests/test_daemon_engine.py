@@ -65,7 +65,7 @@ def test_queries_are_answered_with_the_last_good_state_during_adaptation(tmp_pat
                 break
             during.append(reply)
             assert reply["modalities"] == ["camera"] and "|v0|" in reply["answer"]
-            assert reply["latency_s"] < 0.03 * 3  # at most a step or so of waiting
+            assert reply["latency_s"] < 0.5  # a step or so (the whole run would be ~0.9 s)
         assert len(during) >= 5
         reply = client.ask("q")
         assert reply["modalities"] == ["lidar"] and "|v1|" in reply["answer"]
