@@ -240,6 +240,7 @@ def test_mpnp_add_keeps_the_trained_camera_aligner(model):
     theirs = both.model.state_tensors("both")
     assert all(torch.equal(theirs[k], v) for k, v in cam_before.items())
     assert day.model.states["adapt"].config.num_blocks == 2
+    assert day.config.num_blocks == 2  # the fork's connector config is its own
 
 
 def test_ablated_runtime_fork_uses_its_own_connection_config(model):

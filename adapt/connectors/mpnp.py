@@ -159,8 +159,9 @@ class MPnPConnector(Connector):
 
     def fork(self, name: str) -> MPnPConnector:
         self.model.clone_state(self.state_name, name, activate=False)
-        return MPnPConnector(self.model.llm, self.tokenizer, self.modalities, self.config,
-                             model=self.model, state_name=name, cache_hidden=self.cache_hidden)
+        return MPnPConnector(self.model.llm, self.tokenizer, self.modalities,
+                             dataclasses.replace(self.config), model=self.model,
+                             state_name=name, cache_hidden=self.cache_hidden)
 
     def reconnect(self, modalities: Sequence[ModalitySpec]) -> None:
         self.model.activate(self.state_name)
