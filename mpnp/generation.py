@@ -145,7 +145,13 @@ def generate_answers(
         token_ids, scores = _greedy(model, batch, modality_tokens, max_new_tokens, use_cache)
     finally:
         model.train(was_training)
-    stops = stop_token_ids(tok)
+    texts = decode_until_stop(tok, token_ids)
+    return Generation(texts, [normalize_answer(t) for t in texts], token_ids, scores)
+
+
+def decode_until_stop(tokenizer, token_ids: torch.Tensor) -> list[str]:
+    """Decoded text of each row of generated ids, up to its first stop token."""
+    stops = stop_token_ids(tokenizer)
     texts = []
     for row in token_ids.tolist():
         kept = []
@@ -153,8 +159,8 @@ def generate_answers(
             if t in stops:
                 break
             kept.append(t)
-        texts.append(tok.decode(kept, skip_special_tokens=True).strip())
-    return Generation(texts, [normalize_answer(t) for t in texts], token_ids, scores)
+        texts.append(tokenizer.decode(kept, skip_special_tokens=True).strip())
+    return texts
 
 
 def _greedy(model, batch: PromptBatch, modality_tokens, max_new_tokens: int, use_cache: bool):

@@ -32,7 +32,13 @@ from adapt.connectors.mpnp import decoder_layers
 from adapt.features import Batch
 from aligners.config import ModalitySpec
 from mpnp.answers import normalize_answer
-from mpnp.generation import PromptBatch, encode_prompts, position_ids_from_mask, stop_token_ids
+from mpnp.generation import (
+    PromptBatch,
+    decode_until_stop,
+    encode_prompts,
+    position_ids_from_mask,
+    stop_token_ids,
+)
 
 
 class InputPrefixConnector(Connector):
@@ -112,16 +118,7 @@ class InputPrefixConnector(Connector):
             ids = self._greedy(questions, tokens)
         finally:
             self.train(was)
-        stops = stop_token_ids(self.tokenizer)
-        out = []
-        for row in ids.tolist():
-            kept = []
-            for t in row:
-                if t in stops:
-                    break
-                kept.append(t)
-            out.append(normalize_answer(self.tokenizer.decode(kept, skip_special_tokens=True)))
-        return out
+        return [normalize_answer(t) for t in decode_until_stop(self.tokenizer, ids)]
 
     def _greedy(self, questions, tokens) -> torch.Tensor:
         pb = encode_prompts(self.tokenizer, questions).to(self.device())
