@@ -10,7 +10,6 @@ so a state is never half-loaded or loaded onto the wrong model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from aligners.config import ConnectionConfig, ModalitySpec
 from aligners.model import MPnPModel
+from mpnp.files import sha256_file
 from mpnp.llm import llm_fingerprint
 
 log = logging.getLogger(__name__)
@@ -45,14 +45,6 @@ _IDENTITY_KEYS = (
 
 class StateError(ValueError):
     """A state that cannot be loaded: corrupt, of another format, or for another LLM."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

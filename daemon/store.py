@@ -20,7 +20,6 @@ a :class:`StoreError` that names it and says how to fix it; callers keep serving
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mpnp.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,6 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def atomic_write(target: Path, writer: Callable[[Path], None]) -> tuple[str, int]:

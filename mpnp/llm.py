@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mpnp.files import sha256_file
 from mpnp.paths import model_store_dir
 
 log = logging.getLogger(__name__)
@@ -305,11 +306,7 @@ def prepare_tokenizer(tokenizer) -> None:
 def _cached_gguf(gguf: Path, store: str | os.PathLike[str] | None) -> Path:
     if not gguf.is_file():
         raise LLMLoadError(f"GGUF file not found: {gguf}")
-    h = hashlib.sha256()
-    with open(gguf, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    target = model_store_dir(store) / "llm" / f"gguf-{h.hexdigest()[:16]}"
+    target = model_store_dir(store) / "llm" / f"gguf-{sha256_file(gguf)[:16]}"
     if not (target / _MARKER).is_file():
         _convert_gguf(gguf, target, gguf.stem)
     return target

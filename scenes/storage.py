@@ -12,7 +12,6 @@ against their sha256 from the manifest when loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import zipfile
 from dataclasses import asdict
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mpnp.files import sha256_file as sha256_of
 from scenes.sample import CAMERA_VIEWS, Frame, ObjectAnnotation, QAItem
 
 FORMAT_NAME = "mpnp-scenes"
@@ -30,14 +30,6 @@ QUESTIONS = "questions.json"
 
 class DatasetFormatError(ValueError):
     """A dataset file is missing, corrupt or of an unknown format (message names the path)."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _object_to_json(obj: ObjectAnnotation) -> dict:
