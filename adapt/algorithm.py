@@ -51,11 +51,22 @@ def select_modalities(mode: str, specs: dict[str, ModalitySpec]) -> list[Modalit
     return [specs[m] for m in MODES[mode]]
 
 
-def mean_text_tokens(tokenizer, data: FeatureSet, sample: int = 64) -> int:
-    """Average prompt + answer length in tokens (for the cost model)."""
+def mean_text_tokens(tokenizer, data: FeatureSet, sample: int = 64,
+                     batch_size: int | None = None) -> int:
+    """Tokens per sequence (prompt + answer) that a training step pays for.
+
+    With ``batch_size`` it is the mean *padded* width of batches of that size — what the
+    steps really compute, so a budget planned with it is not overrun by padding.
+    """
     items = data.items[:sample]
-    pb = encode_training(tokenizer, [i.question for i in items], [i.answer for i in items])
-    return max(1, round(float(pb.attention_mask.sum(1).float().mean())))
+    size = batch_size or len(items)
+    widths = []
+    for start in range(0, len(items), size):
+        chunk = items[start:start + size]
+        pb = encode_training(tokenizer, [i.question for i in chunk], [i.answer for i in chunk])
+        widths.append(pb.input_ids.shape[1] if batch_size else
+                      float(pb.attention_mask.sum(1).float().mean()))
+    return max(1, round(sum(widths) / len(widths)))
 
 
 def plan_num_blocks(llm, tokenizer, modalities: Sequence[ModalitySpec], data: FeatureSet,
@@ -67,7 +78,8 @@ def plan_num_blocks(llm, tokenizer, modalities: Sequence[ModalitySpec], data: Fe
     per_token = sum(m.num_tokens * aligner_flops_per_token(m.embed_dim, kv_width)
                     for m in modalities) / max(prefix, 1)
     cost = analytic_step_cost(llm, batch=train.batch_size,
-                              text_tokens=mean_text_tokens(tokenizer, data),
+                              text_tokens=mean_text_tokens(tokenizer, data, sample=256,
+                                                           batch_size=train.batch_size),
                               prefix_tokens=prefix, aligner_flops_per_token=per_token)
     n = solve_num_blocks(cost, budget_flops / steps)
     if n == 0:
