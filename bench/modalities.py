@@ -24,18 +24,14 @@ from aligners.config import ConnectionConfig
 from aligners.model import MPnPModel
 from bench.table1 import Table1, Table1Config, _llm_name, _load_llm
 from mpnp.llm import llm_fingerprint
-from mpnp.paths import model_store_dir
 
 SETS = {"C": ("camera",), "L": ("lidar",), "C+L": ("camera", "lidar")}
 
 
 def run(cfg: Table1Config, n: int, store_dir: str | None = None, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
-    store = model_store_dir(store_dir)
-    if cfg.store_subdir:
-        store = store / cfg.store_subdir
     started = time.perf_counter()
-    bench = Table1(cfg, store, progress)
+    bench = Table1(cfg, cfg.store(store_dir), progress)
     d = bench.data
     llm, tok = _load_llm(cfg)
     model = MPnPModel(llm, tok)

@@ -119,6 +119,11 @@ class Table1Config:
             store_subdir="bench-quick",
         )
 
+    def store(self, store_dir: str | None) -> Path:
+        """The model store this protocol uses (a sub-store for ``--quick``)."""
+        store = model_store_dir(store_dir)
+        return store / self.store_subdir if self.store_subdir else store
+
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, seed=self.seed,
                            learning_rates=dict(self.learning_rates), patience=1)
@@ -308,11 +313,8 @@ def _drop(connector: Connector) -> None:
 def run(cfg: Table1Config, store_dir: str | None = None, progress: bool = True) -> dict:
     """The whole benchmark; returns the JSON document."""
     torch.manual_seed(cfg.seed)
-    store = model_store_dir(store_dir)
-    if cfg.store_subdir:
-        store = store / cfg.store_subdir
     started = time.perf_counter()
-    bench = Table1(cfg, store, progress)
+    bench = Table1(cfg, cfg.store(store_dir), progress)
     bench.run_majority()
     llm_b, tok = _load_llm(cfg)  # baselines: a plain LLM (mPnP's carries LoRA layers)
     for kind in cfg.baselines:
