@@ -34,7 +34,8 @@ TARGETS = {"query_p50_idle_s": 0.200, "adapt_p99_over_idle": 3.0, "reconnect_s":
 def add_bench_command(bench_subparsers: argparse._SubParsersAction) -> None:
     p = bench_subparsers.add_parser("daemon", help="daemon query latency, ingest, Reconnect")
     p.add_argument("--model-store", default="", help="model store (default $MPNP_HOME)")
-    p.add_argument("--queries", type=int, default=30, help="questions per latency phase")
+    p.add_argument("--queries", type=int, default=100,
+                   help="questions per latency phase (p99 needs ~100)")
     p.add_argument("--ingest-seconds", type=float, default=20.0, help="seconds per offered rate")
     p.add_argument("--rates", default="1,2,4", help="offered-rate multipliers")
     p.add_argument("--reconnects", type=int, default=3, help="Reconnect round trips per kind")

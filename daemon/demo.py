@@ -46,14 +46,14 @@ class DemoConfig:
     quick: bool = False
     day_s: float = 25.0
     dusk_s: float = 10.0
-    after_s: float = 30.0
+    after_s: float = 60.0
     max_s: float = 540.0
     query_interval_s: float = 2.0
     camera_hz: float = 12.0
     lidar_hz: float = 20.0
-    target_steps: int = 24
+    target_steps: int = 80
     batch_size: int = 4
-    val_questions: int = 32
+    val_questions: int = 48
     eval_chunk: int = 4
     train_questions: int = 0
     power_switch_to: str = "MODE_15W"
@@ -357,6 +357,10 @@ def _report(cfg: DemoConfig, timeline, records, status, backend, result, vehicle
     }
 
 
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     ad = report["adaptation"]
     result = ad["result"] or {}
@@ -373,17 +377,17 @@ def report_markdown(report: dict[str, Any]) -> str:
     off = report["offline_day_state"]
     lines += [
         "",
-        f"Offline day-camera state on the world's test split: day {off['day_accuracy']}, "
-        f"night {off['night_accuracy']}.",
+        f"Offline day-camera state on the world's test split: day "
+        f"{_fmt(off['day_accuracy'])}, night {_fmt(off['night_accuracy'])}.",
         f"Held-out night validation at the end of the run: serving (camera) "
-        f"{result.get('serving_accuracy')} vs adapted {result.get('adapted_accuracy')} -> "
-        f"**{result.get('outcome')}**.",
+        f"{_fmt(result.get('serving_accuracy'))} vs adapted "
+        f"{_fmt(result.get('adapted_accuracy'))} -> **{result.get('outcome')}**.",
         "", "## Adaptation", "",
         f"- modalities: {ad['modalities']}, N = {ad['n_blocks']} connected blocks",
         f"- steps: {ad['steps']} ({ad['samples']} samples), measured FLOPs "
         f"{(ad['measured_flops'] or 0):.3g}, wall time {(ad['wall_s'] or 0):.1f} s",
         f"- energy estimate (simulated Orin power x time adapting): "
-        f"{ad['energy_estimate_j']:.0f} J (planner estimate {ad['planned_energy_j']})",
+        f"{ad['energy_estimate_j']:.0f} J (planner estimate {_fmt(ad['planned_energy_j'], 0)} J)",
         "", "Budget decisions:", "",
     ]
     for d in ad["budget_decisions"]:
@@ -391,8 +395,8 @@ def report_markdown(report: dict[str, Any]) -> str:
                      f"{d['feasible']}, replan {d['replan']}: {d['reason']}")
     q = report["queries"]
     lines += ["", "## Queries", "",
-              f"{q['count']} questions, latency p50 {q['p50_s']}, p95 {q['p95_s']}, "
-              f"p99 {q['p99_s']} s (client round trip).", "",
+              f"{q['count']} questions, latency p50 {_fmt(q['p50_s'])}, p95 "
+              f"{_fmt(q['p95_s'])}, p99 {_fmt(q['p99_s'])} s (client round trip).", "",
               f"Counters: {json.dumps(report['counters'])}", ""]
     return "\n".join(lines)
 

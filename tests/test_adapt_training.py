@@ -143,6 +143,34 @@ def test_hidden_state_cache_is_exact_and_hits_after_the_first_epoch(model):
     assert cached.total < uncached.total
 
 
+def test_step_signature_fixes_the_flops_of_a_step(model):
+    """The daemon counts FLOPs once per signature; that is exact only if equal signatures
+    mean equal FLOPs and every FLOP-changing difference changes the signature."""
+    from mpnp.measure import count_flops
+
+    conn = make("mpnp", model)
+    conn.train()
+    data = feature_set()
+
+    def step(index: int) -> tuple[tuple, int]:
+        batch = data.batch([index])
+        key = conn.step_signature(batch)
+        with count_flops() as counted:
+            conn.loss(batch).backward()
+        return key, counted.total
+
+    miss_key, miss = step(0)
+    hit_key, hit = step(0)
+    assert miss_key != hit_key and hit < miss  # the lower blocks ran only the first time
+    other_frame = data.items.index(next(i for i in data.items
+                                        if i.frame_id == "f4" and i.answer == "yes"))
+    assert data.items[other_frame].question == data.items[0].question
+    same_key, same = step(other_frame)  # other frame, same text and answer: same cost
+    assert same_key == hit_key and same == hit
+    conn.set_num_blocks(3)
+    assert conn.step_signature(data.batch([0]))[-1] == 3  # N is part of the signature
+
+
 def test_lower_hidden_states_match_the_model(model):
     llm, tok = model
     pb = encode_training(tok, ["a b?", "what is it?"], ["yes", "car"])

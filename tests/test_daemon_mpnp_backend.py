@@ -107,7 +107,30 @@ def test_adaptation_runs_in_bounded_phases_and_swaps_atomically(backend):
     report = backend.last_report
     assert report["committed"] and report["steps"] == 2 and report["samples"] == 4
     assert report["flops"] > 0
+    assert report["micro_steps"] == 4 and 1 <= report["flop_counted_micro_steps"] <= 4
     assert backend.answer(["q"], [_frame(3)], frozenset({"lidar"}))
+
+
+def test_flops_are_counted_once_per_step_shape(backend):
+    """Counting costs a micro-step's time again on a CPU: repeats reuse the count, and
+    the total still equals what counting every step gives."""
+    from mpnp.measure import count_flops
+
+    backend.start_adaptation(frozenset({"lidar"}), n_blocks=3, steps=6, batch_size=2)
+    run = backend._run
+    while run.phase != "validate":
+        backend.adaptation_step()
+    assert run.micro_steps == 12 and 1 <= len(run.flops_by_signature) < 12
+    # every step shape seen, counted afresh now, gives the same count
+    for key, flops in run.flops_by_signature.items():
+        index = next(i for i in range(len(run.train))
+                     if run.connector.step_signature(run.train.batch([i]))[:2] == key[:2])
+        batch = run.train.batch([index])
+        if run.connector.step_signature(batch) != key:
+            continue  # a cache-miss shape cannot be replayed as a miss
+        with count_flops() as again:
+            (run.connector.loss(batch) * 0.5).backward()
+        assert again.total == flops
 
 
 def test_replan_shortens_and_discard_keeps_serving(backend):

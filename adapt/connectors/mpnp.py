@@ -135,6 +135,23 @@ class MPnPConnector(Connector):
             out[i, real] = self._hidden[key]
         return out
 
+    def step_signature(self, batch: Batch) -> tuple:
+        """What a training step's FLOPs on ``batch`` depend on beyond the fixed state:
+        the padded prompt shape, the answer tokens per row (logits are computed there
+        only) and whether the lower blocks must run (a replay-cache miss runs them for
+        the whole batch). Two steps with the same signature cost the same FLOPs, so a
+        caller can count one with ``torch.utils.flop_counter`` and reuse the count."""
+        self.model.activate(self.state_name)
+        pb = self.training_batch(batch)
+        answers = tuple(int(n) for n in (pb.labels != -100).sum(dim=1))
+        first = self.model.geometry.num_layers - self.model.state.config.num_blocks
+        lower = first > 0 and not (self.cache_hidden and self.training)
+        if self.cache_hidden and self.training and first > 0:
+            lower = any((first, tuple(ids[m.bool()].tolist())) not in self._hidden
+                        for ids, m in zip(pb.input_ids, pb.attention_mask))
+        return (tuple(pb.input_ids.shape), answers, lower,
+                tuple(self.model.state.connected), self.model.state.config.num_blocks)
+
     def loss(self, batch: Batch) -> torch.Tensor:
         self.model.activate(self.state_name)
         pb = self.training_batch(batch)
