@@ -482,17 +482,29 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, help="write the result JSON here")
     p.add_argument("--markdown", type=Path, help="write the Markdown tables here")
     p.add_argument("--plot", type=Path, help="write the accuracy-vs-FLOPs PNG here")
+    p.add_argument("--day-samples", type=int, help="day training questions per method")
+    p.add_argument("--night-samples", type=int,
+                   help="night training questions per adaptation (0: all of them)")
+    p.add_argument("--test-samples", type=int, help="test questions per context")
+    p.add_argument("--epochs", type=int, help="training epochs (early stop on val when > 1)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main)
 
 
-def _main(args: argparse.Namespace) -> int:
-    from bench.cli import write_output
-
+def config_from_args(args: argparse.Namespace) -> Table1Config:
+    """The protocol ``mpnp bench table1`` runs for these command-line options."""
     cfg = Table1Config.quick() if args.quick else Table1Config()
     if args.model:
         cfg.model = args.model
     cfg.device = args.device
+    for name in ("day_samples", "night_samples", "test_samples", "epochs"):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        least = 0 if name == "night_samples" else 1
+        if value < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+        setattr(cfg, name, value or None)
     if args.ns:
         cfg.ns = args.ns
         if cfg.study_n not in args.ns:
@@ -502,6 +514,13 @@ def _main(args: argparse.Namespace) -> int:
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {list(BASELINES)}")
         cfg.baselines = args.methods
+    return cfg
+
+
+def _main(args: argparse.Namespace) -> int:
+    from bench.cli import write_output
+
+    cfg = config_from_args(args)
     result = run(cfg, args.store, progress=not args.no_progress)
     markdown = to_markdown(result)
     print(markdown)

@@ -1,0 +1,39 @@
+"""``mpnp bench table1`` options become the protocol it runs (the run itself is CI's
+``--quick`` benchmark)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.table1 import BASELINES, config_from_args
+from mpnp.cli import build_parser
+
+
+def _config(*options: str):
+    return config_from_args(build_parser().parse_args(["bench", "table1", *options]))
+
+
+def test_defaults_are_the_committed_protocol():
+    cfg = _config()
+    assert (cfg.day_samples, cfg.night_samples, cfg.test_samples, cfg.epochs) == (320, 320,
+                                                                                  160, 1)
+    assert cfg.ns == (4, 8, 12, 15, 20, 25) and cfg.baselines == BASELINES
+
+
+def test_sizes_and_n_from_the_command_line():
+    cfg = _config("--day-samples", "640", "--night-samples", "0", "--test-samples", "200",
+                  "--epochs", "2", "--ns", "13", "--methods", "full_llm")
+    assert cfg.day_samples == 640 and cfg.night_samples is None  # 0: every night question
+    assert cfg.test_samples == 200 and cfg.epochs == 2
+    assert cfg.ns == (13,) and cfg.study_n == 13 and cfg.baselines == ("full_llm",)
+    assert _config("--quick", "--epochs", "3").model == "tiny"
+
+
+@pytest.mark.parametrize("options, message", [
+    (("--day-samples", "0"), "--day-samples must be >= 1"),
+    (("--night-samples", "-1"), "--night-samples must be >= 0"),
+    (("--methods", "full_llm,gpt"), "unknown methods"),
+])
+def test_bad_options_are_clear_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        _config(*options)
