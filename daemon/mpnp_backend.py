@@ -34,6 +34,7 @@ from typing import Any
 
 from daemon.backend import AdaptProgress, Which, register_backend
 from daemon.store import EntryKind, ModelStore, StoreError
+from mpnp.answers import ANSWER_VOCAB
 from policies.budget import CostModel
 from scenes.sample import Frame
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 STATE_TYPE = "mpnp.daemon_state"
 STATE_VERSION = 1
+ANSWER_VOCABULARIES: dict[str, tuple[str, ...]] = {"nuscenes-qa": ANSWER_VOCAB, "": ()}
 
 
 @dataclass
@@ -56,6 +58,9 @@ class MPnPBackendConfig:
         val_questions: validation questions per comparison (serving vs candidate).
         eval_chunk: validation questions per bounded call.
         max_new_tokens: answer length limit.
+        answer_vocabulary: ``"nuscenes-qa"``: decoding stops as soon as an answer is one of
+            the closed vocabulary's (saves one of the ~3 forward passes of a short answer);
+            ``""``: free decoding up to a stop token.
         frame_cache: encoded live frames kept (questions often ask about the same frame).
         micro_batch: training samples per bounded call; gradients accumulate until an
             optimizer step's ``batch_size`` samples are done. Smaller = shorter waits for
@@ -73,10 +78,16 @@ class MPnPBackendConfig:
     val_questions: int = 48
     eval_chunk: int = 8
     max_new_tokens: int = 4
+    answer_vocabulary: str = "nuscenes-qa"
     frame_cache: int = 16
     micro_batch: int = 1
     learning_rates: dict[str, float] = field(default_factory=dict)
     seed: int = 0
+
+    @property
+    def answer_vocabulary_answers(self) -> tuple[str, ...]:
+        """The answers decoding may stop on (empty: free decoding)."""
+        return ANSWER_VOCABULARIES[self.answer_vocabulary]
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float16", "bfloat16"):
@@ -86,6 +97,9 @@ class MPnPBackendConfig:
                      "micro_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.options.{name} must be >= 1, got {getattr(self, name)}")
+        if self.answer_vocabulary not in ANSWER_VOCABULARIES:
+            raise ValueError(f"model.options.answer_vocabulary must be one of "
+                             f"{sorted(ANSWER_VOCABULARIES)}, got {self.answer_vocabulary!r}")
         if self.threads < 0 or self.train_questions < 0:
             raise ValueError("model.options.threads and train_questions must be >= 0")
 
@@ -147,6 +161,7 @@ class MPnPBackend:
         self.model = model
         self.serving = serving  # an adapt.connectors.mpnp.MPnPConnector
         serving.config.max_new_tokens = config.max_new_tokens
+        serving.config.stop_at_answers = config.answer_vocabulary_answers
         self.prepared = prepared
         self.splits = splits
         self._encoders = dict(prepared.encoders)  # used until a store is attached
@@ -469,7 +484,9 @@ class MPnPBackend:
         connected = [s for s in specs if s.name in config["connected"]]
         connector = MPnPConnector(self.model.llm, self.model.tokenizer, connected,
                                   ConnectorConfig(num_blocks=config["num_blocks"],
-                                                  max_new_tokens=self.config.max_new_tokens),
+                                                  max_new_tokens=self.config.max_new_tokens,
+                                                  stop_at_answers=(
+                                                      self.config.answer_vocabulary_answers)),
                                   model=self.model, state_name=name)
         old, self.serving = self.serving, connector
         if old is not None and old.state_name in self.model.states:

@@ -12,7 +12,7 @@ runs through the LLM.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +107,13 @@ def stop_token_ids(tokenizer) -> set[int]:
     return stops
 
 
+def final_answers(vocabulary: Iterable[str]) -> frozenset[str]:
+    """The answers after which decoding may stop: in the vocabulary, and not the start of
+    another answer of it (``"1"`` may still become ``"10"``, ``"no"`` ``"not standing"``)."""
+    vocab = {normalize_answer(a) for a in vocabulary} - {""}
+    return frozenset(a for a in vocab if not any(b != a and b.startswith(a) for b in vocab))
+
+
 @dataclass
 class Generation:
     texts: list[str]  # raw decoded answers
@@ -123,6 +130,7 @@ def generate_answers(
     *,
     max_new_tokens: int = 6,
     use_cache: bool = True,
+    stop_at: frozenset[str] | None = None,
 ) -> Generation:
     """Greedy answers for a batch of questions with the active modalities.
 
@@ -133,6 +141,12 @@ def generate_answers(
         max_new_tokens: answer length limit (nuScenes-QA answers are ≤ 3 tokens).
         use_cache: incremental decoding; ``False`` recomputes the whole sequence every step
             (only for checking the cache path).
+        stop_at: closed-vocabulary serving (see :func:`final_answers`): a row stops as soon
+            as its normalised text is one of these, without the forward pass that would
+            generate its stop token. Each decoding step is a pass over every weight, so
+            on a CPU this saves a third of a short answer's latency; the answer differs
+            from free decoding only if the model would have gone on after a complete
+            answer.
     """
     tok = model.tokenizer
     if tok is None:
@@ -142,7 +156,8 @@ def generate_answers(
     was_training = model.training
     model.eval()  # no dropout while answering
     try:
-        token_ids, scores = _greedy(model, batch, modality_tokens, max_new_tokens, use_cache)
+        token_ids, scores = _greedy(model, batch, modality_tokens, max_new_tokens, use_cache,
+                                    stop_at)
     finally:
         model.train(was_training)
     texts = decode_until_stop(tok, token_ids)
@@ -163,16 +178,23 @@ def decode_until_stop(tokenizer, token_ids: torch.Tensor) -> list[str]:
     return texts
 
 
-def _greedy(model, batch: PromptBatch, modality_tokens, max_new_tokens: int, use_cache: bool):
-    """The decoding loop: ``(B, T)`` token ids and ``(B, T, vocab)`` step logits."""
+def _greedy(model, batch: PromptBatch, modality_tokens, max_new_tokens: int, use_cache: bool,
+            stop_at: frozenset[str] | None = None):
+    """The decoding loop: ``(B, T)`` token ids and ``(B, T, vocab)`` step logits.
+
+    A row that ends on a complete answer (``stop_at``) is padded with a stop token from
+    then on, so :func:`decode_until_stop` ends it there as it does a generated stop."""
     tok = model.tokenizer
     device = batch.input_ids.device
     kv = model.multimodal_kv(modality_tokens or {})  # once per query
     stops = torch.tensor(sorted(stop_token_ids(tok)), device=device)
+    if stop_at and stops.numel() == 0:
+        raise ValueError("stop_at needs a tokenizer with an end-of-sequence token")
     ids, mask, pos = batch.input_ids, batch.attention_mask, batch.position_ids
     cache = DynamicCache() if use_cache else None
     step_ids = ids
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    answered = torch.zeros_like(done)  # done on a complete answer (stop_at), not a stop token
     out_tokens, out_scores = [], []
     with model.prefix(kv):
         for _ in range(max_new_tokens):
@@ -197,9 +219,16 @@ def _greedy(model, batch: PromptBatch, modality_tokens, max_new_tokens: int, use
             step_scores = out.logits[:, -1, :]
             next_ids = step_scores.argmax(-1)
             next_ids = torch.where(done, torch.full_like(next_ids, tok.pad_token_id), next_ids)
+            next_ids = torch.where(answered, stops[0], next_ids)
             out_tokens.append(next_ids)
             out_scores.append(step_scores)
             done |= torch.isin(next_ids, stops)
+            if stop_at:
+                generated = torch.stack(out_tokens, dim=1)
+                for row in (~done).nonzero().flatten().tolist():
+                    text = tok.decode(generated[row].tolist(), skip_special_tokens=True)
+                    if normalize_answer(text) in stop_at:
+                        answered[row] = done[row] = True
             ids = torch.cat([ids, next_ids[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)

@@ -62,3 +62,39 @@ def test_prompts_are_left_padded_with_positions_from_first_token(llama):
     first_real = int(batch.attention_mask[0].argmax())
     assert first_real > 0 and batch.position_ids[0, first_real] == 0
     assert batch.position_ids[1, 0] == 0
+
+
+def test_stop_at_complete_answers_ends_rows_early(llama):
+    """Closed-vocabulary serving: a row stops on the first prefix of its free decoding that
+    is a complete answer no other answer extends; other rows decode as before."""
+    from mpnp.answers import normalize_answer
+    from mpnp.generation import final_answers
+
+    model, tokens = _model(llama)
+    tok = model.tokenizer
+    with torch.no_grad():  # no end-of-sequence: rows run to the limit when decoding freely
+        head = model.llm.get_output_embeddings().weight
+        head[tok.eos_token_id] = -3 * head[tok.convert_tokens_to_ids("@")]
+    free = generate_answers(model, QUESTIONS, tokens, max_new_tokens=5)
+    prefixes = [[normalize_answer(tok.decode(row[:k])) for k in range(1, 6)]
+                for row in free.token_ids.tolist()]
+    vocabulary = {prefixes[1][2], prefixes[2][3], prefixes[1][1]}  # the last extends...
+    stop = final_answers(vocabulary)
+    assert prefixes[1][1] not in stop  # ...into the others, so it cannot end a row
+    assert stop == vocabulary - {prefixes[1][1]} and not final_answers(["", "!"])
+
+    calls = []
+    hook = model.llm.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        early = generate_answers(model, QUESTIONS, tokens, max_new_tokens=5, stop_at=stop)
+        free_calls, calls[:] = len(calls), []
+        generate_answers(model, QUESTIONS[1:], {"camera": tokens["camera"][1:]},
+                         max_new_tokens=5, stop_at=stop)
+    finally:
+        hook.remove()
+    for row, text in enumerate(early.texts):
+        cut = next((k for k, p in enumerate(prefixes[row], 1) if p in stop), 5)
+        assert text == tok.decode(free.token_ids[row, :cut].tolist(),
+                                  skip_special_tokens=True).strip()
+    assert early.texts[0] == free.texts[0] and early.texts[1] != free.texts[1]
+    assert free_calls == 5 and len(calls) == 4  # the rows that stop need fewer passes

@@ -75,6 +75,17 @@ def test_backend_implements_the_protocol(backend):
     assert context_of(frozenset({"lidar"})) == "night" and context_of(["camera"]) == "day"
 
 
+def test_serving_stops_on_closed_vocabulary_answers(backend):
+    from mpnp.answers import ANSWER_VOCAB
+
+    assert backend.serving.config.stop_at_answers == ANSWER_VOCAB
+    backend.start_adaptation(frozenset({"lidar"}), n_blocks=3, steps=1, batch_size=1)
+    assert backend._run.connector.config.stop_at_answers == ANSWER_VOCAB  # validated alike
+    assert MPnPBackendConfig(answer_vocabulary="").answer_vocabulary == ""
+    with pytest.raises(ValueError, match="answer_vocabulary"):
+        MPnPBackendConfig(answer_vocabulary="vqa-v2")
+
+
 def test_answers_about_frames_with_the_serving_state(backend):
     answers = backend.answer(["is there a car?"] * 2, [_frame(1), _frame(2)],
                              frozenset({"camera"}))
@@ -157,6 +168,7 @@ def test_state_round_trip_through_the_store_and_encoders_on_demand(backend, tmp_
     backend.load_state(store.path(store.verify(entry.name)))
     assert store.cached() == ["encoder-camera"]
     assert backend.answer(["is there a car?"], [frame], frozenset({"camera"})) == before
+    assert backend.serving.config.stop_at_answers == backend.config.answer_vocabulary_answers
     assert backend.reconnects[-1]["seconds"] < 5
     backend.start_adaptation(frozenset({"lidar"}), 2, 1, 1)
     assert "encoder-lidar" in store.cached()  # Reconnect loaded it from the store

@@ -23,6 +23,9 @@ class ConnectorConfig:
     num_prompts: int = 20  # PromptFuse / eP-ALM soft prompts
     max_new_tokens: int = 6
     answer_logits_only: bool = True  # compute LM logits only where the loss needs them
+    # mPnP serving: stop a row's decoding on a complete answer of this closed vocabulary
+    # (mpnp.generation.final_answers); empty: decode until a stop token or the limit.
+    stop_at_answers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_blocks < 0 or self.num_prompts < 0 or self.max_new_tokens < 1:

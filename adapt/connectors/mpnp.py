@@ -22,7 +22,7 @@ from adapt.connectors.base import Connector, ConnectorConfig, answer_loss
 from adapt.features import Batch
 from aligners.config import ConnectionConfig, ModalitySpec
 from aligners.model import MPnPModel
-from mpnp.generation import PromptBatch, generate_answers
+from mpnp.generation import PromptBatch, final_answers, generate_answers
 from mpnp.llm import attention_modules
 
 
@@ -170,8 +170,10 @@ class MPnPConnector(Connector):
 
     def answer(self, questions: Sequence[str], tokens: Mapping[str, torch.Tensor]) -> list[str]:
         self.model.activate(self.state_name)
+        stop_at = (final_answers(self.config.stop_at_answers)
+                   if self.config.stop_at_answers else None)
         out = generate_answers(self.model, questions, self._tokens(tokens),
-                               max_new_tokens=self.config.max_new_tokens)
+                               max_new_tokens=self.config.max_new_tokens, stop_at=stop_at)
         return out.answers
 
     def fork(self, name: str) -> MPnPConnector:
