@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from aligners.config import ConnectionConfig, ModalitySpec
 from aligners.model import MPnPModel
 from mpnp.files import sha256_file
-from mpnp.llm import llm_fingerprint
+from mpnp.llm import llm_fingerprint, llm_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +31,6 @@ STATE_TYPE = "mpnp.adapted_state"
 FORMAT_VERSION = 1
 TENSORS_FILE = "state.safetensors"
 CONFIG_FILE = "state.json"
-#: Fingerprint fields that must match for a state to load onto an LLM.
-_IDENTITY_KEYS = (
-    "model_type",
-    "num_layers",
-    "hidden_size",
-    "num_kv_heads",
-    "head_dim",
-    "vocab_size",
-    "embedding_sha256",
-)
 
 
 class StateError(ValueError):
@@ -166,9 +156,15 @@ def load_state(
         raise StateError(f"{tensor_path} does not match its checksum in {CONFIG_FILE}: corrupt")
     mine = llm_fingerprint(model.llm)
     theirs = config.get("llm", {})
-    diff = [k for k in _IDENTITY_KEYS if mine.get(k) != theirs.get(k)]
+    diff = llm_mismatch(mine, theirs)
     if diff:
-        detail = ", ".join(f"{k}: saved {theirs.get(k)!r} vs loaded {mine.get(k)!r}" for k in diff)
+        detail = ", ".join(
+            f"{k}: saved {theirs.get(k)!r} vs loaded {mine.get(k)!r}"
+            if k != "embedding_probe" else
+            f"embedding weights ({theirs.get('dtype', 'float32')} saved, {mine['dtype']} "
+            "loaded) differ beyond rounding"
+            for k in diff
+        )
         raise StateError(f"state in {directory} was made for another LLM ({detail})")
     if num_blocks is not None and config["num_blocks"] != num_blocks:
         raise StateError(

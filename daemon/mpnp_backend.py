@@ -448,7 +448,7 @@ class MPnPBackend:
         from adapt.connectors.base import ConnectorConfig
         from adapt.connectors.mpnp import MPnPConnector
         from aligners.config import ConnectionConfig, ModalitySpec
-        from mpnp.llm import llm_fingerprint
+        from mpnp.llm import llm_fingerprint, llm_mismatch
 
         started = time.perf_counter()
         with safe_open(str(path), framework="pt") as fh:
@@ -457,10 +457,10 @@ class MPnPBackend:
                 raise ValueError(f"{path}: not an {STATE_TYPE} v{STATE_VERSION} file")
             config = json.loads(meta["config"])
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        mine, theirs = llm_fingerprint(self.model.llm), config["llm"]
-        if any(mine.get(k) != theirs.get(k) for k in ("model_type", "num_layers", "hidden_size",
-                                                      "vocab_size")):
-            raise ValueError(f"{path}: the state was made for another LLM")
+        diff = llm_mismatch(llm_fingerprint(self.model.llm), config["llm"])
+        if diff:
+            raise ValueError(f"{path}: the state was made for another LLM (differs in "
+                             f"{', '.join(diff)})")
         specs = [ModalitySpec(**m) for m in config["modalities"]]
         for spec in specs:
             if spec.name in config["connected"]:

@@ -102,15 +102,27 @@ def _out_features(linear: nn.Module) -> int:
     return int(base.out_features)
 
 
+#: Fingerprint keys that must be equal for a state to fit an LLM (the weights are compared
+#: by :func:`llm_mismatch`).
+IDENTITY_KEYS = ("model_type", "num_layers", "hidden_size", "num_kv_heads", "head_dim",
+                 "vocab_size")
+_PROBE_ROWS = 16
+
+
 def llm_fingerprint(llm: nn.Module) -> dict:
     """Identify an LLM so that an adapted state is never loaded onto another one.
 
     The geometry says whether shapes fit; the weight digest (of the input embeddings, which
-    every family has) says whether it is the same model and not just the same shape.
+    every family has) says whether it is the same model and not just the same shape. The
+    digest is exact, so it only matches in the same dtype; the *probe* (sum and absolute
+    sum of a few embedding rows) identifies the weights across dtypes (a state prepared in
+    float32 serves a float16 deployment) — see :func:`llm_mismatch`.
     """
     geom = llm_geometry(llm)
     emb = llm.get_input_embeddings().weight.detach()
     digest = hashlib.sha256(emb.to("cpu", torch.float32).contiguous().numpy().tobytes())
+    rows = torch.linspace(0, emb.shape[0] - 1, _PROBE_ROWS).long()
+    probe = emb[rows].to("cpu", torch.float64)
     return {
         "name": str(getattr(llm.config, "_name_or_path", "") or ""),
         "model_type": geom.model_type,
@@ -119,8 +131,32 @@ def llm_fingerprint(llm: nn.Module) -> dict:
         "num_kv_heads": geom.num_kv_heads,
         "head_dim": geom.head_dim,
         "vocab_size": int(emb.shape[0]),
+        "dtype": str(emb.dtype).removeprefix("torch."),
         "embedding_sha256": digest.hexdigest(),
+        "embedding_probe": [[float(r.sum()), float(r.abs().sum())] for r in probe],
     }
+
+
+def llm_mismatch(mine: dict, theirs: dict) -> list[str]:
+    """The fingerprint keys on which two LLMs differ (``[]``: the same LLM).
+
+    In the same dtype the embedding digest decides. Across dtypes it cannot match, so the
+    probe does: each row sum may move by the rounding of the coarser dtype (bfloat16: a
+    relative 2^-8 per element, so at most 2^-8 of the absolute sum; checked at 2^-6),
+    far less than another model's embeddings differ. A fingerprint from before the probe
+    (float32 only) can be checked in float32 only.
+    """
+    diff = [k for k in IDENTITY_KEYS if mine.get(k) != theirs.get(k)]
+    if mine.get("dtype", "float32") == theirs.get("dtype", "float32"):
+        if mine.get("embedding_sha256") != theirs.get("embedding_sha256"):
+            diff.append("embedding_sha256")
+        return diff
+    a, b = mine.get("embedding_probe"), theirs.get("embedding_probe")
+    if not a or not b or len(a) != len(b) or any(
+        abs(sa - sb) > 2**-6 * max(aa, ab) + 1e-12 for (sa, aa), (sb, ab) in zip(a, b)
+    ):
+        diff.append("embedding_probe")
+    return diff
 
 
 # --------------------------------------------------------------------------- embedded default

@@ -72,6 +72,20 @@ def test_loading_onto_another_llm_fails_clearly(tmp_path):
     assert other.states.keys() == set()  # nothing half-loaded
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_state_made_in_float32_loads_onto_a_half_precision_copy(tmp_path, dtype):
+    """A state prepared in float32 serves the same LLM deployed in half precision (the
+    shipped Orin config); another LLM in half precision is still refused."""
+    save_state(_trained_model(seed=0), tmp_path / "s")
+    same_llm, tok = tiny_llm("llama", num_layers=4, seed=0)
+    same = MPnPModel(same_llm.to(dtype), tok)
+    load_state(same, tmp_path / "s", name="night")
+    assert "night" in same.states
+    other_llm, tok = tiny_llm("llama", num_layers=4, seed=1)
+    with pytest.raises(StateError, match="another LLM.*float32 saved, .*differ beyond"):
+        load_state(MPnPModel(other_llm.to(dtype), tok), tmp_path / "s")
+
+
 def test_loading_with_another_n_fails_clearly(tmp_path):
     save_state(_trained_model(), tmp_path / "s")
     llm, tok = tiny_llm("llama", num_layers=4, seed=0)
