@@ -59,8 +59,8 @@ class MPnPBackendConfig:
         eval_chunk: validation questions per bounded call.
         max_new_tokens: answer length limit.
         answer_vocabulary: ``"nuscenes-qa"``: decoding stops as soon as an answer is one of
-            the closed vocabulary's (saves one of the ~3 forward passes of a short answer);
-            ``""``: free decoding up to a stop token.
+            the closed vocabulary's (no pass spent on the stop token: 2.3 -> 1.8 passes per
+            answer on SmolLM2); ``""``: free decoding up to a stop token.
         frame_cache: encoded live frames kept (questions often ask about the same frame).
         micro_batch: training samples per bounded call; gradients accumulate until an
             optimizer step's ``batch_size`` samples are done. Smaller = shorter waits for

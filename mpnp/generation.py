@@ -143,10 +143,9 @@ def generate_answers(
             (only for checking the cache path).
         stop_at: closed-vocabulary serving (see :func:`final_answers`): a row stops as soon
             as its normalised text is one of these, without the forward pass that would
-            generate its stop token. Each decoding step is a pass over every weight, so
-            on a CPU this saves a third of a short answer's latency; the answer differs
-            from free decoding only if the model would have gone on after a complete
-            answer.
+            only generate its stop token (each pass reads every weight; on SmolLM2 the
+            passes per answer went from 2.3 to 1.8). The answer differs from free
+            decoding only if the model would have gone on after a complete answer.
     """
     tok = model.tokenizer
     if tok is None:

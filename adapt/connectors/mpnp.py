@@ -117,10 +117,15 @@ class MPnPConnector(Connector):
         dev = self.device()
         return {m: tokens[m].to(dev) for m in self.model.state.connected}
 
+    @staticmethod
+    def _hidden_keys(pb: PromptBatch, first: int) -> list[tuple[int, tuple[int, ...]]]:
+        """Replay-cache keys of the batch's rows: the entry block and the unpadded ids."""
+        return [(first, tuple(ids[m.bool()].tolist()))
+                for ids, m in zip(pb.input_ids, pb.attention_mask)]
+
     def _cached_lower(self, pb: PromptBatch, first: int) -> torch.Tensor:
         """Input of block ``first`` for the batch, from the cache where possible."""
-        rows = [tuple(ids[m.bool()].tolist()) for ids, m in zip(pb.input_ids, pb.attention_mask)]
-        keys = [(first, r) for r in rows]
+        keys = self._hidden_keys(pb, first)
         missing = [i for i, k in enumerate(keys) if k not in self._hidden]
         self.hidden_cache_hits += len(keys) - len(missing)
         self.hidden_cache_misses += len(missing)
@@ -145,10 +150,10 @@ class MPnPConnector(Connector):
         pb = self.training_batch(batch)
         answers = tuple(int(n) for n in (pb.labels != -100).sum(dim=1))
         first = self.model.geometry.num_layers - self.model.state.config.num_blocks
-        lower = first > 0 and not (self.cache_hidden and self.training)
         if self.cache_hidden and self.training and first > 0:
-            lower = any((first, tuple(ids[m.bool()].tolist())) not in self._hidden
-                        for ids, m in zip(pb.input_ids, pb.attention_mask))
+            lower = any(k not in self._hidden for k in self._hidden_keys(pb, first))
+        else:
+            lower = first > 0
         return (tuple(pb.input_ids.shape), answers, lower,
                 tuple(self.model.state.connected), self.model.state.config.num_blocks)
 
