@@ -46,7 +46,8 @@ def dataset_features(data: QADataset, encoders: Mapping[str, Encoder],
     frame_ids = sorted({item.frame_id for item in data.items})
     tokens = {
         modality: encode_frames(encoder, frame_ids, data.frame, cache,
-                                batch_size=batch_size, progress=progress)
+                                batch_size=batch_size, progress=progress,
+                                key_of=data.cache_key)
         for modality, encoder in encoders.items()
     }
     return FeatureSet(data.items, tokens)

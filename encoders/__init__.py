@@ -1,4 +1,5 @@
-"""Frozen unimodal encoders (camera ViT, LiDAR range-image ViT) behind one interface.
+"""Frozen unimodal encoders (camera ViT, LiDAR range-image ViT) behind one interface, and the
+ground-truth ``oracle`` (a diagnostic upper bound, never served).
 
 Every encoder maps sensor frames to tokens ``(B, T, D)`` (see :class:`encoders.base.Encoder`)
 and is created by name through the registry here::
@@ -57,15 +58,18 @@ def create_encoder(kind: str, **config) -> Encoder:
 
 from encoders.camera import CameraViTEncoder  # noqa: E402  (registers itself)
 from encoders.lidar import LidarRangeViTEncoder  # noqa: E402
+from encoders.oracle import OracleEncoder  # noqa: E402
 
 register_encoder(CameraViTEncoder.kind, CameraViTEncoder)
 register_encoder(LidarRangeViTEncoder.kind, LidarRangeViTEncoder)
+register_encoder(OracleEncoder.kind, OracleEncoder)
 
 __all__ = [
     "CameraViTEncoder",
     "Encoder",
     "EncoderFormatError",
     "LidarRangeViTEncoder",
+    "OracleEncoder",
     "create_encoder",
     "encoder_class",
     "list_encoders",

@@ -36,7 +36,10 @@ FORMAT_TYPE = "mpnp-encoder"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "encoder.safetensors"
 CONFIG_FILE = "encoder.json"
-MODALITIES = ("camera", "lidar")
+#: Sensor modalities the encoders read, then the diagnostic ones (never served by the daemon).
+SENSOR_MODALITIES = ("camera", "lidar")
+DIAGNOSTIC_MODALITIES = ("oracle",)
+MODALITIES = SENSOR_MODALITIES + DIAGNOSTIC_MODALITIES
 FIX_HINT = "run `mpnp prepare` (or `mpnp encoders pretrain --kind {kind}`) to recreate it"
 
 

@@ -23,7 +23,15 @@ from torch import nn
 
 from encoders.cache import FeatureCache, encode_frames
 from encoders.pretrain import ensure_pretrained, load_split, region_layout
-from encoders.targets import DISTANCE_RINGS, SHAPE_GROUPS, region_counts
+from encoders.targets import (
+    CLASS_SLICE,
+    DISTANCE_RINGS,
+    RING_SLICE,
+    SHAPE_GROUPS,
+    STATUS_NAMES,
+    STATUS_SLICE,
+    region_counts,
+)
 from mpnp.paths import model_store_dir
 from scenes.layout import CLASS_NAMES
 
@@ -102,14 +110,15 @@ def _region_data(encoder, frames: list, tokens: torch.Tensor, max_count: int):
     counts = region_counts(frames, regions, n_regions, max_count=10**6)
     counts = torch.from_numpy(counts).reshape(len(frames) * n_regions, -1)
     near = region_counts(frames, regions, n_regions, max_count=1, max_distance=NEAR_METRES)
-    near = torch.from_numpy(near).reshape(len(frames) * n_regions, -1)[:, :len(CLASS_NAMES)]
-    classes = counts[:, :len(CLASS_NAMES)]
+    near = torch.from_numpy(near).reshape(len(frames) * n_regions, -1)[:, CLASS_SLICE]
+    classes = counts[:, CLASS_SLICE]
     groups = torch.stack([classes[:, [CLASS_NAMES.index(n) for n in g]].sum(1)
                           for g in SHAPE_GROUPS], dim=1)
     targets = {"class presence": (classes > 0).long(),
                f"class presence <= {NEAR_METRES:g} m": near,
                "shape-group count": groups.clamp(max=max_count),
-               "objects by distance": counts[:, len(CLASS_NAMES):].clamp(max=max_count)}
+               "objects by distance": counts[:, RING_SLICE].clamp(max=max_count),
+               "status count": counts[:, STATUS_SLICE].clamp(max=max_count)}
     night = torch.tensor([f.is_night for f in frames]).repeat_interleave(n_regions)
     return features, targets, night
 
@@ -119,7 +128,8 @@ def _split_regions(encoder, world_dir, split: str, cache: FeatureCache | None,
     data = load_split(world_dir, split)
     ids = data.frame_ids
     frames = {i: data.frame(i) for i in ids}  # read each file once
-    tokens = encode_frames(encoder, ids, frames.__getitem__, cache, progress=progress)
+    tokens = encode_frames(encoder, ids, frames.__getitem__, cache, progress=progress,
+                           key_of=data.cache_key)
     return _region_data(encoder, list(frames.values()), torch.stack([tokens[i] for i in ids]),
                         max_count)
 
@@ -166,7 +176,7 @@ def probe_encoder(encoder, world_dir, config: ProbeConfig | None = None,
         relit_data[name] = ((f - mean) / std, t)
     names = {"class presence": CLASS_NAMES, f"class presence <= {NEAR_METRES:g} m": CLASS_NAMES,
              "shape-group count": GROUP_NAMES,
-             "objects by distance": RING_NAMES}
+             "objects by distance": RING_NAMES, "status count": STATUS_NAMES}
     regions, n_regions = region_layout(encoder)
     result: dict = {"kind": encoder.kind, "fingerprint": encoder.fingerprint()[:16],
                     "tokens": [encoder.num_tokens, encoder.dim], "regions": regions,

@@ -1,8 +1,10 @@
 """Supervised targets derived from a frame's ground-truth objects (for pretraining and probes).
 
 The scene is summarised per *region* — per camera view for the camera encoder, per azimuth
-band for the LiDAR encoder — as counts: objects of each class, and objects in each distance
-ring (any class). Counts are clipped to ``max_count`` and used as classes ``0..max_count``.
+band for the LiDAR encoder — as counts: objects of each class, objects in each distance
+ring (any class), and objects of each status (moving, stopped, parked, standing, ...: what
+the status questions ask and what separates a parked car from a stopped one). Counts are
+clipped to ``max_count`` and used as classes ``0..max_count``.
 Regions follow object centres (an object can be in two overlapping camera views).
 """
 
@@ -14,14 +16,29 @@ from collections.abc import Sequence
 import numpy as np
 
 from scenes.camera import RIG
-from scenes.layout import CLASS_NAMES, CLASSES
+from scenes.layout import (
+    CLASS_NAMES,
+    CLASSES,
+    CYCLE_STATUSES,
+    PEDESTRIAN_STATUSES,
+    VEHICLE_STATUSES,
+)
 from scenes.sample import CAMERA_VIEWS, Frame
 
 #: Distance rings (metres, upper bounds) of the class-agnostic occupancy targets.
 DISTANCE_RINGS: tuple[float, ...] = (10.0, 20.0, 40.0)
-#: Names of the count targets of one region, in order.
-TARGET_NAMES: tuple[str, ...] = CLASS_NAMES + tuple(
+#: Every object status of the world (cones and barriers have none).
+STATUS_NAMES: tuple[str, ...] = tuple(dict.fromkeys(
+    VEHICLE_STATUSES + PEDESTRIAN_STATUSES + CYCLE_STATUSES))
+RING_NAMES: tuple[str, ...] = tuple(
     f"objects within {lo:g}-{hi:g} m" for lo, hi in zip((0.0,) + DISTANCE_RINGS, DISTANCE_RINGS))
+#: Names of the count targets of one region, in order: classes, distance rings, statuses.
+TARGET_NAMES: tuple[str, ...] = CLASS_NAMES + RING_NAMES + tuple(
+    f"status {s}" for s in STATUS_NAMES)
+#: Where each group of targets sits in :data:`TARGET_NAMES`.
+CLASS_SLICE = slice(0, len(CLASS_NAMES))
+RING_SLICE = slice(CLASS_SLICE.stop, CLASS_SLICE.stop + len(RING_NAMES))
+STATUS_SLICE = slice(RING_SLICE.stop, RING_SLICE.stop + len(STATUS_NAMES))
 
 
 def _shape_groups() -> tuple[tuple[str, ...], ...]:
@@ -60,9 +77,9 @@ def band_of(azimuth: float, bands: int) -> int:
 
 
 def _object_rows(frame: Frame, max_distance: float | None = None
-                 ) -> list[tuple[int, int, float]]:
-    """(class index or -1, ring index or -1, azimuth) of every annotated object (only those
-    within ``max_distance`` metres when given)."""
+                 ) -> list[tuple[int, int, float, int]]:
+    """(class index or -1, ring index or -1, azimuth, status index or -1) of every annotated
+    object (only those within ``max_distance`` metres when given)."""
     if frame.objects is None:
         raise ValueError(f"frame {frame.frame_id} has no ground-truth objects; pretraining and "
                          "probes need annotated frames (the synthetic world has them)")
@@ -74,7 +91,8 @@ def _object_rows(frame: Frame, max_distance: float | None = None
             continue
         ring = next((i for i, hi in enumerate(DISTANCE_RINGS) if distance <= hi), -1)
         cls = CLASS_NAMES.index(obj.category) if obj.category in CLASS_NAMES else -1
-        rows.append((cls, ring, math.atan2(y, x)))
+        status = STATUS_NAMES.index(obj.status) if obj.status in STATUS_NAMES else -1
+        rows.append((cls, ring, math.atan2(y, x), status))
     return rows
 
 
@@ -86,16 +104,17 @@ def region_counts(frames: Sequence[Frame], regions: str, bands: int = 8,
     if regions not in ("views", "bands"):
         raise ValueError(f"regions must be 'views' or 'bands', got {regions!r}")
     n_regions = len(CAMERA_VIEWS) if regions == "views" else bands
-    n_classes = len(CLASS_NAMES)
     out = np.zeros((len(frames), n_regions, len(TARGET_NAMES)), dtype=np.int64)
     for b, frame in enumerate(frames):
-        for cls, ring, azimuth in _object_rows(frame, max_distance):
+        for cls, ring, azimuth, status in _object_rows(frame, max_distance):
             where = view_membership(azimuth) if regions == "views" else [band_of(azimuth, bands)]
             for r in where:
                 if cls >= 0:
-                    out[b, r, cls] += 1
+                    out[b, r, CLASS_SLICE.start + cls] += 1
                 if ring >= 0:
-                    out[b, r, n_classes + ring] += 1
+                    out[b, r, RING_SLICE.start + ring] += 1
+                if status >= 0:
+                    out[b, r, STATUS_SLICE.start + status] += 1
     return np.minimum(out, max_count)
 
 
@@ -103,7 +122,7 @@ def frame_class_counts(frames: Sequence[Frame], max_count: int = 3) -> np.ndarra
     """Clipped per-class counts over the whole frame ``(B, len(CLASS_NAMES))`` int64."""
     out = np.zeros((len(frames), len(CLASS_NAMES)), dtype=np.int64)
     for b, frame in enumerate(frames):
-        for cls, _, _ in _object_rows(frame):
+        for cls, _, _, _ in _object_rows(frame):
             if cls >= 0:
                 out[b, cls] += 1
     return np.minimum(out, max_count)

@@ -13,15 +13,26 @@ def add_commands(subparsers) -> None:
     sub = parser.add_subparsers(dest="scenes_command", metavar="ACTION")
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
+    from scenes.synthetic import WORLD_VARIANTS, WorldConfig
+
+    d = WorldConfig()
     gen = sub.add_parser("generate", help="generate the synthetic day/night world to a folder")
     gen.add_argument("--out", required=True, help="output folder (created)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--day-frames", type=int, default=400)
-    gen.add_argument("--night-frames", type=int, default=100)
-    gen.add_argument("--frames-per-scene", type=int, default=10)
-    gen.add_argument("--questions-per-frame", type=int, default=10)
-    gen.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=(64, 112))
-    gen.add_argument("--lidar-width", type=int, default=512)
+    gen.add_argument("--variant", choices=sorted(WORLD_VARIANTS), default="default",
+                     help="a named world (other seed, object and light distributions); the "
+                          "options below override its fields")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--day-frames", type=int, help=f"default {d.day_frames}")
+    gen.add_argument("--night-frames", type=int, help=f"default {d.night_frames}")
+    gen.add_argument("--frames-per-scene", type=int, help=f"default {d.frames_per_scene}")
+    gen.add_argument("--questions-per-frame", type=int,
+                     help=f"default {d.questions_per_frame}")
+    gen.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                     help=f"default {d.image_height} {d.image_width}")
+    gen.add_argument("--lidar-width", type=int, help=f"default {d.lidar_width}")
+    gen.add_argument("--workers", type=int, default=None,
+                     help="worker processes (default: one per CPU; the output is identical "
+                          "for any number)")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     gen.set_defaults(func=_generate)
 
@@ -35,20 +46,26 @@ def add_commands(subparsers) -> None:
     show.add_argument("--seed", type=int, default=0)
     show.set_defaults(func=_show)
 
-    stats = sub.add_parser("stats", help="answer distribution and blind baselines")
+    stats = sub.add_parser("stats", help="scenes, frames, questions per type/hop, answer "
+                                         "distributions, repeated texts, blind baselines")
     stats.add_argument("--data", required=True, help="dataset folder")
+    stats.add_argument("--json", help="also write the statistics as JSON to this path")
     stats.set_defaults(func=_stats)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from scenes.synthetic import WorldConfig, generate_world
+    from scenes.synthetic import generate_world, world_variant
 
-    config = WorldConfig(seed=args.seed, day_frames=args.day_frames,
-                         night_frames=args.night_frames, frames_per_scene=args.frames_per_scene,
-                         questions_per_frame=args.questions_per_frame,
-                         image_height=args.image_size[0], image_width=args.image_size[1],
-                         lidar_width=args.lidar_width)
-    path = generate_world(config, args.out, progress=not args.no_progress)
+    overrides = {k: v for k, v in (
+        ("seed", args.seed), ("day_frames", args.day_frames),
+        ("night_frames", args.night_frames), ("frames_per_scene", args.frames_per_scene),
+        ("questions_per_frame", args.questions_per_frame),
+        ("lidar_width", args.lidar_width)) if v is not None}
+    if args.image_size is not None:
+        overrides.update(image_height=args.image_size[0], image_width=args.image_size[1])
+    config = world_variant(args.variant, **overrides)
+    path = generate_world(config, args.out, progress=not args.no_progress,
+                          workers=args.workers)
     print(f"wrote the synthetic world to {path}")
     return 0
 
@@ -83,20 +100,13 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from scenes.baselines import answer_distribution, majority_baseline, question_only_baseline
-    from scenes.dataset import QADataset
+    import json
 
-    splits = {s: QADataset.load(args.data, s) for s in ("train", "val", "test")}
-    for name, data in splits.items():
-        night = data.filter(night=True)
-        print(f"{name:5s}: {len(data)} questions, {len(data.frame_ids)} frames "
-              f"({len(night.frame_ids)} night), {len(data.scene_ids())} scenes")
-    train, test = splits["train"].items, splits["test"].items
-    print("answers per template (train):")
-    for template, counts in sorted(answer_distribution(train).items()):
-        total = sum(counts.values())
-        top = ", ".join(f"{a}:{n / total:.2f}" for a, n in counts.most_common(8))
-        print(f"  {template:10s} {top}")
-    print(f"majority per type  test: {majority_baseline(train, test).as_row()}")
-    print(f"question-only (NB) test: {question_only_baseline(train, test).as_row()}")
+    from scenes.stats import format_statistics, world_statistics
+
+    stats = world_statistics(args.data)
+    print(format_statistics(stats))
+    if args.json:
+        Path(args.json).write_text(json.dumps(stats, indent=1))
+        print(f"wrote {args.json}")
     return 0

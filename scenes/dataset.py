@@ -30,6 +30,8 @@ class FrameInfo:
 
     scene_id: str
     light: float
+    #: sha256 of the frame's file when the source records one (generated worlds).
+    content: str | None = None
 
     @property
     def night(self) -> bool:
@@ -85,7 +87,8 @@ class QADataset:
         payload = read_json(qpath, "questions file")
         try:
             frame_rows = payload["frames"]
-            frames = {r["frame_id"]: FrameInfo(r["scene_id"], float(r["light"]))
+            frames = {r["frame_id"]: FrameInfo(r["scene_id"], float(r["light"]),
+                                               r.get("sha256"))
                       for r in frame_rows}
             paths = {r["frame_id"]: (root / r["file"], r.get("sha256")) for r in frame_rows}
             items = [qa_from_json(q, str(qpath)) for q in payload["questions"]]
@@ -111,6 +114,14 @@ class QADataset:
         if frame_id not in self._frames:
             raise KeyError(f"{self.name}: no frame {frame_id!r}")
         return self._frames[frame_id]
+
+    def cache_key(self, frame_id: str) -> str:
+        """What feature caches key this frame on: its id plus its file's digest where the
+        source records one. Generated worlds reuse frame ids (every world has a
+        ``day-0000-000``), so the id alone would read another world's tokens; nuScenes
+        sample tokens are unique by themselves."""
+        info = self.frame_info(frame_id)
+        return f"{frame_id}.{info.content[:16]}" if info.content else frame_id
 
     def frame(self, frame_id: str) -> Frame:
         """The frame (loaded from disk on first use, then cached)."""

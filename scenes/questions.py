@@ -204,23 +204,31 @@ def candidate_pool(objects: list[ObjectAnnotation]) -> list[Candidate]:
     return pool
 
 
-def select_balanced(
-    pools: list[list[Candidate]],
-    per_frame: int,
-    rng: np.random.Generator,
-    max_per_slot: int = 80,
-) -> list[list[Candidate]]:
-    """Pick ``per_frame`` questions from each frame's pool, evening out the answers.
+class AnswerBalancer:
+    """Picks questions frame after frame so that, per template and per question text, the
+    answers come out as even as possible (CLEVR-style).
+
+    It keeps only answer counts, never the pools, so a world of any size is balanced in one
+    pass with bounded memory: :func:`scenes.synthetic.generate_world` feeds it each frame's
+    pool as the frame is generated. The result depends only on the order of the pools and
+    on ``rng``.
 
     Slots cycle through the template types (and 0/1 hops) in a random order per frame. For
     each slot a candidate minimises how often its answer was already chosen for the same
     question text and for the same template (relative to that template's mean), so that e.g.
     yes/no end near 50/50 and counts spread instead of piling on small numbers.
     """
-    by_text: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    by_slot: dict[tuple[str, int], dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    chosen: list[list[Candidate]] = []
-    for pool in pools:
+
+    def __init__(self, rng: np.random.Generator, max_per_slot: int = 80) -> None:
+        self.rng = rng
+        self.max_per_slot = max_per_slot
+        self.by_text: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.by_slot: dict[tuple[str, int], dict[str, int]] = defaultdict(
+            lambda: defaultdict(int))
+
+    def pick(self, pool: list[Candidate], per_frame: int) -> list[Candidate]:
+        """Up to ``per_frame`` distinct questions of one frame's pool."""
+        rng = self.rng
         grouped: dict[tuple[str, int], list[Candidate]] = defaultdict(list)
         for cand in pool:
             grouped[(cand.template_type, cand.num_hop)].append(cand)
@@ -229,19 +237,20 @@ def select_balanced(
         picked: list[Candidate] = []
         seen: set[str] = set()
         attempts = 0
-        while len(picked) < per_frame and attempts < 4 * len(slots):
+        limit = max(4, -(-per_frame // len(slots)) * 4) * len(slots)
+        while len(picked) < per_frame and attempts < limit:
             slot = order[attempts % len(order)]
             attempts += 1
             options = [c for c in grouped.get(slot, ()) if c.question not in seen]
             if not options:
                 continue
-            if len(options) > max_per_slot:
-                options = [options[i] for i in rng.choice(len(options), max_per_slot,
+            if len(options) > self.max_per_slot:
+                options = [options[i] for i in rng.choice(len(options), self.max_per_slot,
                                                           replace=False)]
-            counts = by_slot[slot]
+            counts = self.by_slot[slot]
             mean = (sum(counts.values()) / max(len(counts), 1)) if counts else 0.0
             scores = [
-                sum(by_text[k][c.answer] for k in c.balance_keys)
+                sum(self.by_text[k][c.answer] for k in c.balance_keys)
                 + (counts.get(c.answer, 0) - mean) / (mean + 1)
                 + 0.01 * rng.random()
                 for c in options
@@ -250,10 +259,20 @@ def select_balanced(
             picked.append(best)
             seen.add(best.question)
             for k in best.balance_keys:
-                by_text[k][best.answer] += 1
+                self.by_text[k][best.answer] += 1
             counts[best.answer] += 1
-        chosen.append(picked)
-    return chosen
+        return picked
+
+
+def select_balanced(
+    pools: list[list[Candidate]],
+    per_frame: int,
+    rng: np.random.Generator,
+    max_per_slot: int = 80,
+) -> list[list[Candidate]]:
+    """Pick ``per_frame`` questions from each frame's pool with one :class:`AnswerBalancer`."""
+    balancer = AnswerBalancer(rng, max_per_slot)
+    return [balancer.pick(pool, per_frame) for pool in pools]
 
 
 def to_qa_items(frame_id: str, candidates: list[Candidate]) -> list[QAItem]:

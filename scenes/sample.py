@@ -7,7 +7,9 @@ which is why they are separate: encoders run once per frame, not once per questi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -87,6 +89,22 @@ class Frame:
             )
         if not np.isfinite(self.lidar).all():
             raise ValueError(f"frame {self.frame_id}: lidar holds NaN or inf")
+
+    def content_digest(self) -> str:
+        """sha256 of what the frame holds (sensors, light, ground truth), not of its id:
+        frame ids repeat across worlds, contents do not."""
+        digest = hashlib.sha256()
+        digest.update(repr(float(self.light)).encode())
+        for view in sorted(self.cameras):
+            image = np.ascontiguousarray(self.cameras[view])
+            digest.update(f"{view}|{image.dtype}|{image.shape}".encode())
+            digest.update(image.tobytes())
+        lidar = np.ascontiguousarray(self.lidar)
+        digest.update(f"lidar|{lidar.dtype}|{lidar.shape}".encode())
+        digest.update(lidar.tobytes())
+        objects = None if self.objects is None else [asdict(o) for o in self.objects]
+        digest.update(json.dumps(objects, sort_keys=True).encode())
+        return digest.hexdigest()
 
 
 @dataclass

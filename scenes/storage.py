@@ -110,6 +110,17 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
+def write_frame_file(root: Path, split: str, frame: Frame) -> dict:
+    """Write ``root/<split>/frames/<id>.npz``; returns the frame's row (id, scene, light,
+    file, sha256) for the split's questions file and the manifest."""
+    rel = Path(split) / "frames" / f"{frame.frame_id}.npz"
+    path = Path(root) / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_frame(frame, path)
+    return {"frame_id": frame.frame_id, "scene_id": frame.scene_id, "light": frame.light,
+            "file": rel.as_posix(), "sha256": sha256_of(path)}
+
+
 class WorldWriter:
     """Writes a generated world split by split, then the manifest with every file's sha256."""
 
@@ -121,14 +132,14 @@ class WorldWriter:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def write_frame(self, split: str, frame: Frame) -> dict:
-        rel = Path(split) / "frames" / f"{frame.frame_id}.npz"
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_frame(frame, path)
-        digest = sha256_of(path)
-        self.files[rel.as_posix()] = digest
-        return {"frame_id": frame.frame_id, "scene_id": frame.scene_id, "light": frame.light,
-                "file": rel.as_posix(), "sha256": digest}
+        """Write one frame file and record it; returns its row for the questions file."""
+        meta = write_frame_file(self.root, split, frame)
+        self.add_frame_file(meta)
+        return meta
+
+    def add_frame_file(self, meta: dict) -> None:
+        """Record a frame file written by :func:`write_frame_file` (e.g. by a worker)."""
+        self.files[meta["file"]] = meta["sha256"]
 
     def write_split(self, split: str, frames: list[dict], items: list[QAItem]) -> None:
         by_id = {f["frame_id"]: f for f in frames}

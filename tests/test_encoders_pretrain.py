@@ -41,8 +41,9 @@ def _frame_with(objects: list[ObjectAnnotation]) -> Frame:
 
 
 def test_region_targets_follow_object_positions():
-    ahead = ObjectAnnotation("car", (10.0, 0.0, 0.0), (1.8, 4.5, 1.5), 0.0)
-    behind = ObjectAnnotation("pedestrian", (-25.0, 0.5, 0.0), (0.6, 0.5, 1.7), 0.0)
+    ahead = ObjectAnnotation("car", (10.0, 0.0, 0.0), (1.8, 4.5, 1.5), 0.0, "stopped")
+    behind = ObjectAnnotation("pedestrian", (-25.0, 0.5, 0.0), (0.6, 0.5, 1.7), 0.0,
+                              "standing")
     left = ObjectAnnotation("car", (0.0, 35.0, 0.0), (1.8, 4.5, 1.5), 0.0)
     frame = _frame_with([ahead, behind, left])
     views = region_counts([frame], "views")[0]  # (6, Q)
@@ -51,6 +52,9 @@ def test_region_targets_follow_object_positions():
     assert views[CAMERA_VIEWS.index("CAM_BACK"), ped] == 1
     assert views[CAMERA_VIEWS.index("CAM_BACK_LEFT"), car] == 1  # 90 deg left: back-left view
     assert views[:, TARGET_NAMES.index("objects within 0-10 m")].sum() == 1
+    assert views[CAMERA_VIEWS.index("CAM_FRONT"), TARGET_NAMES.index("status stopped")] == 1
+    assert views[CAMERA_VIEWS.index("CAM_BACK"), TARGET_NAMES.index("status standing")] == 1
+    assert views[:, TARGET_NAMES.index("status parked")].sum() == 0  # the left car has none
     bands = region_counts([frame], "bands", bands=8)[0]
     assert bands[band_of(0.0, 8), car] == 1 and band_of(0.0, 8) == 4  # ahead: middle columns
     assert bands[band_of(math.pi - 0.02, 8), ped] == 1 and band_of(math.pi - 0.02, 8) == 0
@@ -108,7 +112,7 @@ def test_probe_reports_day_and_night(world, tmp_path):
         assert 0.0 <= presence[light]["accuracy"] <= 1.0
         assert len(presence[light]["per_target"]) == 10
     assert set(report["tasks"]) == {"class presence", "class presence <= 20 m",
-                                    "shape-group count", "objects by distance"}
+                                    "shape-group count", "objects by distance", "status count"}
     text = to_markdown({"world": str(world), "encoders": [report]})
     assert "| lidar-rangevit | night |" in text
 

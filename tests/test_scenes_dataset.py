@@ -162,3 +162,62 @@ def test_cli_generate_stats_and_show(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["scenes", "show", "--data", str(out), "--frame", "no-such-frame",
                  "--out", str(png)]) == 1
+
+
+def test_generation_is_bit_identical_for_any_worker_count(world_dir, tmp_path):
+    again = generate_world(TINY, tmp_path / "two", progress=False, workers=2)
+    assert (again / "manifest.json").read_bytes() == (world_dir / "manifest.json").read_bytes()
+    for split in ("train", "val", "test"):
+        assert (again / split / "questions.json").read_bytes() == \
+            (world_dir / split / "questions.json").read_bytes()
+
+
+def test_default_world_plan_has_the_promised_drives():
+    from collections import Counter
+
+    plan = SyntheticWorld(WorldConfig()).plan()
+    drives = Counter((s.scene_id.split("-")[0], s.split) for s in plan)
+    assert drives[("day", "train")] >= 2000 and drives[("night", "train")] >= 600
+    for kind in ("day", "night"):
+        assert drives[(kind, "val")] >= 20 and drives[(kind, "test")] >= 20
+    assert WorldConfig().questions_per_frame >= 20
+    assert all(s.frames == WorldConfig().frames_per_scene for s in plan)
+
+
+def test_annotated_objects_are_observable(world_dir):
+    """Every object a question can be about has enough LiDAR returns and is in range."""
+    world = SyntheticWorld(TINY)
+    for spec in world.plan()[:3]:
+        frame, _ = world._frame_and_pool(spec.scene_id, 0, spec.light)
+        scene = world._layout(spec.scene_id)
+        from scenes.lidar import cast_lidar
+        sweep = cast_lidar(scene, 0.0, np.random.default_rng(0), TINY.lidar_beams,
+                           TINY.lidar_width)
+        visible = sum(h >= TINY.min_lidar_points for h in sweep.hits_per_object)
+        assert len(frame.objects) <= visible
+        assert all(np.hypot(*o.center[:2]) <= TINY.max_object_distance for o in frame.objects)
+
+
+def test_stats_report_counts_texts_and_baselines(world_dir, capsys):
+    from scenes.stats import format_statistics, world_statistics
+
+    stats = world_statistics(world_dir)
+    total = sum(r["questions"] for row in stats["splits"].values() for r in row.values())
+    assert total == 24 * 5
+    test_day = stats["splits"]["test"]["day"]
+    assert sum(test_day["per_type_hop"].values()) == test_day["questions"]
+    assert 0.0 <= test_day["texts_seen_in_train"] <= 1.0
+    assert set(stats["baselines"]) >= {"test/day", "test/night"}
+    text = format_statistics(stats)
+    assert "question-only" in text
+    assert sum(line.startswith(("train ", "val ", "test ")) for line in text.splitlines()) == 6
+
+
+def test_world_variants_differ_from_the_default():
+    from scenes.synthetic import world_variant
+
+    shifted = world_variant("shifted")
+    assert shifted.seed != WorldConfig().seed and shifted.density != WorldConfig().density
+    assert world_variant("default") == WorldConfig()
+    with pytest.raises(ValueError, match="unknown world variant"):
+        world_variant("nope")
