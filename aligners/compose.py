@@ -285,6 +285,8 @@ def compose_states(
             raise CompositionError(
                 "damc needs its λ: give lambdas (one per input) or an evaluate callback on "
                 "validation data to search them")
+        if lambdas is not None and evaluate is not None:
+            raise CompositionError("damc: give lambdas or an evaluate callback, not both")
         if lambdas is None:
             search = search_lambdas(states, evaluate, max_evals=max_evals, grid=grid,
                                     blocks=blocks, prefer=prefer)

@@ -6,6 +6,9 @@ aligners and positional embeddings, connection weights, LoRA of the connected bl
 config, the identity of the LLM it was made for, and the sha256 of the tensor file). Both are
 written atomically; loading checks the checksum, the LLM identity and the exact tensor set,
 so a state is never half-loaded or loaded onto the wrong model.
+
+Outside a model a state is a :class:`StateData` (config + tensors): :func:`read_state`,
+:func:`write_state`, :func:`snapshot_state` (from a model) and :func:`install_state` (into one).
 """
 
 from __future__ import annotations

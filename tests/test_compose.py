@@ -224,6 +224,10 @@ def test_incompatible_configs_and_missing_lambdas_are_clear_errors(pair):
     model, cam, lidar = pair
     with pytest.raises(CompositionError, match="damc needs its λ"):
         compose_states([cam, lidar], "damc")
+    with pytest.raises(CompositionError, match="not both"):
+        compose_states([cam, lidar], "damc", lambdas=[0.5, 0.5], evaluate=lambda s: 0.0)
+    with pytest.raises(CompositionError, match="are for damc"):
+        compose_states([cam, lidar], "naive", lambdas=[0.5, 0.5])
     with pytest.raises(CompositionError, match="one finite λ"):
         compose_states([cam, lidar], "damc", lambdas=[0.5])
     logit = _state(model, "logit", [LIDAR], 3, seed=3, gate="logit")
