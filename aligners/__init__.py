@@ -6,7 +6,8 @@
 - :mod:`aligners.injection` — the attention hook (``[α_j K_mm; K_txt]``).
 - :mod:`aligners.lora` — LoRA on ``k_proj``/``v_proj`` of the connected blocks.
 - :mod:`aligners.model` — :class:`MPnPModel`, the resident LLM with elastic states.
-- :mod:`aligners.state` — save/load of adapted states.
+- :mod:`aligners.state` — save/load of adapted states (:class:`StateData` outside a model).
+- :mod:`aligners.compose` — training-free composition of states (NaiveMC, DAMC).
 
 Import the torch-dependent pieces from their modules; this package import stays light.
 """

@@ -6,6 +6,9 @@ aligners and positional embeddings, connection weights, LoRA of the connected bl
 config, the identity of the LLM it was made for, and the sha256 of the tensor file). Both are
 written atomically; loading checks the checksum, the LLM identity and the exact tensor set,
 so a state is never half-loaded or loaded onto the wrong model.
+
+Outside a model a state is a :class:`StateData` (config + tensors): :func:`read_state`,
+:func:`write_state`, :func:`snapshot_state` (from a model) and :func:`install_state` (into one).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -65,11 +68,71 @@ def save_state(
     The tensor file is written first and the JSON (which carries its checksum) last, so a
     crash in between leaves the previous complete state or a detectably incomplete one.
     """
+    return write_state(snapshot_state(model, name, copy=False), directory)
+
+
+@dataclass
+class StateData:
+    """A state outside any model: its ``state.json`` fields and its tensors by saved name.
+
+    What :func:`save_state` writes and :func:`load_state` reads, as a value: states can be
+    inspected or combined (:mod:`aligners.compose`) without a resident LLM, then written
+    with :func:`write_state` or put into a model with :func:`install_state`.
+    ``config`` holds ``name``, ``num_blocks``, ``connection``, ``modalities``,
+    ``connected`` and ``llm`` (the fingerprint of the LLM it was made for), and may hold
+    provenance such as ``composition``.
+    """
+
+    config: dict
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name", "state"))
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.config["num_blocks"])
+
+    @property
+    def connection(self) -> ConnectionConfig:
+        return ConnectionConfig.from_dict(self.config["connection"])
+
+    @property
+    def modalities(self) -> list[ModalitySpec]:
+        return [ModalitySpec(**m) for m in self.config["modalities"]]
+
+    @property
+    def connected(self) -> list[str]:
+        return list(self.config["connected"])
+
+
+def snapshot_state(model: MPnPModel, name: str | None = None, *, copy: bool = True) -> StateData:
+    """State ``name`` (default: the active one) of ``model`` as a :class:`StateData` on the CPU.
+
+    ``copy=False`` may share memory with the live parameters (on a CPU model): only for
+    writing it out at once.
+    """
     state = model.states[name] if name else model._require_state()
-    out = Path(directory)
-    tensors = {
-        k: v.detach().to("cpu").contiguous() for k, v in model.state_tensors(state.name).items()
+    tensors = {}
+    for key, value in model.state_tensors(state.name).items():
+        value = value.detach().to("cpu").contiguous()
+        tensors[key] = value.clone() if copy else value
+    config = {
+        "name": state.name,
+        "num_blocks": state.config.num_blocks,
+        "connection": state.config.to_dict(),
+        "modalities": [asdict(s) for s in state.modalities],
+        "connected": list(state.connected),
+        "llm": llm_fingerprint(model.llm),
     }
+    return StateData(config, tensors)
+
+
+def write_state(data: StateData, directory: str | os.PathLike[str]) -> Path:
+    """Write ``data`` into ``directory`` as :func:`save_state` does (tensors first, JSON last)."""
+    out = Path(directory)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in data.tensors.items()}
     fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".safetensors", dir=_mkdir(out))
     os.close(fd)
     try:
@@ -83,19 +146,10 @@ def save_state(
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    config = {
-        "type": STATE_TYPE,
-        "format_version": FORMAT_VERSION,
-        "name": state.name,
-        "num_blocks": state.config.num_blocks,
-        "connection": state.config.to_dict(),
-        "modalities": [asdict(s) for s in state.modalities],
-        "connected": list(state.connected),
-        "llm": llm_fingerprint(model.llm),
-        "tensors_sha256": digest,
-    }
+    config = {"type": STATE_TYPE, "format_version": FORMAT_VERSION, **data.config,
+              "tensors_sha256": digest}
     atomic_write_bytes(out / CONFIG_FILE, json.dumps(config, indent=2).encode())
-    log.info("saved state %r (%d tensors) to %s", state.name, len(tensors), out)
+    log.info("saved state %r (%d tensors) to %s", data.name, len(tensors), out)
     return out
 
 
@@ -123,6 +177,21 @@ def read_state_config(directory: str | os.PathLike[str]) -> dict:
     return config
 
 
+def read_state(directory: str | os.PathLike[str]) -> StateData:
+    """Read a saved state without a model: config validated, tensors checked against their
+    checksum. (Which LLM it fits is checked when it is installed, :func:`install_state`.)"""
+    directory = Path(directory)
+    config = read_state_config(directory)
+    tensor_path = directory / TENSORS_FILE
+    if not tensor_path.is_file():
+        raise StateError(f"{tensor_path} is missing")
+    if sha256_file(tensor_path) != config.get("tensors_sha256"):
+        raise StateError(f"{tensor_path} does not match its checksum in {CONFIG_FILE}: corrupt")
+    for key in ("type", "format_version", "tensors_sha256"):
+        config.pop(key, None)
+    return StateData(config, load_file(str(tensor_path)))
+
+
 def load_state(
     model: MPnPModel,
     directory: str | os.PathLike[str],
@@ -147,13 +216,29 @@ def load_state(
     Raises:
         StateError: corrupt files, another LLM, another N, or a tensor set that does not match.
     """
-    directory = Path(directory)
-    config = read_state_config(directory)
-    tensor_path = directory / TENSORS_FILE
-    if not tensor_path.is_file():
-        raise StateError(f"{tensor_path} is missing")
-    if sha256_file(tensor_path) != config.get("tensors_sha256"):
-        raise StateError(f"{tensor_path} does not match its checksum in {CONFIG_FILE}: corrupt")
+    data = read_state(directory)
+    state_name = install_state(model, data, name=name, num_blocks=num_blocks,
+                               activate=activate, source=str(directory))
+    log.info("loaded state %r from %s", state_name, directory)
+    return state_name
+
+
+def install_state(
+    model: MPnPModel,
+    data: StateData,
+    *,
+    name: str | None = None,
+    num_blocks: int | None = None,
+    activate: bool = True,
+    source: str | None = None,
+) -> str:
+    """Put ``data`` into ``model`` as a new state (see :func:`load_state` for the arguments).
+
+    Refuses a state made for another LLM, another N than ``num_blocks`` (if given), or a
+    tensor set that does not fit its own config; nothing is half-installed.
+    """
+    where = f"state in {source}" if source else f"state {data.name!r}"
+    config = data.config
     mine = llm_fingerprint(model.llm)
     theirs = config.get("llm", {})
     diff = llm_mismatch(mine, theirs)
@@ -165,16 +250,15 @@ def load_state(
             "loaded) differ beyond rounding"
             for k in diff
         )
-        raise StateError(f"state in {directory} was made for another LLM ({detail})")
+        raise StateError(f"{where} was made for another LLM ({detail})")
     if num_blocks is not None and config["num_blocks"] != num_blocks:
         raise StateError(
-            f"state in {directory} connects N={config['num_blocks']} blocks, "
-            f"expected N={num_blocks}"
+            f"{where} connects N={config['num_blocks']} blocks, expected N={num_blocks}"
         )
     conn = ConnectionConfig.from_dict(config["connection"])
     specs = [ModalitySpec(**m) for m in config["modalities"]]
     state_name = name or config["name"]
-    tensors = load_file(str(tensor_path))
+    tensors = data.tensors
     model.create_state(state_name, specs, conn, connect=False, activate=False)
     try:
         expected = model.state_tensors(state_name)
@@ -184,7 +268,7 @@ def load_state(
         )
         if missing or unexpected:
             raise StateError(
-                f"state in {directory} does not fit its own config: missing {missing[:5]}, "
+                f"{where} does not fit its own config: missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}"
             )
         with torch.no_grad():
@@ -204,5 +288,4 @@ def load_state(
         raise
     if activate:
         model.activate(state_name)
-    log.info("loaded state %r from %s", state_name, directory)
     return state_name

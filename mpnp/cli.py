@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "scenes.cli",
     "encoders.cli",
     "adapt.cli",
+    "adapt.compose_cli",
     "bench.cli",
     "daemon.cli",
 )
