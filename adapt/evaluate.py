@@ -8,6 +8,7 @@ accuracy is read against.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,12 +33,28 @@ class EvalResult:
     per_type_hop: dict[str, float] = field(default_factory=dict)
     predictions: list[str] = field(default_factory=list)
 
+    @property
+    def ci95(self) -> tuple[float, float]:
+        """95 % Wilson interval of :attr:`accuracy` over :attr:`count` questions."""
+        return wilson_interval(self.accuracy, self.count)
+
     def to_dict(self, with_predictions: bool = False) -> dict:
-        out = {"accuracy": self.accuracy, "count": self.count, "per_type": self.per_type,
-               "per_type_hop": self.per_type_hop}
+        out = {"accuracy": self.accuracy, "count": self.count, "ci95": list(self.ci95),
+               "per_type": self.per_type, "per_type_hop": self.per_type_hop}
         if with_predictions:
             out["predictions"] = self.predictions
         return out
+
+
+def wilson_interval(accuracy: float, count: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95 % by default); ``(nan, nan)`` for no
+    questions. Unlike accuracy ± 1.96·SE it stays inside [0, 1] near 0 % and 100 %."""
+    if count <= 0 or math.isnan(accuracy):
+        return (float("nan"), float("nan"))
+    denom = 1 + z * z / count
+    centre = (accuracy + z * z / (2 * count)) / denom
+    half = z * math.sqrt(accuracy * (1 - accuracy) / count + z * z / (4 * count * count)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def score(items: Sequence[QAItem], predictions: Sequence[str]) -> EvalResult:

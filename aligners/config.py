@@ -26,6 +26,10 @@ class ConnectionConfig:
         train_connections: whether the connection weights ``w_j`` train (ablation: fixed).
         lora: LoRA on ``k_proj``/``v_proj`` of the connected blocks (ablation: off).
         lora_r, lora_alpha, lora_dropout: LoRA hyperparameters (official: 8, 32, 0.1).
+        init_alpha: ``None`` — the official ``w ~ U(-1, 1)``; a value in (0, 1) starts every
+            connection at that α (``w = T·logit(α)``). With the logit gate a small value
+            starts the injection nearly closed: the base LLM is almost intact at step 0 and
+            the connections open where the tokens help.
     """
 
     num_blocks: int = 8
@@ -39,6 +43,7 @@ class ConnectionConfig:
     lora_r: int = 8
     lora_alpha: int = 32
     lora_dropout: float = 0.1
+    init_alpha: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_blocks < 0:
@@ -57,6 +62,8 @@ class ConnectionConfig:
             raise ValueError("lora_r must be >= 1 and lora_alpha > 0")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.init_alpha is not None and not 0.0 < self.init_alpha < 1.0:
+            raise ValueError(f"init_alpha must be in (0, 1) or None, got {self.init_alpha}")
 
     def to_dict(self) -> dict:
         return asdict(self)

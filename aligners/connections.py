@@ -14,15 +14,18 @@ class LatentConnections(nn.Module):
     so only they receive gradients.
     """
 
-    def __init__(self, num_layers: int, temperature: float = 1.0, trainable: bool = True):
+    def __init__(self, num_layers: int, temperature: float = 1.0, trainable: bool = True,
+                 init_alpha: float | None = None):
         super().__init__()
         if num_layers < 1:
             raise ValueError("num_layers must be >= 1")
         self.temperature = temperature
-        # Official initialisation: w ~ U(-1, 1).
-        self.weight = nn.Parameter(
-            torch.empty(num_layers).uniform_(-1.0, 1.0), requires_grad=trainable
-        )
+        if init_alpha is None:  # official initialisation: w ~ U(-1, 1)
+            weight = torch.empty(num_layers).uniform_(-1.0, 1.0)
+        else:  # every block starts at alpha = init_alpha
+            logit = float(torch.logit(torch.tensor(init_alpha, dtype=torch.float64)))
+            weight = torch.full((num_layers,), temperature * logit)
+        self.weight = nn.Parameter(weight, requires_grad=trainable)
 
     def alpha(self, layer_idx: int) -> torch.Tensor:
         """``α_j`` of one block, a 0-d tensor."""

@@ -53,7 +53,8 @@ class AdaptedState(nn.Module):
         self.geometry = geometry
         self.aligners = nn.ModuleDict()
         self.connections = LatentConnections(
-            geometry.num_layers, config.temperature, trainable=config.train_connections
+            geometry.num_layers, config.temperature, trainable=config.train_connections,
+            init_alpha=config.init_alpha,
         )
         self.connected: list[str] = []
 

@@ -15,7 +15,14 @@ Protocol (one process, one machine, one seed):
    samples/s; validation passes are in the wall time but not the FLOPs;
 5. then the data-efficiency runs (60 / 80 % of the night questions) and the ablations of
    the paper (LoRA off, Linear aligner, fixed connections, no positional embeddings), all
-   mPnP C → L at one N.
+   mPnP C → L at one N;
+6. the floors and the ceiling: majority answer per type, the naive-Bayes question-only
+   model (``question_only_nb``, trained on the same questions) next to the soft-prompt
+   ``question_only`` connector, and ``mpnp_oracle`` — mPnP trained the same way on tokens of
+   the ground-truth objects (:mod:`encoders.oracle`), the upper bound of the question side.
+
+Every accuracy is printed with its 95 % Wilson interval; a per-type × hop table and a check
+of the issue's targets (margins with the strongest question-only model) close the report.
 
 ``--quick`` runs the same protocol on a tiny world, tiny encoders and a tiny random LLM.
 """
@@ -39,16 +46,19 @@ from adapt.connectors import create_connector
 from adapt.connectors.base import Connector, ConnectorConfig
 from adapt.connectors.mpnp import MPnPConnector
 from adapt.data import Splits, load_splits, modality_specs
-from adapt.evaluate import EvalResult, evaluate, majority_baseline
+from adapt.evaluate import EvalResult, evaluate, majority_baseline, score, wilson_interval
 from adapt.features import FeatureSet
 from adapt.prepare import FAST_LEARNING_RATES, PrepareConfig, ensure_encoders, ensure_world
 from adapt.trainer import TrainConfig, Trainer, TrainReport
 from aligners.config import ConnectionConfig
 from aligners.model import MPnPModel
+from encoders import create_encoder
 from encoders.cache import FeatureCache
 from encoders.pretrain import PretrainConfig
+from mpnp.answers import QUESTION_TYPES
 from mpnp.measure import PeakMemory, release_free_memory
 from mpnp.paths import model_store_dir
+from scenes.baselines import QuestionOnlyModel
 from scenes.synthetic import WorldConfig
 
 log = logging.getLogger(__name__)
@@ -83,7 +93,8 @@ class Table1Config:
     day_samples: int = 320
     night_samples: int | None = 320  # None: every night training question
     val_samples: int = 40  # early-stopping validation (only used with epochs > 1)
-    test_samples: int = 160
+    test_samples: int | None = 800  # per context; None: the whole test split
+    oracle: bool = True  # the mpnp_oracle row (ground-truth object tokens)
     fractions: tuple[float, ...] = (0.6, 0.8)
     study_n: int | None = 12  # N of the data-efficiency and ablation runs
     epochs: int = 1
@@ -167,6 +178,8 @@ class Table1:
         prep = PrepareConfig(world=cfg.world, pretrain=cfg.pretrain)
         world = ensure_world(cfg.world, store, progress)
         self.encoders = ensure_encoders(prep, world, store, progress)
+        if cfg.oracle:
+            self.encoders["oracle"] = create_encoder("oracle").freeze()
         self.specs = modality_specs(self.encoders)
         full = load_splits(world, self.encoders, FeatureCache(store / "features"),
                            progress=progress)
@@ -188,6 +201,7 @@ class Table1:
              report: TrainReport | None, peak: int | None = None, **extra) -> dict:
         row = {
             "method": method, "N": n, "scenario": scenario, "accuracy": result.accuracy,
+            "ci95": list(result.ci95), "test_questions": result.count,
             "per_type": result.per_type, "per_type_hop": result.per_type_hop,
             "adapt_flops": float(report.flops) if report else 0.0,
             "peak_mem_bytes": int(peak if peak is not None else
@@ -250,6 +264,33 @@ class Table1:
             self._row("majority", None, scenario, majority_baseline(train.items, test.items),
                       None, table="main")
 
+    def run_question_only_nb(self) -> None:
+        """The naive-Bayes question-only model on the same training questions as the others."""
+        d = self.data
+        day = QuestionOnlyModel().fit(d.day_train.items)
+        night = QuestionOnlyModel().fit(d.night_train.items)
+        for scenario, model, test in (("day_c", day, d.day_test), ("night_c", day, d.night_test),
+                                      ("night_c_to_cl", night, d.night_test),
+                                      ("night_c_to_l", night, d.night_test)):
+            self._row("question_only_nb", None, scenario,
+                      score(test.items, model.predict(test.items)), None, table="main")
+
+    def run_oracle(self, model: MPnPModel) -> None:
+        """mPnP on ground-truth object tokens, trained like the camera state (the ceiling)."""
+        cfg = self.cfg
+        llm, tokenizer = model.llm, model.tokenizer
+        oracle = MPnPConnector(llm, tokenizer, [self.specs["oracle"]],
+                               self._connector_config(cfg.offline_n), model=model,
+                               state_name="oracle",
+                               connection=ConnectionConfig(num_blocks=cfg.offline_n))
+        report = self._train_day(oracle)
+        for scenario, test in (("day_c", self.data.day_test), ("night_c", self.data.night_test)):
+            self._row("mpnp_oracle", cfg.offline_n, scenario, evaluate(oracle, test),
+                      report if scenario == "day_c" else None, table="main")
+        model.remove_state("oracle")
+        del oracle
+        gc.collect()
+
     def run_baseline(self, kind: str, llm, tokenizer) -> None:
         day = create_connector(kind, llm, tokenizer, [self.specs["camera"]],
                                self._connector_config(0))
@@ -260,9 +301,9 @@ class Table1:
         self._night_rows(kind, day, None)
         _drop(day)
 
-    def run_mpnp(self, llm, tokenizer) -> MPnPConnector:
+    def run_mpnp(self, model: MPnPModel) -> MPnPConnector:
         cfg = self.cfg
-        model = MPnPModel(llm, tokenizer)
+        llm, tokenizer = model.llm, model.tokenizer
         day = MPnPConnector(llm, tokenizer, [self.specs["camera"]],
                             self._connector_config(cfg.offline_n), model=model,
                             state_name="day", connection=ConnectionConfig(num_blocks=cfg.offline_n))
@@ -316,13 +357,17 @@ def run(cfg: Table1Config, store_dir: str | None = None, progress: bool = True) 
     started = time.perf_counter()
     bench = Table1(cfg, cfg.store(store_dir), progress)
     bench.run_majority()
+    bench.run_question_only_nb()
     llm_b, tok = _load_llm(cfg)  # baselines: a plain LLM (mPnP's carries LoRA layers)
     for kind in cfg.baselines:
         bench.run_baseline(kind, llm_b, tok)
     del llm_b
     gc.collect()
     llm_m, tok = _load_llm(cfg)
-    day = bench.run_mpnp(llm_m, tok)
+    resident = MPnPModel(llm_m, tok)
+    if cfg.oracle:
+        bench.run_oracle(resident)
+    day = bench.run_mpnp(resident)
     bench.run_studies(day)
     from mpnp.llm import llm_fingerprint
 
@@ -344,7 +389,9 @@ def run(cfg: Table1Config, store_dir: str | None = None, progress: bool = True) 
         "best_n": bench.best_n(),
         "total_wall_s": time.perf_counter() - started,
     }
-    return {"meta": meta, "rows": bench.rows}
+    result = {"meta": meta, "rows": bench.rows}
+    meta["targets"] = check_targets(result)
+    return result
 
 
 # ---------------------------------------------------------------------- reporting
@@ -354,6 +401,106 @@ def _cell(rows: list[dict], method: str, n, scenario: str, table: str = "main") 
         if (r["method"], r["N"], r["scenario"], r.get("table")) == (method, n, scenario, table):
             return r
     return None
+
+
+def _acc(row: dict) -> str:
+    """'41.2 ± 3.4': accuracy in % and the half-width of its 95 % interval."""
+    lo, hi = row.get("ci95") or wilson_interval(row["accuracy"], row.get("test_questions", 0))
+    if lo != lo:  # nan: no interval known
+        return f"{100 * row['accuracy']:.1f}"
+    return f"{100 * row['accuracy']:.1f} ± {100 * (hi - lo) / 2:.1f}"
+
+
+TYPE_HOPS = tuple(f"{t}/{h}" for t in QUESTION_TYPES for h in (0, 1))
+
+
+def per_type_tables(rows: list[dict]) -> list[str]:
+    """One table per scenario: accuracy per question type × hop of every main row."""
+    out: list[str] = []
+    for scenario, title in SCENARIOS.items():
+        picked = [r for r in rows if r.get("table") == "main" and r["scenario"] == scenario]
+        if not picked:
+            continue
+        out += [f"## Per type × hop — {title}", "",
+                "| method | N | " + " | ".join(f"{k.split('/')[0]} H{k.split('/')[1]}"
+                                              for k in TYPE_HOPS) + " | all |",
+                "|---|---|" + "---|" * (len(TYPE_HOPS) + 1)]
+        for r in picked:
+            cells = [f"{100 * r['per_type_hop'][k]:.0f}" if k in r.get("per_type_hop", {})
+                     else "–" for k in TYPE_HOPS]
+            out.append(f"| {r['method']} | {r['N'] if r['N'] is not None else '–'} | "
+                       + " | ".join(cells) + f" | {100 * r['accuracy']:.1f} |")
+        out.append("")
+    return out
+
+
+def _best(rows: list[dict], scenario: str, match) -> dict | None:
+    cands = [r for r in rows if r.get("table") == "main" and r["scenario"] == scenario
+             and match(r["method"])]
+    return max(cands, key=lambda r: r["accuracy"]) if cands else None
+
+
+def check_targets(result: dict) -> list[dict]:
+    """The accuracy and cost targets of the issue, measured: name, value, target, met.
+
+    "Question-only" is the strongest question-only row of the scenario (soft prompts or
+    naive Bayes); differences are in accuracy points."""
+    rows = result["rows"]
+
+    def qo(scenario: str):
+        return _best(rows, scenario, lambda m: "question" in m)
+
+    def mpnp(scenario: str, n=None):
+        return _best(rows, scenario, lambda m: m == "mpnp") if n is None else \
+            _cell(rows, "mpnp", n, scenario)
+
+    checks: list[dict] = []
+
+    def add(name: str, value: float | None, target: str, ok: bool | None) -> None:
+        checks.append({"target": name, "value": value, "goal": target, "met": ok})
+
+    oracle, qday = _best(rows, "day_c", lambda m: "oracle" in m), qo("day_c")
+    if oracle and qday:
+        d = 100 * (oracle["accuracy"] - qday["accuracy"])
+        add("oracle mPnP Day − question-only", d, ">= +25", d >= 25)
+    day, night = mpnp("day_c"), mpnp("night_c")
+    if day and qday:
+        d = 100 * (day["accuracy"] - qday["accuracy"])
+        add("mPnP Day (C) − question-only", d, ">= +10", d >= 10)
+    if day and night:
+        d = 100 * (night["accuracy"] - day["accuracy"])
+        add("mPnP Night (C) − Day (C)", d, "<= −8", d <= -8)
+    switch, add_ = mpnp("night_c_to_l"), mpnp("night_c_to_cl")
+    if switch and night and day:
+        d = 100 * (switch["accuracy"] - night["accuracy"])
+        add("best mPnP Night (C → L) − Night (C)", d, ">= +8", d >= 8)
+        d = 100 * (switch["accuracy"] - day["accuracy"])
+        add("best mPnP Night (C → L) − Day (C)", d, ">= −3", d >= -3)
+    if switch and add_:
+        d = 100 * (add_["accuracy"] - switch["accuracy"])
+        add("best mPnP Night (C → C+L) − Night (C → L)", d, ">= −2", d >= -2)
+    base = _best(rows, "night_c_to_l", lambda m: m in BASELINES and "question" not in m)
+    full = _cell(rows, "full_llm", None, "night_c_to_l")
+    if switch and base and full and full["adapt_flops"] and full["peak_mem_bytes"]:
+        d = 100 * (switch["accuracy"] - base["accuracy"])
+        rf = switch["adapt_flops"] / full["adapt_flops"]
+        rm = switch["peak_mem_bytes"] / full["peak_mem_bytes"]
+        add(f"best mPnP (N={switch['N']}) − best baseline ({base['method']}), Night (C → L)",
+            d, ">= 0", d >= 0)
+        add("its adaptation FLOPs / Full LLM's", rf, "<= 0.33", rf <= 1 / 3)
+        add("its peak memory / Full LLM's", rm, "<= 0.6", rm <= 0.6)
+    return checks
+
+
+def targets_section(result: dict) -> list[str]:
+    checks = check_targets(result)
+    if not checks:
+        return []
+    out = ["## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
+    for c in checks:
+        value = f"{c['value']:+.1f}" if abs(c["value"]) >= 1 else f"{c['value']:.2f}"
+        out.append(f"| {c['target']} | {value} | {c['goal']} | {'yes' if c['met'] else 'no'} |")
+    return out + ["", "Differences inside the rows' 95 % intervals are not results.", ""]
 
 
 def _llm_name(meta: dict) -> str:
@@ -382,7 +529,7 @@ def to_markdown(result: dict) -> str:
     keys = list(dict.fromkeys((r["method"], r["N"]) for r in rows if r.get("table") == "main"))
     for method, n in keys:
         cells = [_cell(rows, method, n, s) for s in SCENARIOS]
-        acc = [f"{100 * c['accuracy']:.1f}" if c else "–" for c in cells]
+        acc = [_acc(c) if c else "–" for c in cells]
         cost = cells[3]
         if cost and cost["adapt_flops"]:
             tf = cost["adapt_flops"] / 1e12
@@ -395,8 +542,12 @@ def to_markdown(result: dict) -> str:
             tail = ["–"] * 6
         out.append(f"| {method} | {n if n is not None else '–'} | " + " | ".join(acc + tail)
                    + " |")
-    out += ["", f"mPnP Day (C) / Night (C): the one offline state (N={meta['config']['offline_n']})"
-            " — runtime N is elastic.", ""]
+    out += ["", "Accuracy in % ± the half-width of its 95 % Wilson interval. mPnP Day (C) / "
+            f"Night (C): the one offline state (N={meta['config']['offline_n']}) — runtime N is "
+            "elastic. `question_only_nb` is the naive-Bayes question-only model, "
+            "`mpnp_oracle` mPnP on ground-truth object tokens (the ceiling).", ""]
+    out += per_type_tables(rows)
+    out += targets_section(result)
     de = [r for r in rows if r.get("table") == "data_efficiency"]
     if de:
         n = de[0]["N"]

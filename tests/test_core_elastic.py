@@ -77,3 +77,23 @@ def test_bad_names_are_clear_errors(llama):
         model.create_state("s", [])
     with pytest.raises(ValueError, match="num_blocks"):
         model.create_state("t", [], ConnectionConfig(num_blocks=9))
+
+
+def test_init_alpha_starts_every_connection_nearly_closed(llama):
+    llm, tok = llama
+    model = MPnPModel(llm, tok)
+    tokens = {"camera": 3.0 * torch.randn(1, 3, 8)}
+    base = _run(model, {})
+    model.create_state("closed", [ModalitySpec("camera", 8, 3)],
+                       ConnectionConfig(num_blocks=2, gate="logit", init_alpha=0.01))
+    state = model.states["closed"]
+    alphas = torch.stack([state.connections.alpha(j) for j in range(llm.config.num_hidden_layers)])
+    torch.testing.assert_close(alphas, torch.full_like(alphas, 0.01))
+    closed = _run(model, tokens)
+    model.create_state("open", [ModalitySpec("camera", 8, 3)],
+                       ConnectionConfig(num_blocks=2, gate="logit", init_alpha=0.9))
+    opened = _run(model, tokens)
+    # Nearly closed, the tokens barely move the base model's logits; wide open they do.
+    assert (closed - base).abs().max() < 0.2 * (opened - base).abs().max()
+    with pytest.raises(ValueError, match="init_alpha"):
+        ConnectionConfig(init_alpha=1.0)
