@@ -16,7 +16,8 @@ def _config(*options: str):
 def test_defaults_are_the_committed_protocol():
     cfg = _config()
     assert (cfg.day_samples, cfg.night_samples, cfg.test_samples, cfg.epochs) == (320, 320,
-                                                                                  160, 1)
+                                                                                  800, 1)
+    assert cfg.test_samples >= 800 and cfg.oracle  # the floor and the ceiling row
     assert cfg.ns == (4, 8, 12, 15, 20, 25) and cfg.baselines == BASELINES
 
 
