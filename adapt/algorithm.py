@@ -104,19 +104,33 @@ def runtime_adapt(
     budget_flops: float | None = None,
     name: str | None = None,
     connection_changes: dict | None = None,
+    aligners_from: str | None = None,
     progress: bool = True,
 ) -> tuple[Connector, TrainReport, BudgetDecision | None]:
     """Select → Reconnect → Adapt on a fork of ``serving``; returns the adapted fork.
 
     For mPnP, ``num_blocks`` (or, if ``None``, the one solved from ``budget_flops``)
     sets N of the fork, and ``connection_changes`` alter its connection config before the
-    new modalities are added (the ablations); other connectors have no N and ignore them.
+    new modalities are added (the ablations); ``aligners_from`` names a resident state
+    whose pretrained aligners the newly added modalities start from (the offline stage's
+    aligners for every modality) instead of a fresh initialisation. Other connectors have
+    no N and ignore these.
     """
     modalities = select_modalities(mode, specs)
     fork = serving.fork(name or f"{serving.kind}-{mode}")
     if connection_changes and isinstance(fork, MPnPConnector):
         fork.update_connection(**connection_changes)
+    had = set(fork.model.states[fork.state_name].aligners) \
+        if isinstance(fork, MPnPConnector) else set()
     fork.reconnect(modalities)
+    if aligners_from is not None and isinstance(fork, MPnPConnector):
+        donor = fork.model.states[aligners_from].aligners
+        new = [m.name for m in modalities if m.name not in had and m.name in donor]
+        if new:
+            fork.model.activate(fork.state_name)
+            fork.model.copy_aligners(aligners_from, *new)
+            log.info("%s: aligners of %s start from the pretrained state %r", fork.state_name,
+                     new, aligners_from)
     decision = None
     if isinstance(fork, MPnPConnector):
         if num_blocks is None and budget_flops is not None:

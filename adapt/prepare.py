@@ -70,6 +70,10 @@ class PrepareConfig:
         pretrain: encoder kind -> pretraining config (``None``: the kind's defaults).
         num_blocks: N of the offline state.
         day_samples: cap on the day training questions (``None``: all) — a CPU budget.
+        val_samples: validation questions for early stopping (a fixed random subset of the
+            day val split; ``None``: all of it — every epoch answers them all).
+        test_samples: questions per context (day / night test) for the record's accuracy
+            (``None``: the whole split).
         train: how the day state is trained.
     """
 
@@ -81,6 +85,8 @@ class PrepareConfig:
     pretrain: dict[str, PretrainConfig | None] = field(default_factory=dict)
     num_blocks: int = 12
     day_samples: int | None = 1200
+    val_samples: int | None = 200
+    test_samples: int | None = 400
     train: TrainConfig = field(default_factory=fast_train_config)
 
     def __post_init__(self) -> None:
@@ -88,8 +94,9 @@ class PrepareConfig:
             raise ValueError("PrepareConfig.encoders needs a camera encoder (the offline stage)")
         if self.num_blocks < 1:
             raise ValueError(f"PrepareConfig.num_blocks must be >= 1, got {self.num_blocks}")
-        if self.day_samples is not None and self.day_samples < 1:
-            raise ValueError("PrepareConfig.day_samples must be >= 1 or None")
+        for name in ("day_samples", "val_samples", "test_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"PrepareConfig.{name} must be >= 1 or None")
 
     def digest(self) -> str:
         """A short hash of everything that shapes the day state."""
@@ -195,9 +202,11 @@ def train_day_state(config: PrepareConfig, data_dir: Path, encoders: dict[str, E
     )
     log.info("offline stage: training the camera state (N=%d) on %d day questions",
              config.num_blocks, len(train))
-    report = Trainer(connector, config.train).fit(train, splits.day_val, progress=progress)
-    day = evaluate(connector, splits.day_test)
-    night = evaluate(connector, splits.night_test)
+    seed = config.train.seed
+    report = Trainer(connector, config.train).fit(
+        train, _capped(splits.day_val, config.val_samples, seed), progress=progress)
+    day = evaluate(connector, _capped(splits.day_test, config.test_samples, seed))
+    night = evaluate(connector, _capped(splits.night_test, config.test_samples, seed))
     save_state(model, state_dir, DAY_STATE)
     log.info("day state: day accuracy %.3f, night accuracy %.3f", day.accuracy, night.accuracy)
     return {
@@ -206,7 +215,14 @@ def train_day_state(config: PrepareConfig, data_dir: Path, encoders: dict[str, E
         "encoder_kinds": dict(config.encoders),
         "train": report.to_dict(), "day_accuracy": day.accuracy,
         "night_accuracy": night.accuracy, "day_questions": len(train),
+        "day_ci95": list(day.ci95), "night_ci95": list(night.ci95),
+        "test_questions": {"day": day.count, "night": night.count},
     }
+
+
+def _capped(data, n: int | None, seed: int):
+    """A fixed random subset of at most ``n`` questions (all of them for ``None``)."""
+    return data if n is None or n >= len(data) else data.fraction(n / len(data), seed=seed)
 
 
 def open_prepared(store_dir: str | os.PathLike[str] | None = None) -> Prepared:

@@ -171,6 +171,30 @@ class MPnPModel(nn.Module):
         if connect:
             self.connect(spec.name)
 
+    def copy_aligners(self, source: str, *names: str) -> None:
+        """Give the active state the aligners (and positional embeddings) of modalities
+        ``names`` from the resident state ``source`` — pretrained aligners that already
+        speak this LLM's keys/values (Algorithm 1's offline stage prepares them for every
+        modality). The active state must already have those modalities with the same
+        token shape; their connection status is unchanged."""
+        state = self._require_state()
+        if source not in self.states:
+            raise KeyError(f"no resident state {source!r} (have {sorted(self.states)})")
+        donor = self.states[source]
+        for name in names:
+            if name not in donor.aligners:
+                raise KeyError(f"state {source!r} has no aligners for {name!r}")
+            if name not in state.aligners:
+                raise KeyError(f"state {state.name!r} has no aligners for {name!r}; "
+                               "add_modality() first")
+            if donor.aligners[name].spec != state.aligners[name].spec:
+                raise ValueError(f"{name}: aligners of {source!r} are for "
+                                 f"{donor.aligners[name].spec}, this state has "
+                                 f"{state.aligners[name].spec}")
+            with torch.no_grad():
+                theirs = donor.aligners[name].state_dict()
+                state.aligners[name].load_state_dict(theirs, strict=True)
+
     def connect(self, *names: str) -> None:
         state = self._require_state()
         for name in names:

@@ -11,7 +11,7 @@ from adapt.connectors.mpnp import lower_hidden_states
 from adapt.evaluate import majority_baseline, score
 from adapt.features import FeatureSet
 from adapt.trainer import TrainConfig, Trainer, TrainingError
-from aligners.config import ModalitySpec
+from aligners.config import ConnectionConfig, ModalitySpec
 from mpnp.generation import encode_training
 from mpnp.tiny import tiny_llm
 from scenes.sample import QAItem
@@ -287,3 +287,31 @@ def test_ablated_runtime_fork_uses_its_own_connection_config(model):
     assert set(fork.parameter_groups()) == {"aligners"}
     assert state.config.num_blocks == 3 and report.steps == 3
     assert day.model.states["adapt"].config.aligner_kind == "mlp"
+
+
+def test_runtime_switch_starts_from_pretrained_lidar_aligners(model):
+    from adapt.algorithm import runtime_adapt
+
+    day = make("mpnp", model)
+    resident = day.model
+    # An offline LiDAR state (here: random aligners made distinct from a fresh init).
+    resident.create_state("offline-lidar", [LIDAR], ConnectionConfig(num_blocks=3))
+    with torch.no_grad():
+        for p in resident.states["offline-lidar"].aligners["lidar"].parameters():
+            p.add_(1.0)
+    pretrained = {k: v.clone() for k, v in
+                  resident.states["offline-lidar"].aligners["lidar"].state_dict().items()}
+    # A rate far below float32 resolution: the run leaves the weights where they started.
+    frozen = {"aligners": 1e-30, "lora": 1e-30, "connections": 1e-30}
+    fork, _, _ = runtime_adapt(
+        day, "switch", {"camera": CAM, "lidar": LIDAR}, feature_set(), None,
+        TrainConfig(epochs=1, batch_size=6, learning_rates=frozen), num_blocks=3,
+        aligners_from="offline-lidar", progress=False)
+    got = fork.model.states[fork.state_name].aligners["lidar"].state_dict()
+    assert all(torch.equal(got[k], pretrained[k]) for k in pretrained)
+    fresh, _, _ = runtime_adapt(
+        day, "switch", {"camera": CAM, "lidar": LIDAR}, feature_set(), None,
+        TrainConfig(epochs=1, batch_size=6, learning_rates=frozen), num_blocks=3,
+        name="fresh", progress=False)
+    other = fresh.model.states[fresh.state_name].aligners["lidar"].state_dict()
+    assert not torch.equal(other["key_pos"], pretrained["key_pos"])

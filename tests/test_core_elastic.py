@@ -97,3 +97,27 @@ def test_init_alpha_starts_every_connection_nearly_closed(llama):
     assert (closed - base).abs().max() < 0.2 * (opened - base).abs().max()
     with pytest.raises(ValueError, match="init_alpha"):
         ConnectionConfig(init_alpha=1.0)
+
+
+def test_copy_aligners_brings_pretrained_aligners_into_another_state(llama):
+    llm, tok = llama
+    model = MPnPModel(llm, tok)
+    lidar = ModalitySpec("lidar", 8, 2)
+    model.create_state("pretrained", [lidar], ConnectionConfig(num_blocks=2))
+    with torch.no_grad():
+        for p in model.states["pretrained"].aligners["lidar"].parameters():
+            p.add_(torch.randn_like(p))
+    model.create_state("serving", [ModalitySpec("camera", 8, 3)], ConnectionConfig(num_blocks=2))
+    model.add_modality(lidar)
+    assert not torch.equal(model.states["serving"].aligners["lidar"].key_pos,
+                           model.states["pretrained"].aligners["lidar"].key_pos)
+    model.copy_aligners("pretrained", "lidar")
+    mine = model.states["serving"].aligners["lidar"].state_dict()
+    theirs = model.states["pretrained"].aligners["lidar"].state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert mine["key_pos"].data_ptr() != theirs["key_pos"].data_ptr()  # a copy, not shared
+    with pytest.raises(ValueError, match="aligners of"):
+        model.add_modality(ModalitySpec("radar", 8, 5))
+        model.create_state("other", [ModalitySpec("radar", 8, 4)], ConnectionConfig(num_blocks=1))
+        model.activate("serving")
+        model.copy_aligners("other", "radar")
