@@ -1,11 +1,11 @@
 """Algorithm 1 at runtime: Select → Reconnect → Adapt, with N from the caller or a budget.
 
 From the offline state (camera, trained on day data) a context change selects a new
-modality set — **switch** (C → L) or **add** (C → C+L) — reconnects it on a *fork* of the
+modality set — **switch** (C → L) or **add** (C → C+L) — connects it on a *fork* of the
 serving connector (the serving one keeps answering, untouched), and adapts the fork on the
 new context's training data. ``N`` is either given or solved from a FLOPs budget for the
-whole run through the analytic cost model (SPEC §2.7), which is conservative for mPnP here:
-the trainer's lower-block replay makes the measured cost lower than the model's.
+whole run through the analytic cost model (:mod:`mpnp.cost_model`), which is conservative for
+mPnP here: the trainer's lower-block replay makes the measured cost lower than the model's.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def runtime_adapt(
     fork = serving.fork(name or f"{serving.kind}-{mode}")
     if connection_changes and isinstance(fork, MPnPConnector):
         fork.update_connection(**connection_changes)
-    fork.reconnect(modalities)
+    fork.set_modalities(modalities)
     decision = None
     if isinstance(fork, MPnPConnector):
         if num_blocks is None and budget_flops is not None:

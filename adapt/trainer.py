@@ -36,7 +36,7 @@ from mpnp.measure import PeakMemory
 
 log = logging.getLogger(__name__)
 
-#: The official learning rates (SPEC §2.6) plus the baselines' groups.
+#: The official mPnP-LLM code's learning rates plus the baselines' groups.
 DEFAULT_LEARNING_RATES: dict[str, float] = {
     "aligners": 2e-5,
     "lora": 2e-5,

@@ -264,7 +264,7 @@ class MPnPBackend:
         specs = [self._spec_for(m) for m in sorted(modalities)]
         candidate = self.serving.fork(self._new_name("candidate"))
         candidate.config = dataclasses.replace(candidate.config)  # fork shares the object
-        candidate.reconnect(specs)  # Select -> Reconnect (kept aligners stay trained)
+        candidate.set_modalities(specs)  # kept aligners stay trained, new ones are fresh
         candidate.set_num_blocks(n_blocks)
         rates = {**fast_train_config().learning_rates, **self.config.learning_rates}
         # The trainer marks what trains (by structure) and builds the per-group optimizer;
@@ -498,7 +498,7 @@ class MPnPBackend:
     # --- cost -----------------------------------------------------------------------------
 
     def cost_model(self) -> CostModel:
-        """Per-sample analytic FLOPs (SPEC §2.7) for the planner."""
+        """Per-sample analytic FLOPs (:mod:`mpnp.cost_model`) for the planner."""
         from mpnp.cost_model import aligner_flops_per_token, analytic_step_cost
         from mpnp.llm import llm_geometry
 

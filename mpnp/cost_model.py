@@ -1,4 +1,4 @@
-"""The analytic FLOPs model of one training step (SPEC §2.7).
+"""The analytic FLOPs model of one training step (mPnP-LLM, arXiv 2312.07886).
 
 ``T_step(N) = T_fwd + T_dw(aligners) + T_dy(emb) + (N / L) · T_dy(LLM)``
 

@@ -1,8 +1,8 @@
 """Budget planner: how much adaptation fits in the current power mode.
 
-The cost model is SPEC §2.7: per training sample the forward pass always runs through the
-whole LLM, the backward pass only through the last ``N`` connected blocks plus the aligners
-and the multimodal embeddings::
+The cost model is the mPnP-LLM paper's (arXiv 2312.07886; :mod:`mpnp.cost_model`): per
+training sample the forward pass always runs through the whole LLM, the backward pass only
+through the last ``N`` connected blocks plus the aligners and the multimodal embeddings::
 
     sample_flops(N) = forward + T_dw(aligners) + T_dy(emb) + (N / L) * T_dy(LLM)
 

@@ -243,7 +243,7 @@ def test_fork_then_switch_leaves_the_original_serving(kind, model):
     batch = feature_set().batch([0, 1, 2])
     before = day.loss(batch).detach()
     night = day.fork("night")
-    night.reconnect([LIDAR])
+    night.set_modalities([LIDAR])
     assert night.modality_names == ([] if kind == "question_only" else ["lidar"])
     groups = set(EXPECTED_GROUPS[kind])
     Trainer(night, TrainConfig(learning_rates=dict.fromkeys(groups, 1e-1))).step(batch)
@@ -261,7 +261,7 @@ def test_mpnp_add_keeps_the_trained_camera_aligner(model):
     cam_before = {k: v.clone() for k, v in day.model.state_tensors("adapt").items()
                   if k.startswith("aligners.camera")}
     both = day.fork("both")
-    both.reconnect([CAM, LIDAR])
+    both.set_modalities([CAM, LIDAR])
     both.set_num_blocks(3)
     state = both.model.states["both"]
     assert state.connected == ["camera", "lidar"] and state.config.num_blocks == 3
