@@ -7,6 +7,10 @@ always the last good one) and, during an adaptation run, an *adapted* candidate 
 whether the candidate replaces the serving state (:meth:`~ModelBackend.commit_adapted`, an
 atomic swap) or is thrown away (:meth:`~ModelBackend.discard_adapted`).
 
+A backend that knows which modality set its serving state connects may say so with an
+optional ``serving_modalities() -> frozenset[str]``; the engine then takes that as the one
+source of truth (and passes it back to :meth:`~ModelBackend.answer`).
+
 Backends are found by name in a registry, or as ``module:factory`` (a callable taking the
 ``model.options`` of the daemon config as keyword arguments).
 """
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from policies.budget import CostModel
+from mpnp.cost_model import CostModel
 from scenes.sample import Frame
 
 Which = Literal["serving", "adapted"]

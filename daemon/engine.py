@@ -117,7 +117,7 @@ class Engine:
             backend, store, BudgetPlanner(config.adaptation.planner()), self.publish,
             config.adaptation.progress_every,
         )
-        self.serving: frozenset[str] = frozenset(config.adaptation.initial_modalities)
+        self._serving: frozenset[str] = frozenset(config.adaptation.initial_modalities)
         self.serving_generation: int | None = None
         self._dirty = False  # serving state committed but not saved yet
         self._inbox: queue.Queue[Request] = queue.Queue()
@@ -132,6 +132,17 @@ class Engine:
         self.last_reading: dict[str, Any] | None = None
         self.started_at = time.monotonic()
         self.accepting = True
+
+    @property
+    def serving(self) -> frozenset[str]:
+        """The modality set being served: the backend's own word where it can say
+        (``serving_modalities()``), so the engine and the backend cannot disagree."""
+        own = getattr(self.backend, "serving_modalities", None)
+        return frozenset(own()) if callable(own) else self._serving
+
+    @serving.setter
+    def serving(self, modalities: frozenset[str]) -> None:
+        self._serving = frozenset(modalities)
 
     # --- called from IO threads ---------------------------------------------------------
 

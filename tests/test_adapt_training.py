@@ -212,7 +212,15 @@ def test_checkpoint_resume_continues_where_it_stopped(model, tmp_path):
     resumed = Trainer(b, cfg2)
     report = resumed.fit(data, progress=False, checkpoint_dir=tmp_path / "b")
     assert report.epochs_run == 2 and report.steps == 6
-    (tmp_path / "b" / "checkpoint.safetensors").write_bytes(b"garbage")
+    # the checkpoint carries the optimizer moments, data position and random stream:
+    # the resumed run ends with exactly the tensors of the uninterrupted one
+    trained_a = {n: p for n, p in a.named_parameters() if p.requires_grad}
+    trained_b = {n: p for n, p in b.named_parameters() if p.requires_grad}
+    assert trained_a.keys() == trained_b.keys()
+    assert all(torch.equal(trained_a[n], trained_b[n]) for n in trained_a)
+    # checkpoints are states on disk (aligners.state): a corrupt tensor file is refused
+    assert (tmp_path / "b" / "state.json").is_file()
+    (tmp_path / "b" / "state.safetensors").write_bytes(b"garbage")
     with pytest.raises(TrainingError, match="unreadable"):
         Trainer(b, cfg2).fit(data, progress=False, checkpoint_dir=tmp_path / "b")
 
