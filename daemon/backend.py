@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from mpnp.cost_model import CostModel
+from mpnp.registry import Registry, UnknownNameError
 from scenes.sample import Frame
 
 Which = Literal["serving", "adapted"]
@@ -108,19 +109,17 @@ BACKEND_METHODS: tuple[str, ...] = (
     "commit_adapted", "discard_adapted", "save_state", "load_state", "cost_model",
 )
 BackendFactory = Callable[..., ModelBackend]
-_BACKENDS: dict[str, BackendFactory] = {}
-#: Built-in backends, imported (heavy: torch) only when named.
-_BUILTIN: dict[str, str] = {"mpnp": "daemon.mpnp_backend"}
+#: Built-in backends are imported (heavy: torch) only when named.
+BACKENDS: Registry[BackendFactory] = Registry("model backend",
+                                              lazy={"mpnp": "daemon.mpnp_backend"})
 
 
 def register_backend(name: str, factory: BackendFactory) -> None:
-    if name in _BACKENDS:
-        raise ValueError(f"model backend {name!r} is already registered")
-    _BACKENDS[name] = factory
+    BACKENDS.register(name, factory)
 
 
 def list_backends() -> list[str]:
-    return sorted(set(_BACKENDS) | set(_BUILTIN))
+    return BACKENDS.names()
 
 
 def create_backend(spec: str, options: dict[str, Any] | None = None) -> ModelBackend:
@@ -132,15 +131,11 @@ def create_backend(spec: str, options: dict[str, Any] | None = None) -> ModelBac
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise ValueError(f"model.backend {spec!r} cannot be imported: {exc}") from exc
-    elif spec in _BACKENDS or spec in _BUILTIN:
-        if spec not in _BACKENDS:
-            importlib.import_module(_BUILTIN[spec])
-        factory = _BACKENDS[spec]
     else:
-        raise ValueError(
-            f"unknown model backend {spec!r}; registered: {list_backends()} "
-            "(or give module:factory)"
-        )
+        try:
+            factory = BACKENDS.get(spec)
+        except UnknownNameError as exc:
+            raise UnknownNameError(BACKENDS.what, spec, exc.known + ["module:factory"]) from None
     backend = factory(**options)
     missing = [name for name in BACKEND_METHODS if not callable(getattr(backend, name, None))]
     if missing:

@@ -13,6 +13,7 @@ from adapt.features import FeatureSet
 from adapt.trainer import TrainConfig, Trainer, TrainingError
 from aligners.config import ModalitySpec
 from mpnp.generation import encode_training
+from mpnp.registry import UnknownNameError
 from mpnp.tiny import tiny_llm
 from scenes.sample import QAItem
 
@@ -55,7 +56,7 @@ EXPECTED_GROUPS = {
 
 def test_registry_knows_every_method():
     assert set(list_connectors()) == set(EXPECTED_GROUPS)
-    with pytest.raises(KeyError, match="unknown connector"):
+    with pytest.raises(UnknownNameError, match="unknown connector .nope.; known: epalm"):
         create_connector("nope", None, None, [])
 
 
