@@ -186,12 +186,16 @@ class AdaptationStepper:
                             if total_steps is None else total_steps)
 
     def set_total_steps(self, steps: int) -> None:
-        """Re-plan: ``steps`` in all, never fewer than done (as many as done: stop now)."""
+        """Re-plan: ``steps`` in all, never fewer than done (as many as done: stop now; the
+        micro-batches of an unfinished optimizer step are dropped, it never happens)."""
         self.total_steps = max(steps, self.steps)
+        if self.done and self._accumulated:
+            self._pending, self._accumulated, self._step_loss = [], 0, 0.0
+            self.optimizer.zero_grad(set_to_none=True)
 
     @property
     def done(self) -> bool:
-        return self.steps >= self.total_steps and not self._pending
+        return self.steps >= self.total_steps
 
     def _require_data(self) -> FeatureSet:
         if self.train is None:

@@ -142,6 +142,8 @@ class Engine:
 
     @serving.setter
     def serving(self, modalities: frozenset[str]) -> None:
+        # The engine's own record: what it last switched to (an event's "previous" reads
+        # it, since by then the backend already serves the new set).
         self._serving = frozenset(modalities)
 
     # --- called from IO threads ---------------------------------------------------------
@@ -488,7 +490,7 @@ class Engine:
         except Exception as exc:
             log.error("could not load stored state %s: %s; adapting instead", entry.name, exc)
             return False
-        previous, self.serving = self.serving, desired
+        previous, self.serving = self._serving, desired
         self.serving_generation = entry.generation
         self.publish(EventType.MODALITY_SWITCHED, {"modalities": sorted(desired),
                                                    "previous": sorted(previous),
@@ -515,7 +517,7 @@ class Engine:
             if result["outcome"] != "cancelled":
                 self._gave_up_on = modalities
             return
-        previous, self.serving = self.serving, modalities
+        previous, self.serving = self._serving, modalities
         self._dirty = True
         self._save_serving({"n_blocks": result["n_blocks"], "steps": result["steps_done"],
                             "accuracy": result["adapted_accuracy"]})
