@@ -358,12 +358,15 @@ class AdaptationJob:
         self.phase = "baseline"
         self.validations = {"serving": ChunkedValidation(serving, val, chunk),
                             "adapted": ChunkedValidation(stepper.connector, val, chunk)}
+        # Validation has a stream of its own: whatever it might draw can neither touch the
+        # process's RNG nor shift the training stream (so training matches Trainer.fit's).
+        self.rng = PrivateRNG(stepper.config.seed, stepper.connector.device())
 
     def step(self) -> str | None:
         """Run one unit; returns its phase (``None`` once everything is done)."""
         did = self.phase
         if self.phase == "baseline":
-            with self.stepper.rng.active():
+            with self.rng.active():
                 if self.validations["serving"].step():
                     self.phase = "train"
         elif self.phase == "train":
@@ -372,7 +375,7 @@ class AdaptationJob:
             if self.stepper.done:
                 self.phase = "validate"
         elif self.phase == "validate":
-            with self.stepper.rng.active():
+            with self.rng.active():
                 if self.validations["adapted"].step():
                     self.phase = "done"
         else:
@@ -383,5 +386,5 @@ class AdaptationJob:
         """Validation accuracy of ``serving`` or ``adapted`` (the rest scored now if the
         run was ended early)."""
         validation = self.validations[which]
-        with self.stepper.rng.active():
+        with self.rng.active():
             return validation.run().accuracy
