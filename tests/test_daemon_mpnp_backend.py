@@ -4,6 +4,7 @@ store, encoders loaded on demand — and the whole daemon around it."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,7 +17,7 @@ from adapt.connectors.mpnp import MPnPConnector
 from adapt.features import FeatureSet
 from aligners.model import MPnPModel
 from daemon.backend import BACKEND_METHODS, ModelBackend
-from daemon.client import Client, SensorPublisher
+from daemon.client import Client, EventSubscriber, SensorPublisher
 from daemon.encoder_pool import encoder_spec
 from daemon.mpnp_backend import MPnPBackend, MPnPBackendConfig, context_of
 from daemon.store import ModelStore
@@ -241,7 +242,9 @@ def test_daemon_serves_and_adapts_with_the_real_backend(backend, tmp_path):
                                                "min_steps": 1})
     with running_daemon(config, backend) as daemon, \
             Client(daemon.endpoints["query"], timeout_s=30) as client, \
-            SensorPublisher(daemon.endpoints["ingest"]) as publisher:
+            SensorPublisher(daemon.endpoints["ingest"]) as publisher, \
+            EventSubscriber(daemon.endpoints["events"]) as events:
+        time.sleep(0.2)  # let the subscription reach the daemon
         frame = _frame(7, "live-7")
         wait_for(lambda: publisher.send_camera(frame) and publisher.send_lidar(frame)
                  and daemon.metrics.frames_in.total() >= 2)
@@ -253,6 +256,15 @@ def test_daemon_serves_and_adapts_with_the_real_backend(backend, tmp_path):
         assert status["last_adaptation"]["outcome"] in ("better", "forced")
         assert status["adaptation_cost"]["flops"] > 0
         assert client.ask("is there a car?", "live-7")["modalities"] == ["lidar"]
+        # the engine reads what is serving from the backend, and the switch event still
+        # names the set it switched from
+        assert daemon.engine.serving == backend.serving_modalities() == {"lidar"}
+        switched = None
+        while switched is None and (event := events.receive(5.0)) is not None:
+            if event[0].value == "modality.switched":
+                switched = event[1]
+        assert switched is not None
+        assert switched["previous"] == ["camera"] and switched["modalities"] == ["lidar"]
         kinds = {e["kind"] for e in client.list_store()["entries"]}
         assert kinds == {"encoder", "state"}
 
