@@ -269,14 +269,18 @@ class MPnPBackend:
         (from the store) become the serving state."""
         from adapt.connectors.base import ConnectorConfig
         from adapt.connectors.mpnp import MPnPConnector
+        from adapt.engine import PrivateRNG
         from aligners.state import install_state, read_state_file
 
         started = time.perf_counter()
         data = read_state_file(path)
         for modality in data.connected:
             self.encoders.encoder(modality)  # load the encoder on demand
-        name = install_state(self.model, data, name=self._new_name("serving"), activate=True,
-                             source=str(path))
+        # install_state builds fresh modules before copying the saved tensors in: their
+        # throw-away initialisation draws from a private stream, not the process's one
+        with PrivateRNG(self.config.seed, self.config.device).active():
+            name = install_state(self.model, data, name=self._new_name("serving"),
+                                 activate=True, source=str(path))
         connected = [s for s in data.modalities if s.name in data.connected]
         connector = MPnPConnector(self.model.llm, self.model.tokenizer, connected,
                                   ConnectorConfig(num_blocks=data.num_blocks,

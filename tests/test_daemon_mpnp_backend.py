@@ -112,9 +112,10 @@ def test_trainer_fit_and_the_daemon_run_the_same_training_loop(micro_batch):
     assert report.flops == stepper.flops > 0
 
 
-def test_adapting_in_the_backend_leaves_the_global_rng_alone(backend):
+def test_adapting_in_the_backend_leaves_the_global_rng_alone(backend, tmp_path):
     """A serving process's global torch RNG is not reseeded or advanced by building,
-    stepping or committing an adaptation (LoRA dropout is on, so training does draw)."""
+    stepping or committing an adaptation (LoRA dropout is on, so training does draw), nor by
+    saving and restoring a state."""
     assert backend.serving.model.states["day"].config.lora_dropout > 0
     torch.manual_seed(1234)
     before = torch.get_rng_state()
@@ -125,6 +126,8 @@ def test_adapting_in_the_backend_leaves_the_global_rng_alone(backend):
         pass
     backend.commit_adapted()
     backend.answer(["is there a car?"], [_frame(3)], frozenset({"camera", "lidar"}))
+    backend.save_state(tmp_path / "state.safetensors")
+    backend.load_state(tmp_path / "state.safetensors")
     assert torch.equal(torch.get_rng_state(), before)
     assert torch.equal(torch.rand(3), expected)
 
