@@ -1,11 +1,11 @@
 """Algorithm 1 at runtime: Select → Reconnect → Adapt, with N from the caller or a budget.
 
 From the offline state (camera, trained on day data) a context change selects a new
-modality set — **switch** (C → L) or **add** (C → C+L) — reconnects it on a *fork* of the
+modality set — **switch** (C → L) or **add** (C → C+L) — connects it on a *fork* of the
 serving connector (the serving one keeps answering, untouched), and adapts the fork on the
 new context's training data. ``N`` is either given or solved from a FLOPs budget for the
-whole run through the analytic cost model (SPEC §2.7), which is conservative for mPnP here:
-the trainer's lower-block replay makes the measured cost lower than the model's.
+whole run through the analytic cost model (:mod:`mpnp.cost_model`), which is conservative for
+mPnP here: the trainer's lower-block replay makes the measured cost lower than the model's.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from dataclasses import dataclass
 
 from adapt.connectors.base import Connector
 from adapt.connectors.mpnp import MPnPConnector
+from adapt.engine import prepare_candidate
 from adapt.features import FeatureSet
 from adapt.trainer import TrainConfig, Trainer, TrainReport
 from aligners.config import ModalitySpec
-from mpnp.cost_model import aligner_flops_per_token, analytic_step_cost, solve_num_blocks
+from mpnp.cost_model import adaptation_cost
 from mpnp.generation import encode_training
-from mpnp.llm import llm_geometry
+from policies.budget import BudgetPlanner, PlannerConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,24 +72,23 @@ def mean_text_tokens(tokenizer, data: FeatureSet, sample: int = 64,
 
 def plan_num_blocks(llm, tokenizer, modalities: Sequence[ModalitySpec], data: FeatureSet,
                     train: TrainConfig, budget_flops: float) -> BudgetDecision:
-    """The largest N whose whole adaptation run (all epochs) fits ``budget_flops``."""
+    """The largest N whose whole adaptation run (all epochs) fits ``budget_flops``.
+
+    The daemon's planner (:class:`policies.budget.BudgetPlanner`) solves it, on the one cost
+    model (:func:`mpnp.cost_model.adaptation_cost`).
+    """
     steps = train.epochs * math.ceil(len(data) / train.batch_size)
-    kv_width = llm_geometry(llm).kv_width
-    prefix = sum(m.num_tokens for m in modalities)
-    per_token = sum(m.num_tokens * aligner_flops_per_token(m.embed_dim, kv_width)
-                    for m in modalities) / max(prefix, 1)
-    cost = analytic_step_cost(llm, batch=train.batch_size,
-                              text_tokens=mean_text_tokens(tokenizer, data, sample=256,
-                                                           batch_size=train.batch_size),
-                              prefix_tokens=prefix, aligner_flops_per_token=per_token)
-    n = solve_num_blocks(cost, budget_flops / steps)
-    if n == 0:
-        log.warning("budget %.3g FLOPs does not fit even N=1 (needs %.3g); using N=1",
-                    budget_flops, cost.mpnp(1) * steps)
-        n = 1
-    decision = BudgetDecision(n, budget_flops, steps, cost.mpnp(n), cost.full_finetune())
+    text = mean_text_tokens(tokenizer, data, sample=256, batch_size=train.batch_size)
+    cost = adaptation_cost(llm, modalities, text, batch=train.batch_size)
+    planner = BudgetPlanner(PlannerConfig(batch_size=train.batch_size, target_steps=steps,
+                                          min_steps=1))
+    plan = planner.plan_flops(budget_flops, cost, steps)
+    if not plan.feasible:
+        log.warning("%s; using N=%d", plan.reason, plan.n_blocks)
+    decision = BudgetDecision(plan.n_blocks, budget_flops, steps, cost.mpnp(plan.n_blocks),
+                              cost.full_finetune())
     log.info("budget %.3g FLOPs over %d steps -> N=%d (%.3g FLOPs/step analytic)",
-             budget_flops, steps, n, decision.step_flops)
+             budget_flops, steps, plan.n_blocks, decision.step_flops)
     return decision
 
 
@@ -117,28 +117,17 @@ def runtime_adapt(
     no N and ignore these.
     """
     modalities = select_modalities(mode, specs)
-    fork = serving.fork(name or f"{serving.kind}-{mode}")
-    if connection_changes and isinstance(fork, MPnPConnector):
-        fork.update_connection(**connection_changes)
-    had = set(fork.model.states[fork.state_name].aligners) \
-        if isinstance(fork, MPnPConnector) else set()
-    fork.reconnect(modalities)
-    if aligners_from is not None and isinstance(fork, MPnPConnector):
-        donor = fork.model.states[aligners_from].aligners
-        new = [m.name for m in modalities if m.name not in had and m.name in donor]
-        if new:
-            fork.model.activate(fork.state_name)
-            fork.model.copy_aligners(aligners_from, *new)
-            log.info("%s: aligners of %s start from the pretrained state %r", fork.state_name,
-                     new, aligners_from)
     decision = None
-    if isinstance(fork, MPnPConnector):
-        if num_blocks is None and budget_flops is not None:
-            decision = plan_num_blocks(fork.model.llm, fork.tokenizer, modalities, train,
-                                       config, budget_flops)
-            num_blocks = decision.num_blocks
-        if num_blocks is not None:
-            fork.set_num_blocks(num_blocks)
+    if isinstance(serving, MPnPConnector) and num_blocks is None and budget_flops is not None:
+        decision = plan_num_blocks(serving.model.llm, serving.tokenizer, modalities, train,
+                                   config, budget_flops)
+        num_blocks = decision.num_blocks
+    # Fork, connect and set N under the run's own random stream (fresh aligners and LoRA
+    # are initialised from the seed alone), exactly as the daemon's backend does.
+    fork = prepare_candidate(serving, modalities, name or f"{serving.kind}-{mode}",
+                             seed=config.seed, num_blocks=num_blocks,
+                             connection_changes=connection_changes,
+                             aligners_from=aligners_from)
     log.info("adapting %s (%s) with %s on %d samples", fork.kind, mode,
              [m.name for m in modalities], len(train))
     report = Trainer(fork, config).fit(train, val, progress=progress)

@@ -82,20 +82,56 @@ def score(items: Sequence[QAItem], predictions: Sequence[str]) -> EvalResult:
     )
 
 
-@torch.no_grad()
+class ChunkedValidation:
+    """Exact-match validation of ``connector`` on ``data`` in bounded chunks.
+
+    :meth:`step` answers the next ``chunk`` items (True once all are done); :meth:`run`
+    finishes whatever is left and returns the :class:`EvalResult`. The trainer's
+    per-epoch validation and the daemon's baseline/candidate validation are both this.
+    """
+
+    def __init__(self, connector: Connector, data: FeatureSet, chunk: int = 32,
+                 modalities: Sequence[str] | None = None) -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.connector = connector
+        self.data = data
+        self.chunk = chunk
+        self.modalities = connector.modality_names if modalities is None else list(modalities)
+        self.predictions: list[str] = []
+        self._result: EvalResult | None = None
+
+    @property
+    def done(self) -> bool:
+        return len(self.predictions) >= len(self.data)
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Answer the next chunk; True when the whole split is answered."""
+        if not self.done:
+            start = len(self.predictions)
+            batch = self.data.batch(range(start, min(start + self.chunk, len(self.data))),
+                                    self.modalities)
+            was_training = self.connector.training
+            self.connector.eval()
+            try:
+                self.predictions.extend(self.connector.answer(batch.questions, batch.tokens))
+            finally:
+                self.connector.train(was_training)
+        return self.done
+
+    def run(self) -> EvalResult:
+        while not self.step():
+            pass
+        if self._result is None:
+            self._result = score(self.data.items, self.predictions)
+        return self._result
+
+
 def evaluate(connector: Connector, data: FeatureSet, *, batch_size: int = 32,
              modalities: Sequence[str] | None = None) -> EvalResult:
     """Greedy answers of ``connector`` on every item of ``data``, scored by exact match."""
-    mods = connector.modality_names if modalities is None else list(modalities)
-    was_training = connector.training
-    connector.eval()
-    predictions: list[str] = []
-    try:
-        for batch in data.batches(batch_size, modalities=mods):
-            predictions.extend(connector.answer(batch.questions, batch.tokens))
-    finally:
-        connector.train(was_training)
-    return score(data.items, predictions)
+    return ChunkedValidation(connector, data, batch_size, modalities).run()
 
 
 def majority_answers(train: Sequence[QAItem]) -> dict[str, str]:

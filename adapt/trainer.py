@@ -9,34 +9,32 @@
   what was resident when it started (RSS on CPU, ``max_memory_allocated`` on CUDA), wall
   time and samples/s.
 
-:meth:`Trainer.step` is one bounded optimizer step, for callers that interleave training
-with other work (the daemon's engine loop).
+The loop itself is :class:`adapt.engine.AdaptationStepper` — the same one the daemon drives
+unit by unit — so ``mpnp adapt`` / Table 1 measure the loop the vehicle runs. Checkpoints are
+states on disk in :mod:`aligners.state`'s format (``state.safetensors`` + ``state.json``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from adapt.connectors.base import Connector
+from adapt.engine import AdaptationStepper, TrainingError
 from adapt.evaluate import EvalResult, evaluate
 from adapt.features import Batch, FeatureSet
+from aligners.state import StateData, StateError, read_state, write_state
 from mpnp.measure import PeakMemory
 
 log = logging.getLogger(__name__)
 
-#: The official learning rates (SPEC §2.6) plus the baselines' groups.
+#: The official mPnP-LLM code's learning rates plus the baselines' groups.
 DEFAULT_LEARNING_RATES: dict[str, float] = {
     "aligners": 2e-5,
     "lora": 2e-5,
@@ -45,11 +43,10 @@ DEFAULT_LEARNING_RATES: dict[str, float] = {
     "projection": 2e-5,
     "prompts": 2e-5,
 }
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_TYPE = "mpnp.checkpoint"
+CHECKPOINT_FORMAT = 2
 
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (diverged loss, unusable checkpoint ...)."""
+__all__ = ["TrainConfig", "TrainReport", "Trainer", "TrainingError", "DEFAULT_LEARNING_RATES"]
 
 
 @dataclass
@@ -59,6 +56,9 @@ class TrainConfig:
     Attributes:
         epochs: passes over the training set (an upper bound when early stopping).
         batch_size: samples per optimizer step.
+        micro_batch: samples per forward/backward (gradients accumulate over a batch's
+            micro-batches; ``0`` = the whole batch at once). The daemon uses small ones so
+            a question never waits long behind a training unit.
         seed: shuffling and initialisation seed.
         learning_rates: per parameter-group name; a group the connector has but this
             lacks is an error (no silent default).
@@ -67,11 +67,13 @@ class TrainConfig:
         patience: stop after this many epochs without a better validation accuracy
             (``0`` = never stop early); needs a validation set.
         min_delta: an improvement smaller than this is a plateau.
-        count_flops: count the FLOPs of every step (small overhead on CPU).
+        count_flops: count the FLOPs of the steps (``torch.utils.flop_counter``; for mPnP once
+            per distinct step signature, see :class:`adapt.engine.AdaptationStepper`).
     """
 
     epochs: int = 8
     batch_size: int = 16
+    micro_batch: int = 0
     seed: int = 0
     learning_rates: dict[str, float] = field(
         default_factory=lambda: dict(DEFAULT_LEARNING_RATES)
@@ -86,8 +88,8 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, "
                              f"{self.batch_size}")
-        if self.grad_clip < 0 or self.patience < 0 or self.weight_decay < 0:
-            raise ValueError("grad_clip, patience and weight_decay must be >= 0")
+        if self.grad_clip < 0 or self.patience < 0 or self.weight_decay < 0 or self.micro_batch < 0:
+            raise ValueError("grad_clip, patience, weight_decay and micro_batch must be >= 0")
         bad = {k: v for k, v in self.learning_rates.items() if not v > 0}
         if bad:
             raise ValueError(f"learning rates must be > 0, got {bad}")
@@ -124,56 +126,30 @@ class TrainReport:
 
 
 class Trainer:
-    """Trains one connector; see the module docstring."""
+    """Trains one connector through an :class:`~adapt.engine.AdaptationStepper`; see the
+    module docstring. Nothing here seeds the global RNG (the stepper has its own stream)."""
 
     def __init__(self, connector: Connector, config: TrainConfig | None = None):
         self.connector = connector
         self.config = config or TrainConfig()
-        torch.manual_seed(self.config.seed)
-        self.trainable_names = connector.set_trainable()
-        groups = connector.parameter_groups()
-        missing = sorted(set(groups) - set(self.config.learning_rates))
-        if missing:
-            raise ValueError(
-                f"no learning rate for parameter groups {missing} of {connector.kind!r}; "
-                f"set TrainConfig.learning_rates[...]"
-            )
-        self.optimizer = torch.optim.AdamW(
-            [{"params": ps, "lr": self.config.learning_rates[name], "name": name}
-             for name, ps in groups.items()],
-            weight_decay=self.config.weight_decay,
-        )
-        self._params = [p for ps in groups.values() for p in ps]
-        self.report = TrainReport(trainable_params=sum(p.numel() for p in self._params))
-        self._epoch_done = 0
+        self.stepper = AdaptationStepper(connector, self.config)
+        self.trainable_names = self.stepper.trainable_names
+        self.optimizer = self.stepper.optimizer
+        self.report = TrainReport(trainable_params=self.stepper.trainable_params)
         self._best_acc = -math.inf
         self._best: dict[str, torch.Tensor] | None = None
-        self._flops = FlopCounterMode(display=False) if self.config.count_flops else None
 
     # ------------------------------------------------------------------ one step
 
     def step(self, batch: Batch) -> float:
         """One optimizer step on ``batch``; returns its loss (FLOPs are added to the report)."""
-        self.connector.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self._flops is not None:
-            with self._flops:
-                loss = self.connector.loss(batch)
-                loss.backward()
-            self.report.flops += self._flops.get_total_flops()
-            self._flops = FlopCounterMode(display=False)  # fresh counter, no accumulation
-        else:
-            loss = self.connector.loss(batch)
-            loss.backward()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise TrainingError(f"training loss is {value} at step {self.report.steps + 1}")
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self._params, self.config.grad_clip)
-        self.optimizer.step()
-        self.report.steps += 1
-        self.report.samples += len(batch)
+        value = self.stepper.train_on(batch)
+        self._sync_report()
         return value
+
+    def _sync_report(self) -> None:
+        s = self.stepper
+        self.report.steps, self.report.samples, self.report.flops = s.steps, s.samples, s.flops
 
     # ------------------------------------------------------------------ the loop
 
@@ -187,16 +163,16 @@ class Trainer:
         if len(train) == 0:
             raise ValueError("the training set is empty")
         cfg = self.config
+        self.stepper.use_data(train)
         if checkpoint_dir is not None:
             self._resume(Path(checkpoint_dir))
         device = self.connector.device()
         started = time.perf_counter()
         with PeakMemory(device, interval_s=0.005) as mem:
-            for epoch in range(self._epoch_done, cfg.epochs):
-                loss = self._epoch(train, epoch, progress)
+            for epoch in range(self.stepper.epoch, cfg.epochs):
+                loss = self._epoch(epoch, progress)
                 self.report.losses.append(loss)
-                self._epoch_done = epoch + 1
-                self.report.epochs_run = self._epoch_done
+                self.report.epochs_run = epoch + 1
                 plateau = False
                 if val is not None and len(val):
                     acc = evaluate(self.connector, val, batch_size=eval_batch_size).accuracy
@@ -222,17 +198,22 @@ class Trainer:
         self.report.peak_mem_bytes = max(self.report.peak_mem_bytes, int(mem.peak_bytes))
         return self.report
 
-    def _epoch(self, train: FeatureSet, epoch: int, progress: bool) -> float:
+    def _epoch(self, epoch: int, progress: bool) -> float:
+        """Micro-steps of the stepper until epoch ``epoch`` is complete; its mean loss."""
         cfg = self.config
-        batches = train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch)
-        total = math.ceil(len(train) / cfg.batch_size)
-        bar = tqdm(batches, total=total, desc=f"{self.connector.kind} epoch {epoch + 1}/"
-                   f"{cfg.epochs}", disable=not progress, leave=False)
-        losses = []
-        for batch in bar:
-            losses.append(self.step(batch))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        return sum(losses) / len(losses)
+        bar = tqdm(total=self.stepper.steps_per_epoch(), desc=f"{self.connector.kind} epoch "
+                   f"{epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        try:
+            while True:
+                unit = self.stepper.micro_step()
+                if unit.stepped:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{unit.step_loss:.3f}")
+                if unit.epoch_end:
+                    self._sync_report()
+                    return float(unit.epoch_loss)
+        finally:
+            bar.close()
 
     def evaluate(self, data: FeatureSet, batch_size: int = 32) -> EvalResult:
         return evaluate(self.connector, data, batch_size=batch_size)
@@ -251,8 +232,8 @@ class Trainer:
             p.copy_(tensors[name].to(p.device))
 
     def _save_checkpoint(self, directory: Path) -> None:
-        """Trainable tensors + optimizer moments + progress, written atomically."""
-        directory.mkdir(parents=True, exist_ok=True)
+        """Trainable tensors + optimizer moments + the stepper's progress and random stream,
+        as a state directory (:func:`aligners.state.write_state`: atomic, checksummed)."""
         tensors = {f"param/{n}": t for n, t in self._snapshot().items()}
         index = {id(p): n for n, p in self._named_trainables().items()}
         for group in self.optimizer.param_groups:
@@ -262,38 +243,35 @@ class Trainer:
                         tensors[f"optim/{index[id(p)]}/{key}"] = value.detach().cpu().contiguous()
         if self._best is not None:
             tensors.update({f"best/{n}": t for n, t in self._best.items()})
-        meta = {
-            "type": "mpnp.checkpoint", "format_version": CHECKPOINT_FORMAT,
-            "connector": self.connector.kind, "epoch": self._epoch_done,
+        tensors.update(self.stepper.rng_tensors())
+        checkpoint = {
+            "type": CHECKPOINT_TYPE, "format_version": CHECKPOINT_FORMAT,
+            "connector": self.connector.kind, "progress": self.stepper.progress_state(),
             "best_acc": self._best_acc if self._best is not None else None,
             "report": self.report.to_dict(), "config": asdict(self.config),
         }
-        tmp = directory / "checkpoint.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        _fsync_replace(tmp, directory / "checkpoint.safetensors")
-        tmp_json = directory / "checkpoint.json.tmp"
-        tmp_json.write_text(json.dumps(meta, indent=2))
-        _fsync_replace(tmp_json, directory / "checkpoint.json")
+        write_state(StateData({"name": "checkpoint", "checkpoint": checkpoint}, tensors),
+                    directory)
 
     def _resume(self, directory: Path) -> None:
-        meta_path, tensor_path = directory / "checkpoint.json", directory / "checkpoint.safetensors"
-        if not meta_path.exists():
+        if not directory.exists() or not any(directory.iterdir()):
             return
         try:
-            meta = json.loads(meta_path.read_text())
-            tensors = load_file(str(tensor_path))
-        except (OSError, ValueError, SafetensorError) as exc:
+            data = read_state(directory)
+        except (OSError, ValueError, StateError) as exc:
             raise TrainingError(
                 f"checkpoint in {directory} is unreadable ({exc}); delete it to start over"
             ) from exc
-        if meta.get("type") != "mpnp.checkpoint" or meta.get("connector") != self.connector.kind:
-            raise TrainingError(f"{meta_path} is not a {self.connector.kind!r} checkpoint")
+        meta = data.config.get("checkpoint") or {}
+        if (meta.get("type") != CHECKPOINT_TYPE or meta.get("format_version") != CHECKPOINT_FORMAT
+                or meta.get("connector") != self.connector.kind):
+            raise TrainingError(f"{directory} is not a {self.connector.kind!r} checkpoint")
+        tensors = data.tensors
         params = {n[len("param/"):]: t for n, t in tensors.items() if n.startswith("param/")}
         if set(params) != set(self._named_trainables()):
-            raise TrainingError(f"{tensor_path} holds other trainable tensors than this connector")
+            raise TrainingError(f"{directory} holds other trainable tensors than this connector")
         self._restore(params)
-        named = self._named_trainables()
-        for name, p in named.items():
+        for name, p in self._named_trainables().items():
             state = {k.rsplit("/", 1)[1]: v.to(p.device) for k, v in tensors.items()
                      if k.startswith(f"optim/{name}/")}
             if state:
@@ -301,14 +279,11 @@ class Trainer:
         best = {n[len("best/"):]: t for n, t in tensors.items() if n.startswith("best/")}
         self._best = best or None
         self._best_acc = meta["best_acc"] if meta.get("best_acc") is not None else -math.inf
-        self._epoch_done = int(meta["epoch"])
+        progress = dict(meta["progress"])
+        progress["total_steps"] = self.stepper.total_steps  # this run's epochs decide
+        self.stepper.load_progress(progress)
+        self.stepper.load_rng_tensors(tensors)
         rep = meta["report"]
         rep.pop("samples_per_s", None)
         self.report = TrainReport(**rep)
-        log.info("resumed from %s after epoch %d", directory, self._epoch_done)
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+        log.info("resumed from %s after epoch %d", directory, self.stepper.epoch)

@@ -12,7 +12,7 @@ ALIGNER_KINDS = ("mlp", "linear")
 class ConnectionConfig:
     """How modality tokens are connected to the last ``num_blocks`` blocks of the LLM.
 
-    Defaults are the official code's hyperparameters (SPEC §2).
+    Defaults are the official code's hyperparameters (mPnP-LLM, arXiv 2312.07886).
 
     Attributes:
         num_blocks: N, how many of the last blocks are connected (the elastic knob).

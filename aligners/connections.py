@@ -1,4 +1,4 @@
-"""Trainable latent connections ``α_j = sigmoid(w_j / T)`` (SPEC §2.4)."""
+"""Trainable latent connections ``α_j = sigmoid(w_j / T)`` (README: How the connection works)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Key and value aligners: encoder tokens -> keys/values in the LLM's K/V space (SPEC §2.2–2.3)."""
+"""Key and value aligners: encoder tokens -> keys/values in the LLM's K/V space.
+
+README, "How the connection works", gives the formulas.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The resident LLM with elastic mPnP connections (SPEC §2).
+"""The resident LLM with elastic mPnP connections (README: How the connection works).
 
 :class:`MPnPModel` wraps a loaded causal LM without copying or forking it. It keeps any
 number of :class:`AdaptedState` s (aligners + latent connections + LoRA on K/V), one of which
@@ -164,7 +164,7 @@ class MPnPModel(nn.Module):
     # ------------------------------------------------------------------ elastic knobs
 
     def add_modality(self, spec: ModalitySpec, *, connect: bool = True) -> None:
-        """Give the active state a new modality with fresh aligners (Reconnect)."""
+        """Give the active state a new modality with fresh aligners (to be trained)."""
         state = self._require_state()
         state.add_modality(spec)
         state.aligners[spec.name].to(self._device()).train(self.training)

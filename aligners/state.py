@@ -9,6 +9,9 @@ so a state is never half-loaded or loaded onto the wrong model.
 
 Outside a model a state is a :class:`StateData` (config + tensors): :func:`read_state`,
 :func:`write_state`, :func:`snapshot_state` (from a model) and :func:`install_state` (into one).
+A store that keeps one file per entry (the daemon's) holds the same state as one safetensors
+file whose header carries the ``state.json`` fields (:func:`write_state_file` /
+:func:`read_state_file`). The trainer's checkpoints are state directories too.
 """
 
 from __future__ import annotations
@@ -16,16 +19,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from aligners.config import ConnectionConfig, ModalitySpec
 from aligners.model import MPnPModel
-from mpnp.files import sha256_file
+from mpnp.files import atomic_write, atomic_write_bytes, sha256_file
 from mpnp.llm import llm_fingerprint, llm_mismatch
 
 log = logging.getLogger(__name__)
@@ -38,26 +41,6 @@ CONFIG_FILE = "state.json"
 
 class StateError(ValueError):
     """A state that cannot be loaded: corrupt, of another format, or for another LLM."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_state(
@@ -133,19 +116,8 @@ def write_state(data: StateData, directory: str | os.PathLike[str]) -> Path:
     """Write ``data`` into ``directory`` as :func:`save_state` does (tensors first, JSON last)."""
     out = Path(directory)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in data.tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".safetensors", dir=_mkdir(out))
-    os.close(fd)
-    try:
-        save_file(
-            tensors, tmp, metadata={"type": STATE_TYPE, "format_version": str(FORMAT_VERSION)}
-        )
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        digest = sha256_file(Path(tmp))
-        os.replace(tmp, out / TENSORS_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    digest, _ = atomic_write(out / TENSORS_FILE, lambda tmp: save_file(
+        tensors, str(tmp), metadata={"type": STATE_TYPE, "format_version": str(FORMAT_VERSION)}))
     config = {"type": STATE_TYPE, "format_version": FORMAT_VERSION, **data.config,
               "tensors_sha256": digest}
     atomic_write_bytes(out / CONFIG_FILE, json.dumps(config, indent=2).encode())
@@ -153,9 +125,32 @@ def write_state(data: StateData, directory: str | os.PathLike[str]) -> Path:
     return out
 
 
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def write_state_file(data: StateData, path: str | os.PathLike[str]) -> None:
+    """Write ``data`` as one file: the tensors, with what ``state.json`` holds (type,
+    version, config) in the safetensors header. For stores that keep one file per entry
+    (the daemon's :class:`~daemon.store.ModelStore`, which checksums it in its manifest).
+    Not atomic by itself: the caller's writer is (``ModelStore.put``)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in data.tensors.items()}
+    save_file(tensors, str(path), metadata={"type": STATE_TYPE,
+                                            "format_version": str(FORMAT_VERSION),
+                                            "config": json.dumps(data.config)})
+
+
+def read_state_file(path: str | os.PathLike[str]) -> StateData:
+    """Read a state written by :func:`write_state_file` (type and version checked)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("type") != STATE_TYPE:
+                raise StateError(f"{path}: type {meta.get('type')!r} is not {STATE_TYPE!r}")
+            if meta.get("format_version") != str(FORMAT_VERSION):
+                raise StateError(f"{path}: format version {meta.get('format_version')} is not "
+                                 f"supported (this mpnp reads version {FORMAT_VERSION})")
+            config = json.loads(meta["config"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (OSError, KeyError, json.JSONDecodeError, SafetensorError) as exc:
+        raise StateError(f"{path} is not a readable state file ({exc})") from exc
+    return StateData(config, tensors)
 
 
 def read_state_config(directory: str | os.PathLike[str]) -> dict:
@@ -204,7 +199,8 @@ def load_state(
 
     Args:
         model: the resident model.
-        directory: a directory written by :func:`save_state`.
+        directory: a directory written by :func:`save_state` (or a file written by
+            :func:`write_state_file`).
         name: the name to load it under (default: its saved name).
         num_blocks: if given, the N the caller expects; a state saved with another N is
             refused rather than silently changing the model's N.
@@ -216,7 +212,7 @@ def load_state(
     Raises:
         StateError: corrupt files, another LLM, another N, or a tensor set that does not match.
     """
-    data = read_state(directory)
+    data = read_state_file(directory) if Path(directory).is_file() else read_state(directory)
     state_name = install_state(model, data, name=name, num_blocks=num_blocks,
                                activate=activate, source=str(directory))
     log.info("loaded state %r from %s", state_name, directory)

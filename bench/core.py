@@ -3,7 +3,7 @@
 For each N it measures, on the resident LLM (SmolLM2 by default):
 
 - FLOPs of one training step (forward + backward), counted by ``torch.utils.flop_counter``,
-  beside the analytic model of SPEC §2.7 (:mod:`mpnp.cost_model`);
+  beside the analytic model of the mPnP-LLM paper (:mod:`mpnp.cost_model`);
 - peak memory of one training step (forward, backward, AdamW step), and the bytes autograd
   saves for backward;
 - forward latency of a query with modalities connected against the bare LLM.

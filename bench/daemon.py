@@ -80,7 +80,7 @@ def _rss_mb() -> float:
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from daemon.client import Client, SensorPublisher
     from daemon.config import DaemonConfig
-    from daemon.demo import RecordingSource, _world_config
+    from daemon.demo import DemoFrameSource, _world_config
     from daemon.mpnp_backend import create_mpnp_backend
     from daemon.server import Daemon
     from daemon.sim_vehicle import SimVehicle, SimVehicleConfig
@@ -110,7 +110,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     thread.start()
     if not daemon.ready.wait(120):
         raise RuntimeError("the daemon did not become ready")
-    source = RecordingSource(_world_config(backend.prepared.data_dir))
+    source = DemoFrameSource(_world_config(backend.prepared.data_dir))
     cycle = _FrameCycle(source)
     result: dict[str, Any] = {"model_load_s": load_s, "targets": TARGETS,
                               "threads": args.threads, "llm": backend.config.llm}

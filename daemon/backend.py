@@ -7,6 +7,10 @@ always the last good one) and, during an adaptation run, an *adapted* candidate 
 whether the candidate replaces the serving state (:meth:`~ModelBackend.commit_adapted`, an
 atomic swap) or is thrown away (:meth:`~ModelBackend.discard_adapted`).
 
+A backend that knows which modality set its serving state connects may say so with an
+optional ``serving_modalities() -> frozenset[str]``; the engine then takes that as the one
+source of truth (and passes it back to :meth:`~ModelBackend.answer`).
+
 Backends are found by name in a registry, or as ``module:factory`` (a callable taking the
 ``model.options`` of the daemon config as keyword arguments).
 """
@@ -19,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from policies.budget import CostModel
+from mpnp.cost_model import CostModel
+from mpnp.registry import Registry, UnknownNameError
 from scenes.sample import Frame
 
 Which = Literal["serving", "adapted"]
@@ -104,19 +109,17 @@ BACKEND_METHODS: tuple[str, ...] = (
     "commit_adapted", "discard_adapted", "save_state", "load_state", "cost_model",
 )
 BackendFactory = Callable[..., ModelBackend]
-_BACKENDS: dict[str, BackendFactory] = {}
-#: Built-in backends, imported (heavy: torch) only when named.
-_BUILTIN: dict[str, str] = {"mpnp": "daemon.mpnp_backend"}
+#: Built-in backends are imported (heavy: torch) only when named.
+BACKENDS: Registry[BackendFactory] = Registry("model backend",
+                                              lazy={"mpnp": "daemon.mpnp_backend"})
 
 
 def register_backend(name: str, factory: BackendFactory) -> None:
-    if name in _BACKENDS:
-        raise ValueError(f"model backend {name!r} is already registered")
-    _BACKENDS[name] = factory
+    BACKENDS.register(name, factory)
 
 
 def list_backends() -> list[str]:
-    return sorted(set(_BACKENDS) | set(_BUILTIN))
+    return BACKENDS.names()
 
 
 def create_backend(spec: str, options: dict[str, Any] | None = None) -> ModelBackend:
@@ -128,15 +131,11 @@ def create_backend(spec: str, options: dict[str, Any] | None = None) -> ModelBac
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise ValueError(f"model.backend {spec!r} cannot be imported: {exc}") from exc
-    elif spec in _BACKENDS or spec in _BUILTIN:
-        if spec not in _BACKENDS:
-            importlib.import_module(_BUILTIN[spec])
-        factory = _BACKENDS[spec]
     else:
-        raise ValueError(
-            f"unknown model backend {spec!r}; registered: {list_backends()} "
-            "(or give module:factory)"
-        )
+        try:
+            factory = BACKENDS.get(spec)
+        except UnknownNameError as exc:
+            raise UnknownNameError(BACKENDS.what, spec, exc.known + ["module:factory"]) from None
     backend = factory(**options)
     missing = [name for name in BACKEND_METHODS if not callable(getattr(backend, name, None))]
     if missing:

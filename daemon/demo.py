@@ -72,7 +72,7 @@ class DemoConfig:
                 raise ValueError(f"demo {name} must be > 0, got {getattr(self, name)}")
 
 
-class RecordingSource:
+class DemoFrameSource:
     """Synthetic-world frames for the vehicle; remembers each frame's questions and light."""
 
     def __init__(self, world_config: dict[str, Any], keep: int = 64) -> None:
@@ -147,7 +147,7 @@ def _daemon_config(cfg: DemoConfig, run_dir: Path, cost, ipc: Path) -> DaemonCon
 class _Querier(threading.Thread):
     """Asks a ground-truth question about a recent frame every ``interval`` seconds."""
 
-    def __init__(self, endpoint: str, source: RecordingSource, interval: float, t0: float,
+    def __init__(self, endpoint: str, source: DemoFrameSource, interval: float, t0: float,
                  seed: int) -> None:
         super().__init__(name="demo-querier", daemon=True)
         self.endpoint, self.source, self.interval, self.t0 = endpoint, source, interval, t0
@@ -221,7 +221,7 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict[str, Any]:
     thread.start()
     if not daemon.ready.wait(120):
         raise RuntimeError("the daemon did not become ready")
-    source = RecordingSource(_world_config(backend.prepared.data_dir))
+    source = DemoFrameSource(_world_config(backend.prepared.data_dir))
     vehicle_cfg = SimVehicleConfig(
         endpoint=daemon.endpoints["ingest"], camera_hz=cfg.camera_hz, lidar_hz=cfg.lidar_hz,
         day_s=cfg.day_s, dusk_s=cfg.dusk_s, night_s=cfg.max_s, loop=False,

@@ -117,7 +117,7 @@ class Engine:
             backend, store, BudgetPlanner(config.adaptation.planner()), self.publish,
             config.adaptation.progress_every,
         )
-        self.serving: frozenset[str] = frozenset(config.adaptation.initial_modalities)
+        self._serving: frozenset[str] = frozenset(config.adaptation.initial_modalities)
         self.serving_generation: int | None = None
         self._dirty = False  # serving state committed but not saved yet
         self._inbox: queue.Queue[Request] = queue.Queue()
@@ -132,6 +132,19 @@ class Engine:
         self.last_reading: dict[str, Any] | None = None
         self.started_at = time.monotonic()
         self.accepting = True
+
+    @property
+    def serving(self) -> frozenset[str]:
+        """The modality set being served: the backend's own word where it can say
+        (``serving_modalities()``), so the engine and the backend cannot disagree."""
+        own = getattr(self.backend, "serving_modalities", None)
+        return frozenset(own()) if callable(own) else self._serving
+
+    @serving.setter
+    def serving(self, modalities: frozenset[str]) -> None:
+        # The engine's own record: what it last switched to (an event's "previous" reads
+        # it, since by then the backend already serves the new set).
+        self._serving = frozenset(modalities)
 
     # --- called from IO threads ---------------------------------------------------------
 
@@ -477,7 +490,7 @@ class Engine:
         except Exception as exc:
             log.error("could not load stored state %s: %s; adapting instead", entry.name, exc)
             return False
-        previous, self.serving = self.serving, desired
+        previous, self.serving = self._serving, desired
         self.serving_generation = entry.generation
         self.publish(EventType.MODALITY_SWITCHED, {"modalities": sorted(desired),
                                                    "previous": sorted(previous),
@@ -504,7 +517,7 @@ class Engine:
             if result["outcome"] != "cancelled":
                 self._gave_up_on = modalities
             return
-        previous, self.serving = self.serving, modalities
+        previous, self.serving = self._serving, modalities
         self._dirty = True
         self._save_serving({"n_blocks": result["n_blocks"], "steps": result["steps_done"],
                             "accuracy": result["adapted_accuracy"]})

@@ -23,7 +23,6 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -36,14 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from mpnp.files import sha256_file
+from mpnp.files import TEMP_PREFIX, atomic_write, atomic_write_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = "mpnp-store"
 STORE_VERSION = 1
 MANIFEST = "manifest.json"
-TEMP_PREFIX = ".tmp-"
 STATE_PREFIX = "state-"
 
 
@@ -76,40 +74,6 @@ class StoreEntry:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StoreEntry:
         return cls(**{**data, "kind": EntryKind(data["kind"])})
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(target: Path, writer: Callable[[Path], None]) -> tuple[str, int]:
-    """Write ``target`` through ``writer(temp_path)`` atomically; return (sha256, size).
-
-    temp file in the same directory -> fsync -> rename over ``target`` -> fsync directory.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        writer(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        digest, size = sha256_file(tmp), tmp.stat().st_size
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
-    return digest, size
-
-
-def atomic_write_bytes(target: Path, data: bytes) -> tuple[str, int]:
-    return atomic_write(target, lambda p: p.write_bytes(data))
 
 
 def _nbytes(obj: Any, fallback: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-#: The 30 answers of nuScenes-QA (SPEC §5).
+#: The 30 answers of nuScenes-QA (the answer space the mPnP-LLM paper evaluates on).
 ANSWER_VOCAB: tuple[str, ...] = (
     *(str(i) for i in range(11)),
     "yes",

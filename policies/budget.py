@@ -1,8 +1,8 @@
 """Budget planner: how much adaptation fits in the current power mode.
 
-The cost model is SPEC §2.7: per training sample the forward pass always runs through the
-whole LLM, the backward pass only through the last ``N`` connected blocks plus the aligners
-and the multimodal embeddings::
+The cost model is the mPnP-LLM paper's (arXiv 2312.07886; :mod:`mpnp.cost_model`): per
+training sample the forward pass always runs through the whole LLM, the backward pass only
+through the last ``N`` connected blocks plus the aligners and the multimodal embeddings::
 
     sample_flops(N) = forward + T_dw(aligners) + T_dy(emb) + (N / L) * T_dy(LLM)
 
@@ -11,7 +11,9 @@ whole adaptation run) into a choice of ``N`` and of the number of optimizer step
 the paper's elastic knob: the largest ``N`` that still affords the target number of steps
 inside the deadline; when even the smallest ``N`` cannot, it shortens the run; when not even
 ``min_steps`` fit, the plan is infeasible and adaptation waits for a better power mode.
-Every decision is kept in a bounded log that the daemon shows in ``status``.
+:meth:`BudgetPlanner.plan_flops` is the same solve for a FLOPs budget of a run with a fixed
+number of steps (``mpnp adapt --budget-tflops``). Every decision is kept in a bounded log
+that the daemon shows in ``status``.
 """
 
 from __future__ import annotations
@@ -22,54 +24,9 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 
+from mpnp.cost_model import CostModel
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Per-sample FLOPs of one adaptation step (filled from measurements by the core).
-
-    Attributes:
-        forward_flops: forward pass of the whole LLM (plus aligners) for one sample.
-        llm_backward_flops: ``T_dy(LLM)``: backward through *all* ``num_layers`` blocks.
-        aligner_flops: ``T_dw(aligners)``: weight gradients of the aligners.
-        emb_backward_flops: ``T_dy(emb)``: backward through the multimodal embeddings.
-        num_layers: ``L``, the number of LLM blocks.
-    """
-
-    forward_flops: float
-    llm_backward_flops: float
-    aligner_flops: float
-    emb_backward_flops: float
-    num_layers: int
-
-    def __post_init__(self) -> None:
-        for name in ("forward_flops", "llm_backward_flops", "aligner_flops", "emb_backward_flops"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"CostModel.{name} must be a finite number >= 0, got {value}")
-        if not isinstance(self.num_layers, int) or self.num_layers < 1:
-            raise ValueError(f"CostModel.num_layers must be an int >= 1, got {self.num_layers}")
-
-    def backward_flops(self, n_blocks: int) -> float:
-        """``T_backprop(N)`` for one sample."""
-        self._check_n(n_blocks)
-        fraction = n_blocks / self.num_layers
-        return self.aligner_flops + self.emb_backward_flops + fraction * self.llm_backward_flops
-
-    def sample_flops(self, n_blocks: int) -> float:
-        """Forward (whole LLM) + backward(N) for one training sample."""
-        return self.forward_flops + self.backward_flops(n_blocks)
-
-    def step_flops(self, n_blocks: int, batch: int) -> float:
-        """FLOPs of one optimizer step over ``batch`` samples."""
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
-        return batch * self.sample_flops(n_blocks)
-
-    def _check_n(self, n_blocks: int) -> None:
-        if not 0 <= n_blocks <= self.num_layers:
-            raise ValueError(f"n_blocks must be in 0..{self.num_layers}, got {n_blocks}")
 
 
 @dataclass(frozen=True)
@@ -183,6 +140,29 @@ class BudgetPlanner:
             f"at {budget.flops_per_s:.3g} FLOP/s; waiting for a larger power mode"
         )
         return self._record(budget, cost, n_lo, max(steps, 0), False, reason)
+
+    def plan_flops(self, budget_flops: float, cost: CostModel, steps: int | None = None,
+                   mode: str = "flops-budget") -> BudgetPlan:
+        """The largest ``N`` whose ``steps`` (default: ``target_steps``) fit ``budget_flops``.
+
+        The run is never shortened here (its length is the caller's epochs); when not even
+        ``n_min`` fits, the plan is ``n_min`` and marked infeasible.
+        """
+        cfg = self.config
+        steps = cfg.target_steps if steps is None else steps
+        if steps < 1 or not budget_flops > 0:
+            raise ValueError(f"need steps >= 1 and budget_flops > 0, got {steps}, {budget_flops}")
+        n_hi = min(cfg.n_max or cost.num_layers, cost.num_layers)
+        n_lo = min(cfg.n_min, n_hi)
+        budget = PowerBudget(mode=mode, flops_per_s=budget_flops / cfg.utilization, watts=1.0,
+                             deadline_s=1.0)  # capacity = budget_flops exactly
+        for n in range(n_hi, n_lo - 1, -1):
+            if cost.step_flops(n, cfg.batch_size) * steps <= budget_flops:
+                reason = f"largest N whose {steps} steps fit {budget_flops:.3g} FLOPs"
+                return self._record(budget, cost, n, steps, True, reason)
+        reason = (f"{budget_flops:.3g} FLOPs do not fit {steps} steps even at N={n_lo} "
+                  f"(needs {cost.step_flops(n_lo, cfg.batch_size) * steps:.3g})")
+        return self._record(budget, cost, n_lo, steps, False, reason)
 
     def replan(
         self,

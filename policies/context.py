@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mpnp.registry import Registry
+
 log = logging.getLogger(__name__)
 
 #: Modalities the project knows.
@@ -88,33 +90,28 @@ class ContextPolicy(ABC):
         return {"policy": self.name, "desired": sorted(self.desired())}
 
 
-_POLICIES: dict[str, Callable[..., ContextPolicy]] = {}
+POLICIES: Registry[type[ContextPolicy]] = Registry("context policy")
 
 
 def register_policy(name: str) -> Callable[[type[ContextPolicy]], type[ContextPolicy]]:
     """Class decorator: register a policy under ``name`` (duplicates raise)."""
 
     def wrap(cls: type[ContextPolicy]) -> type[ContextPolicy]:
-        if name in _POLICIES:
-            raise ValueError(f"context policy {name!r} is already registered")
+        POLICIES.register(name, cls)
         cls.name = name
-        _POLICIES[name] = cls
         return cls
 
     return wrap
 
 
 def list_policies() -> list[str]:
-    return sorted(_POLICIES)
+    return POLICIES.names()
 
 
 def create_policy(name: str, **options: object) -> ContextPolicy:
-    """Build a registered policy; unknown names raise ``ValueError`` listing the known ones."""
-    try:
-        factory = _POLICIES[name]
-    except KeyError:
-        raise ValueError(f"unknown context policy {name!r}; known: {list_policies()}") from None
-    return factory(**options)
+    """Build a registered policy; an unknown name is a :class:`~mpnp.registry.UnknownNameError`
+    (a ``ValueError``) listing the known ones."""
+    return POLICIES.get(name)(**options)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ change and returns a :class:`ModeChange` (possibly ``pending``), and
 
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 import time
@@ -21,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
+from mpnp.registry import Registry
 from policies.budget import PowerBudget
 
 log = logging.getLogger(__name__)
@@ -190,42 +190,31 @@ class PowerMonitor(ABC):
         return PowerBudget(mode=mode.name, flops_per_s=flops, watts=watts, deadline_s=deadline_s)
 
 
-_MONITORS: dict[str, type[PowerMonitor]] = {}
 #: Order of automatic selection (the simulation is never chosen automatically).
 AUTO_ORDER: tuple[str, ...] = ("jtop", "nvml", "cpu")
-_BUILTIN_MODULES = ("policies.power_sim", "policies.power_devices")
+MONITORS: Registry[type[PowerMonitor]] = Registry(
+    "power monitor", builtin_modules=("policies.power_sim", "policies.power_devices"))
 
 
 def register_power_monitor(name: str) -> Callable[[type[PowerMonitor]], type[PowerMonitor]]:
     def wrap(cls: type[PowerMonitor]) -> type[PowerMonitor]:
-        if name in _MONITORS:
-            raise ValueError(f"power monitor {name!r} is already registered")
+        MONITORS.register(name, cls)
         cls.name = name
-        _MONITORS[name] = cls
         return cls
 
     return wrap
 
 
-def _load_builtins() -> None:
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
-
-
 def list_power_monitors() -> list[str]:
-    _load_builtins()
-    return sorted(_MONITORS)
+    return MONITORS.names()
 
 
 def create_power_monitor(name: str = "auto", **options: object) -> PowerMonitor:
     """Build the named monitor, or for ``auto`` the first available in :data:`AUTO_ORDER`."""
-    _load_builtins()
     if name != "auto":
-        if name not in _MONITORS:
-            raise ValueError(f"unknown power monitor {name!r}; known: {sorted(_MONITORS)}")
-        return _MONITORS[name](**options)
+        return MONITORS.get(name)(**options)
     for candidate in AUTO_ORDER:
-        cls = _MONITORS[candidate]
+        cls = MONITORS.get(candidate)
         if not cls.available():
             continue
         try:

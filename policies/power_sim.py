@@ -1,6 +1,7 @@
 """A simulated Jetson AGX Orin 64GB for development and tests.
 
-Modes and GPU caps follow SPEC §6 (MAXN 1.3 GHz, 50W 816 MHz, 30W 612 MHz; 15W ≈ 420 MHz).
+Modes and GPU caps follow NVIDIA's nvpmodel power modes of the AGX Orin 64GB
+(MAXN 1.3 GHz, 50W 816 MHz, 30W 612 MHz; 15W ≈ 420 MHz).
 Throughputs come from the paper's measured training speed on Orin (OPT-1.3B, N=13: 0.33 /
 0.92 / 1.41 samples/s at 30W / 50W / MAXN) times the per-sample cost implied by its FLOPs
 figure (0.87 PFLOPs for 659 samples x 8 epochs ≈ 1.65e11 FLOPs/sample). 15W is extrapolated

@@ -13,6 +13,7 @@ from adapt.features import FeatureSet
 from adapt.trainer import TrainConfig, Trainer, TrainingError
 from aligners.config import ConnectionConfig, ModalitySpec
 from mpnp.generation import encode_training
+from mpnp.registry import UnknownNameError
 from mpnp.tiny import tiny_llm
 from scenes.sample import QAItem
 
@@ -55,7 +56,7 @@ EXPECTED_GROUPS = {
 
 def test_registry_knows_every_method():
     assert set(list_connectors()) == set(EXPECTED_GROUPS)
-    with pytest.raises(KeyError, match="unknown connector"):
+    with pytest.raises(UnknownNameError, match="unknown connector .nope.; known: epalm"):
         create_connector("nope", None, None, [])
 
 
@@ -212,7 +213,15 @@ def test_checkpoint_resume_continues_where_it_stopped(model, tmp_path):
     resumed = Trainer(b, cfg2)
     report = resumed.fit(data, progress=False, checkpoint_dir=tmp_path / "b")
     assert report.epochs_run == 2 and report.steps == 6
-    (tmp_path / "b" / "checkpoint.safetensors").write_bytes(b"garbage")
+    # the checkpoint carries the optimizer moments, data position and random stream:
+    # the resumed run ends with exactly the tensors of the uninterrupted one
+    trained_a = {n: p for n, p in a.named_parameters() if p.requires_grad}
+    trained_b = {n: p for n, p in b.named_parameters() if p.requires_grad}
+    assert trained_a.keys() == trained_b.keys()
+    assert all(torch.equal(trained_a[n], trained_b[n]) for n in trained_a)
+    # checkpoints are states on disk (aligners.state): a corrupt tensor file is refused
+    assert (tmp_path / "b" / "state.json").is_file()
+    (tmp_path / "b" / "state.safetensors").write_bytes(b"garbage")
     with pytest.raises(TrainingError, match="unreadable"):
         Trainer(b, cfg2).fit(data, progress=False, checkpoint_dir=tmp_path / "b")
 
@@ -243,7 +252,7 @@ def test_fork_then_switch_leaves_the_original_serving(kind, model):
     batch = feature_set().batch([0, 1, 2])
     before = day.loss(batch).detach()
     night = day.fork("night")
-    night.reconnect([LIDAR])
+    night.set_modalities([LIDAR])
     assert night.modality_names == ([] if kind == "question_only" else ["lidar"])
     groups = set(EXPECTED_GROUPS[kind])
     Trainer(night, TrainConfig(learning_rates=dict.fromkeys(groups, 1e-1))).step(batch)
@@ -261,7 +270,7 @@ def test_mpnp_add_keeps_the_trained_camera_aligner(model):
     cam_before = {k: v.clone() for k, v in day.model.state_tensors("adapt").items()
                   if k.startswith("aligners.camera")}
     both = day.fork("both")
-    both.reconnect([CAM, LIDAR])
+    both.set_modalities([CAM, LIDAR])
     both.set_num_blocks(3)
     state = both.model.states["both"]
     assert state.connected == ["camera", "lidar"] and state.config.num_blocks == 3

@@ -4,6 +4,7 @@ store, encoders loaded on demand — and the whole daemon around it."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,7 +17,8 @@ from adapt.connectors.mpnp import MPnPConnector
 from adapt.features import FeatureSet
 from aligners.model import MPnPModel
 from daemon.backend import BACKEND_METHODS, ModelBackend
-from daemon.client import Client, SensorPublisher
+from daemon.client import Client, EventSubscriber, SensorPublisher
+from daemon.encoder_pool import encoder_spec
 from daemon.mpnp_backend import MPnPBackend, MPnPBackendConfig, context_of
 from daemon.store import ModelStore
 from encoders import create_encoder
@@ -49,24 +51,85 @@ def _featureset(encoders, seeds, prefix: str) -> FeatureSet:
     return FeatureSet(items, tokens)
 
 
-@pytest.fixture
-def backend():
+def make_backend(**options) -> MPnPBackend:
+    """The real backend on tiny parts; the same ``options`` build the same parts."""
     torch.manual_seed(0)
     llm, tok = tiny_llm("llama", num_layers=4)
     encoders = {"camera": create_encoder("camera-vit", **TINY["camera-vit"]).freeze(),
                 "lidar": create_encoder("lidar-rangevit", **TINY["lidar-rangevit"]).freeze()}
     model = MPnPModel(llm, tok)
-    from daemon.mpnp_backend import _spec
-
-    specs = {m: _spec(e) for m, e in encoders.items()}
+    specs = {m: encoder_spec(e) for m, e in encoders.items()}
     serving = MPnPConnector(llm, tok, [specs["camera"]], ConnectorConfig(num_blocks=2),
                             model=model, state_name="day")
     splits = SimpleNamespace(**{f"{c}_{s}": _featureset(encoders, range(k, k + 6), f"{c}{s}")
                                 for k, (c, s) in enumerate([(c, s) for c in ("day", "night")
                                                             for s in ("train", "val")])})
     prepared = SimpleNamespace(encoders=encoders, record={}, data_dir=None)
-    config = MPnPBackendConfig(val_questions=4, eval_chunk=2, max_new_tokens=2, micro_batch=1)
+    config = MPnPBackendConfig(**({"val_questions": 4, "eval_chunk": 2, "max_new_tokens": 2,
+                                   "micro_batch": 1} | options))
     return MPnPBackend(config, model, serving, prepared, splits)
+
+
+@pytest.fixture
+def backend():
+    return make_backend()
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2])
+def test_trainer_fit_and_the_daemon_run_the_same_training_loop(micro_batch):
+    """One engine: the same connector, data, seed and N trained through ``Trainer.fit`` (the
+    CLI's ``runtime_adapt``) and through the daemon's adaptation path give identical tensors
+    and equal counted FLOPs."""
+    from adapt.algorithm import runtime_adapt
+
+    steps, batch = 6, 2  # 6 night training questions: 3 steps an epoch, 2 epochs
+    daemon_side = make_backend(micro_batch=micro_batch, seed=7)
+    daemon_side.start_adaptation(frozenset({"lidar"}), n_blocks=3, steps=steps, batch_size=batch)
+    phases = []
+    while (progress := daemon_side.adaptation_step()) is not None:
+        phases.append(progress.phase)
+    assert phases.count("train") == steps * batch // micro_batch
+    stepper = daemon_side._job.stepper
+    daemon_state = daemon_side.model.state_tensors(stepper.connector.state_name)
+
+    cli_side = make_backend(micro_batch=micro_batch, seed=7)
+    config = cli_side.train_config(batch).with_rates()
+    config.epochs = 2
+    specs = {m: cli_side.encoders.spec(m) for m in ("camera", "lidar")}
+    fork, report, _ = runtime_adapt(cli_side.serving, "switch", specs,
+                                    cli_side.splits.night_train, None, config, num_blocks=3,
+                                    progress=False)
+    cli_state = cli_side.model.state_tensors(fork.state_name)
+
+    assert report.steps == stepper.steps == steps and report.samples == stepper.samples
+    assert daemon_state.keys() == cli_state.keys()
+    trained = [k for k in cli_state
+               if not torch.equal(cli_state[k], cli_side.model.state_tensors("day").get(k,
+                                                                                    cli_state[k]))]
+    assert trained, "nothing trained: the comparison would be vacuous"
+    for key in cli_state:
+        assert torch.equal(daemon_state[key], cli_state[key]), key
+    assert report.flops == stepper.flops > 0
+
+
+def test_adapting_in_the_backend_leaves_the_global_rng_alone(backend, tmp_path):
+    """A serving process's global torch RNG is not reseeded or advanced by building,
+    stepping or committing an adaptation (LoRA dropout is on, so training does draw), nor by
+    saving and restoring a state."""
+    assert backend.serving.model.states["day"].config.lora_dropout > 0
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    expected = torch.rand(3)
+    torch.set_rng_state(before)
+    backend.start_adaptation(frozenset({"camera", "lidar"}), n_blocks=3, steps=2, batch_size=2)
+    while backend.adaptation_step() is not None:
+        pass
+    backend.commit_adapted()
+    backend.answer(["is there a car?"], [_frame(3)], frozenset({"camera", "lidar"}))
+    backend.save_state(tmp_path / "state.safetensors")
+    backend.load_state(tmp_path / "state.safetensors")
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_backend_implements_the_protocol(backend):
@@ -80,7 +143,7 @@ def test_serving_stops_on_closed_vocabulary_answers(backend):
 
     assert backend.serving.config.stop_at_answers == ANSWER_VOCAB
     backend.start_adaptation(frozenset({"lidar"}), n_blocks=3, steps=1, batch_size=1)
-    assert backend._run.connector.config.stop_at_answers == ANSWER_VOCAB  # validated alike
+    assert backend._job.stepper.connector.config.stop_at_answers == ANSWER_VOCAB  # validated alike
     assert MPnPBackendConfig(answer_vocabulary="").answer_vocabulary == ""
     with pytest.raises(ValueError, match="answer_vocabulary"):
         MPnPBackendConfig(answer_vocabulary="vqa-v2")
@@ -128,9 +191,10 @@ def test_flops_are_counted_once_per_step_shape(backend):
     from mpnp.measure import count_flops
 
     backend.start_adaptation(frozenset({"lidar"}), n_blocks=3, steps=6, batch_size=2)
-    run = backend._run
-    while run.phase != "validate":
+    job = backend._job
+    while job.phase != "validate":
         backend.adaptation_step()
+    run = job.stepper
     assert run.micro_steps == 12 and 1 <= len(run.flops_by_signature) < 12
     # every step shape seen, counted afresh now, gives the same count
     for key, flops in run.flops_by_signature.items():
@@ -181,7 +245,9 @@ def test_daemon_serves_and_adapts_with_the_real_backend(backend, tmp_path):
                                                "min_steps": 1})
     with running_daemon(config, backend) as daemon, \
             Client(daemon.endpoints["query"], timeout_s=30) as client, \
-            SensorPublisher(daemon.endpoints["ingest"]) as publisher:
+            SensorPublisher(daemon.endpoints["ingest"]) as publisher, \
+            EventSubscriber(daemon.endpoints["events"]) as events:
+        time.sleep(0.2)  # let the subscription reach the daemon
         frame = _frame(7, "live-7")
         wait_for(lambda: publisher.send_camera(frame) and publisher.send_lidar(frame)
                  and daemon.metrics.frames_in.total() >= 2)
@@ -193,6 +259,15 @@ def test_daemon_serves_and_adapts_with_the_real_backend(backend, tmp_path):
         assert status["last_adaptation"]["outcome"] in ("better", "forced")
         assert status["adaptation_cost"]["flops"] > 0
         assert client.ask("is there a car?", "live-7")["modalities"] == ["lidar"]
+        # the engine reads what is serving from the backend, and the switch event still
+        # names the set it switched from
+        assert daemon.engine.serving == backend.serving_modalities() == {"lidar"}
+        switched = None
+        while switched is None and (event := events.receive(5.0)) is not None:
+            if event[0].value == "modality.switched":
+                switched = event[1]
+        assert switched is not None
+        assert switched["previous"] == ["camera"] and switched["modalities"] == ["lidar"]
         kinds = {e["kind"] for e in client.list_store()["entries"]}
         assert kinds == {"encoder", "state"}
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from daemon.backend import AdaptProgress
 from daemon.config import DaemonConfig
-from policies.budget import CostModel
+from mpnp.cost_model import CostModel
 from scenes.sample import CAMERA_VIEWS, Frame
 
 
@@ -116,8 +116,8 @@ class ToyBackend:
         self.calls.append(("load", self.version))
 
     def cost_model(self):
-        return CostModel(forward_flops=1e6, llm_backward_flops=2e6, aligner_flops=1e4,
-                         emb_backward_flops=1e4, num_layers=self.num_layers)
+        return CostModel(forward=1e6, dy_llm=2e6, dw_aligners=1e4, dy_emb=1e4,
+                         num_layers=self.num_layers)
 
 
 def make_toy_backend(**options) -> ToyBackend:

@@ -107,19 +107,36 @@ def test_operator_override_wins_until_released():
 
 # --- budget planner ---------------------------------------------------------------------------
 
-COST = CostModel(forward_flops=1e9, llm_backward_flops=3e9, aligner_flops=1e7,
-                 emb_backward_flops=1e7, num_layers=30)
+COST = CostModel(forward=1e9, dy_llm=3e9, dw_aligners=1e7, dy_emb=1e7, num_layers=30)
 
 
 def _budget(flops, mode="MODE_30W", deadline=100.0):
     return PowerBudget(mode=mode, flops_per_s=flops, watts=30.0, deadline_s=deadline)
 
 
-def test_cost_model_follows_the_spec_formula():
+def test_cost_model_follows_the_paper_formula():
     assert COST.backward_flops(15) == pytest.approx(1e7 + 1e7 + 0.5 * 3e9)
     assert COST.sample_flops(0) == pytest.approx(1e9 + 2e7)
     with pytest.raises(ValueError, match="n_blocks must be in 0..30"):
         COST.sample_flops(31)
+
+
+def test_one_cost_model_per_sample_and_per_batch():
+    batch4 = CostModel(forward=4e9, dy_llm=12e9, dw_aligners=4e7, dy_emb=4e7, num_layers=30,
+                       batch=4)
+    assert batch4.sample_flops(15) == pytest.approx(COST.sample_flops(15))
+    assert batch4.mpnp(15) == pytest.approx(COST.step_flops(15, 4))
+    with pytest.raises(ValueError, match="batch"):
+        CostModel(forward=1.0, dy_llm=1.0, dw_aligners=0.0, dy_emb=0.0, num_layers=2, batch=0)
+
+
+def test_planner_solves_n_from_a_flops_budget():
+    planner = BudgetPlanner(PlannerConfig(batch_size=2, target_steps=5, min_steps=1))
+    plan = planner.plan_flops(COST.step_flops(10, 2) * 5 * 1.0001, COST)
+    assert plan.feasible and plan.n_blocks == 10 and plan.steps == 5
+    assert plan.total_flops == pytest.approx(COST.step_flops(10, 2) * 5)
+    tiny = planner.plan_flops(1.0, COST, steps=5)
+    assert not tiny.feasible and tiny.n_blocks == 1 and tiny.steps == 5
 
 
 def test_planner_picks_the_largest_n_that_fits():

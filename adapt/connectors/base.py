@@ -94,8 +94,9 @@ class Connector(nn.Module, ABC):
         """
 
     @abstractmethod
-    def reconnect(self, modalities: Sequence[ModalitySpec]) -> None:
-        """Select → Reconnect: serve ``modalities`` from now on.
+    def set_modalities(self, modalities: Sequence[ModalitySpec]) -> None:
+        """Serve ``modalities`` from now on (in memory; Algorithm 1's Reconnect is loading
+        a set's encoders and aligners from storage and connecting them, the backend's job).
 
         What is trained for a modality that stays is kept; a new modality gets fresh
         parameters; a dropped one stops reaching the LLM.

@@ -1,4 +1,5 @@
-"""The comparison rows of Table 1 (SPEC §3), behind the connector interface.
+"""The comparison rows of Table 1 (the mPnP-LLM paper's baselines; README: Table 1), behind
+the connector interface.
 
 All of them put something at the LLM's *input*, so every step back-propagates through the
 whole LLM — the cost mPnP avoids:
@@ -65,7 +66,7 @@ class InputPrefixConnector(Connector):
         twin._modules["llm"] = llm
         return twin
 
-    def reconnect(self, modalities: Sequence[ModalitySpec]) -> None:
+    def set_modalities(self, modalities: Sequence[ModalitySpec]) -> None:
         hidden = self.llm.config.hidden_size
         kept = {m.name: self.projection[m.name] for m in modalities if m.name in self.projection}
         self.projection = nn.ModuleDict(
@@ -166,7 +167,7 @@ class QuestionOnlyConnector(PromptFuseConnector):
     def __init__(self, llm, tokenizer, modalities, config, **kwargs):
         super().__init__(llm, tokenizer, [], config, **kwargs)
 
-    def reconnect(self, modalities: Sequence[ModalitySpec]) -> None:
+    def set_modalities(self, modalities: Sequence[ModalitySpec]) -> None:
         """No sensor ever reaches this model."""
 
 

@@ -88,7 +88,10 @@ def lower_hidden_states(llm: nn.Module, batch: PromptBatch, first: int) -> torch
 
 @register_connector
 class MPnPConnector(Connector):
-    """Aligners + latent connections + LoRA on K/V of the last N blocks (SPEC §2)."""
+    """Aligners + latent connections + LoRA on K/V of the last N blocks.
+
+    README, "How the connection works", describes the connection.
+    """
 
     kind = "mpnp"
 
@@ -187,7 +190,7 @@ class MPnPConnector(Connector):
                              dataclasses.replace(self.config), model=self.model,
                              state_name=name, cache_hidden=self.cache_hidden)
 
-    def reconnect(self, modalities: Sequence[ModalitySpec]) -> None:
+    def set_modalities(self, modalities: Sequence[ModalitySpec]) -> None:
         self.model.activate(self.state_name)
         state = self.model.state
         wanted = [m.name for m in modalities]
