@@ -7,6 +7,7 @@ in its own thread and only reads the (thread-safe) metrics.
 from __future__ import annotations
 
 import bisect
+import collections
 import logging
 import math
 import threading
@@ -79,43 +80,60 @@ class Gauge(Counter):
             self._values[tuple(sorted(labels.items()))] = float(value)
 
 
+#: Recent latency samples kept for the measured quantiles in ``status``.
+LATENCY_WINDOW = 2048
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank ``q`` quantile of ``values`` (``None`` when empty)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
 class Histogram(_Metric):
+    """Bucket counts for Prometheus plus a bounded window of recent samples.
+
+    The quantiles in :meth:`summary` are measured from the window, not bucket bounds: a
+    bucket bound says nothing above the largest one (it was ``inf``, which is not JSON)."""
+
     kind = "histogram"
 
-    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...] = LATENCY_BUCKETS_S):
+    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...] = LATENCY_BUCKETS_S,
+                 window: int = LATENCY_WINDOW):
         super().__init__(name, help_text)
         self.buckets = tuple(sorted(buckets))
         self._counts = [0] * (len(self.buckets) + 1)  # last: +Inf
         self._sum = 0.0
         self._count = 0
+        self._window: collections.deque[float] = collections.deque(maxlen=window)
 
     def observe(self, value: float) -> None:
+        value = float(value)
+        if not math.isfinite(value):
+            return  # a clock glitch must not poison the sums (or status JSON)
         with self._lock:
             self._counts[bisect.bisect_left(self.buckets, value)] += 1
             self._sum += value
             self._count += 1
+            self._window.append(value)
 
-    def quantile(self, q: float) -> float | None:
-        """Upper bucket bound holding the ``q`` quantile (``None`` when empty)."""
+    def recent(self) -> list[float]:
         with self._lock:
-            counts, total = list(self._counts), self._count
-        if total == 0:
-            return None
-        rank, seen = q * total, 0
-        for bound, count in zip((*self.buckets, math.inf), counts):
-            seen += count
-            if seen >= rank:
-                return bound
-        return math.inf
+            return list(self._window)
 
     def summary(self) -> dict[str, float | int | None]:
         with self._lock:
-            count, total = self._count, self._sum
+            count, total, recent = self._count, self._sum, list(self._window)
         return {
             "count": count,
             "mean_s": total / count if count else None,
-            "p50_s": self.quantile(0.5),
-            "p95_s": self.quantile(0.95),
+            "window": len(recent),
+            "p50_s": percentile(recent, 0.50),
+            "p95_s": percentile(recent, 0.95),
+            "p99_s": percentile(recent, 0.99),
+            "max_s": max(recent) if recent else None,
         }
 
     def render(self) -> list[str]:
@@ -137,6 +155,9 @@ class DaemonMetrics:
     def __init__(self) -> None:
         self.frames_in = Counter("mpnp_frames_received_total", "Sensor messages accepted.")
         self.frames_dropped = Counter("mpnp_frames_dropped_total", "Sensor messages dropped.")
+        self.clock_resets = Counter("mpnp_sensor_clock_resets_total",
+                                    "Sensor clocks re-anchored after limits.clock_reset_frames "
+                                    "frames behind the newest.")
         self.queries = Counter("mpnp_queries_total", "Questions answered.")
         self.requests = Counter("mpnp_requests_total", "Requests received, by type.")
         self.errors = Counter("mpnp_errors_total", "Error replies, by code.")
