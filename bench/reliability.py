@@ -701,10 +701,12 @@ def run_kill(kills: int, backend: str = "mpnp", seed: int = 0,
     corrupt = failed_restarts = wrong_state = 0
     committed: set[int] = set()
     started = time.monotonic()
+    errors: Counter = Counter()
     for k in range(kills + 1):  # the last start only checks the state left by the last kill
-        proc = subprocess.Popen([sys.executable, "-m", "daemon", "--config", str(config)],
-                                env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        with open(tmp / f"daemon-{k}.log", "wb") as log_file:  # a pipe nobody reads blocks
+            proc = subprocess.Popen([sys.executable, "-m", "daemon", "--config", str(config)],
+                                    env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                    stderr=log_file)
         row: dict[str, Any] = {"round": k}
         try:
             with Client(f"ipc://{ipc}/query", timeout_s=5) as client:
@@ -752,10 +754,11 @@ def run_kill(kills: int, backend: str = "mpnp", seed: int = 0,
                         client.adapt("start", modalities, force_commit=True)
                         modalities = ["camera"] if modalities == ["lidar"] else ["lidar"]
                     except DaemonError as exc:
-                        if exc.code != "conflict":
-                            raise
+                        if exc.code != "conflict":  # conflict: the previous run goes on
+                            errors[exc.code] += 1
+                            log.warning("kill round %d: adapt start: %s", k, exc)
                     except DaemonTimeout:
-                        pass
+                        errors["timeout"] += 1
                     try:
                         generation = client.status()["serving"]["generation"]
                         if generation is not None:
@@ -787,6 +790,7 @@ def run_kill(kills: int, backend: str = "mpnp", seed: int = 0,
         "corrupt_states": corrupt, "failed_restarts": failed_restarts,
         "wrong_state_served": wrong_state, "committed_generations": sorted(committed),
         "unanswered_after_restart": sum(1 for r in rounds if r.get("answered") is False),
+        "request_errors": dict(errors), "logs": str(tmp),
         "rounds": rounds, "seconds": time.monotonic() - started,
         "passed": corrupt == 0 and failed_restarts == 0 and wrong_state == 0
         and kills_done == kills and all(r.get("answered", True) for r in rounds),
