@@ -255,6 +255,7 @@ class Engine:
             self.metrics.adaptation_progress.set(
                 run.steps_done / max(run.steps_planned, 1) if run else 0.0)
         self.metrics.adaptation_active.set(1.0 if self.adaptation.active else 0.0)
+        self.metrics.queue_depth.set(len(self._inbox))
         self.metrics.uptime.set(time.monotonic() - self.started_at)
 
     def _drain_sensors(self) -> None:

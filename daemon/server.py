@@ -136,6 +136,7 @@ class Daemon:
         self._curve: CurveServer | None = None
         self._metrics_server: MetricsServer | None = None
         self._store: ModelStore | None = None
+        self._heartbeat: float | None = None  # the engine loop's last completed step
 
     # --- public -------------------------------------------------------------------------
 
@@ -144,6 +145,27 @@ class Daemon:
         if self._stop.is_set():
             self._force.set()
         self._stop.set()
+
+    #: The engine loop must complete a step within this many seconds to count as live (a
+    #: step is bounded: one batch of answers or one adaptation micro-step).
+    LIVENESS_S = 60.0
+
+    def health(self) -> dict[str, Any]:
+        """Liveness (engine loop stepping, IO threads alive) and readiness (serving)."""
+        beat = self._heartbeat
+        age = None if beat is None else time.monotonic() - beat
+        threads = {t.name: t.is_alive() for t in self._threads}
+        live = (not self._io_errors and all(threads.values()) and age is not None
+                and age < self.LIVENESS_S)
+        engine = self.engine
+        return {
+            "live": live,
+            "ready": live and self.lifecycle.state is State.SERVING,
+            "state": self.lifecycle.state.value,
+            "engine_step_age_s": age,
+            "threads": threads,
+            "queue": len(engine._inbox) if engine is not None else None,
+        }
 
     def run(self) -> int:
         """Serve until stopped; returns the process exit code."""
@@ -165,6 +187,7 @@ class Daemon:
         try:
             while not self._stop.is_set():
                 self.engine.step(timeout=0.05)
+                self._heartbeat = time.monotonic()
                 if interval and time.monotonic() >= next_watchdog:
                     self.notifier.watchdog()
                     next_watchdog = time.monotonic() + interval / 2
@@ -209,7 +232,7 @@ class Daemon:
                 raise RuntimeError(f"{name} could not bind: {self._io_errors or 'timeout'}")
         if cfg.endpoints.metrics:
             host, _, port = cfg.endpoints.metrics.rpartition(":")
-            self._metrics_server = MetricsServer(self.metrics, host, int(port))
+            self._metrics_server = MetricsServer(self.metrics, host, int(port), self.health)
             self._metrics_server.start()
             self.metrics_address = self._metrics_server.address
 
@@ -337,6 +360,13 @@ class Daemon:
             self._drop_log.warn(f"request {exc.code.value}",
                                 f"bad request: {exc.code.value}: {exc.message[:200]}")
             reply(error_reply(exc.code, exc.message, exc.request_id))
+            return
+        state = self.lifecycle.state
+        if state in (State.STARTING, State.LOADING):
+            # The sockets are bound a moment before the state is serving: a request in that
+            # window is told to retry, not that the daemon is going away.
+            self.metrics.errors.inc(code=ErrorCode.BUSY.value)
+            reply(error_reply(ErrorCode.BUSY, "the daemon is starting; retry", wire.id))
             return
         if not self.lifecycle.accepting:
             self.metrics.errors.inc(code=ErrorCode.SHUTTING_DOWN.value)

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -144,10 +145,11 @@ def test_header_version_must_be_the_integer_1(live, version):
 def test_status_answers_with_measured_quantiles_when_answers_outgrow_the_buckets(live):
     daemon, client, _, backend = live
     _serves(live)
+    from daemon.metrics import Histogram
+
     histogram = daemon.metrics.query_latency
-    old = histogram.buckets
-    histogram.buckets = (0.0001,)  # every answer now lands above the largest bucket
-    histogram._counts = [0, histogram._count]
+    # every answer now lands above the largest bucket (bounds used to be the quantiles)
+    daemon.metrics.query_latency = Histogram("slow", "test", buckets=(0.0001,))
     backend.answer_delay_s = 0.02
     try:
         for _ in range(3):
@@ -155,8 +157,7 @@ def test_status_answers_with_measured_quantiles_when_answers_outgrow_the_buckets
         latency = client.status()["latency"]  # used to raise in the IO thread (inf in JSON)
     finally:
         backend.answer_delay_s = 0.0
-        histogram.buckets = old
-        histogram._counts = [0] * (len(old) + 1)
+        daemon.metrics.query_latency = histogram
     assert 0.02 <= latency["p99_s"] < 5 and latency["max_s"] >= 0.02  # measured, finite
     assert latency["p50_s"] <= latency["p95_s"] <= latency["p99_s"]
     assert not daemon._io_errors
@@ -416,3 +417,32 @@ def _ping(client: Client) -> bool:
         return client.ping()["pong"]
     except DaemonTimeout:
         return False
+
+
+def test_a_request_while_starting_gets_busy_not_shutting_down(tmp_path, monkeypatch):
+    """The sockets are bound just before the daemon is serving; a request in that window used
+    to be told ``shutting_down`` (a restart watcher would give up on a daemon that is fine)."""
+    from daemon import server
+    from daemon.server import Daemon
+
+    original = server.MetricsServer.start
+
+    def slow_start(self):
+        time.sleep(1.0)  # widen the window between binding and serving
+        original(self)
+
+    monkeypatch.setattr(server.MetricsServer, "start", slow_start)
+    daemon = Daemon(test_config(tmp_path), ToyBackend())
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: "query" in daemon.endpoints)
+        with Client(daemon.endpoints["query"], timeout_s=5) as client:
+            with pytest.raises(DaemonError) as info:
+                client.ping()
+            assert info.value.code == "busy" and "starting" in info.value.message
+            assert daemon.ready.wait(10)
+            assert client.ping()["pong"] is True
+    finally:
+        daemon.stop()
+        thread.join(10)
