@@ -67,7 +67,8 @@ class EndpointsConfig:
         events: PUB socket for events.
         metrics: ``host:port`` of the Prometheus text endpoint (loopback only; "" = off).
         ingest_hwm: ZeroMQ receive high-water mark of the ingest socket (messages).
-        ingest_queue: frames held for the engine; older ones are dropped (counted).
+        ingest_queue: context-policy samples held for the engine (oldest out); the frames
+            themselves go straight into the frame buffer, so this never drops a frame.
     """
 
     ingest: str = "tcp://127.0.0.1:5555"
