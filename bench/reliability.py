@@ -920,7 +920,9 @@ def run_soak(minutes: float, backend: str = "mpnp", args: argparse.Namespace | N
 
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# Daemon reliability suites", "",
-             f"Machine: {result.get('machine', '')}. Seed {result.get('seed')}.", ""]
+             f"Machine: {result.get('machine', '')}. Seed {result.get('seed')}. The fuzz "
+             "suites and the fake soak run the daemon in the benchmark's own process: RSS is "
+             "that process's (daemon, client and the imported libraries).", ""]
     q = result.get("query_fuzz")
     if q:
         lines += ["## Query fuzz (fake backend, real sockets)", "",
