@@ -119,6 +119,18 @@ def _dumps(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), allow_nan=False, default=str).encode()
 
 
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (JSON has no NaN/inf; a
+    diverged training loss must not make ``status`` unanswerable)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
 # --- bounded JSON -----------------------------------------------------------------------------
 
 #: Nesting deeper than this is refused before parsing (the stdlib parser recurses: ~1,000
@@ -244,7 +256,12 @@ def decode_request(frames: list[bytes], max_bytes: int) -> WireRequest:
 
 
 def encode_reply(reply: WireReply) -> list[bytes]:
-    return [PROTOCOL_TAG, reply.status.value.encode(), _dumps({**reply.body, "id": reply.id})]
+    body = {**reply.body, "id": reply.id}
+    try:
+        payload = _dumps(body)
+    except ValueError:  # a NaN/inf somewhere: send null there rather than no reply
+        payload = _dumps(finite_json(body))
+    return [PROTOCOL_TAG, reply.status.value.encode(), payload]
 
 
 def error_reply(code: ErrorCode, message: str, request_id: str | None) -> WireReply:

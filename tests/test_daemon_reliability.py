@@ -446,3 +446,27 @@ def test_a_request_while_starting_gets_busy_not_shutting_down(tmp_path, monkeypa
     finally:
         daemon.stop()
         thread.join(10)
+
+
+class DivergingToyBackend(ToyBackend):
+    """Training whose loss went NaN (it happens): ``status`` must still answer."""
+
+    def adaptation_step(self):
+        progress = super().adaptation_step()
+        if progress is None:
+            return None
+        return type(progress)(progress.step, progress.total_steps, loss=float("nan"),
+                              samples=progress.samples)
+
+
+def test_status_answers_when_the_training_loss_is_nan(tmp_path):
+    backend = DivergingToyBackend(step_delay_s=0.05)
+    config = test_config(tmp_path, adaptation={"auto": False, "target_steps": 200})
+    with running_daemon(config, backend) as daemon, \
+            Client(daemon.endpoints["query"], timeout_s=5) as client:
+        client.adapt("start", ["lidar"])
+        wait_for(lambda: (client.status()["adaptation"] or {}).get("steps_done", 0) >= 1)
+        run = client.status()["adaptation"]
+        assert run["loss"] is None and run["steps_done"] >= 1  # NaN sent as null
+        assert not daemon._io_errors and client.ping()["pong"] is True
+        client.adapt("stop")
