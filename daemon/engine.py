@@ -62,6 +62,10 @@ class Request:
     reply: Callable[[WireReply], None]
     received_at: float = field(default_factory=time.monotonic)
     client: Hashable = b""  # the ROUTER identity: the fairness key of the request queue
+    # The frame a question names, resolved when it arrived (with the serving set then): a
+    # question that waits behind a long model step still finds a frame that has meanwhile
+    # left the bounded history.
+    pinned: tuple[frozenset[str], Any] | None = None
 
 
 def _ok(request: Request, **body: Any) -> None:
@@ -149,6 +153,14 @@ class Engine:
     def submit(self, request: Request) -> bool:
         """Queue a request; ``False`` when the bounded queue (or its client's share) is full:
         the caller answers ``busy``."""
+        if request.type is MessageType.QUERY:
+            frame_id = request.body.get("frame_id")
+            if isinstance(frame_id, str) and 0 < len(frame_id) <= 128:
+                serving = self.serving  # one read of an immutable set (engine-owned)
+                try:
+                    request.pinned = (serving, self.frames.frame(serving, frame_id))
+                except ProtocolError:
+                    pass  # not here (yet): the engine resolves it and answers the error
         return self._inbox.put(request.client, request)
 
     def ingest(self, message: SensorMessage) -> DropReason | None:
@@ -335,7 +347,11 @@ class Engine:
             if tokens > limits.max_question_tokens:
                 raise ProtocolError(ErrorCode.TOO_LARGE, f"question of {tokens} tokens "
                                     f"(limit {limits.max_question_tokens})")
-        frame = self.frames.frame(self.serving, frame_id)
+        pinned = request.pinned
+        if frame_id is not None and pinned is not None and pinned[0] == self.serving:
+            frame = pinned[1]
+        else:
+            frame = self.frames.frame(self.serving, frame_id)
         return request, question, frame
 
     def _answer(self, queries: list[tuple[Request, str, Any]]) -> None:

@@ -258,8 +258,9 @@ def test_a_flooding_client_gets_busy_and_another_client_is_served_first(tmp_path
                 codes[code] = codes.get(code, 0) + 1
         finally:
             flood.close()
-        assert codes.get("busy", 0) >= total - 64 and codes.get("ok", 0) >= 40, codes
-        assert set(codes) <= {"ok", "busy"}
+        # the queue held 48 of the flood (more were answered while it was being sent)
+        assert codes.get("busy", 0) >= total // 2 and codes.get("ok", 0) >= 40, codes
+        assert set(codes) <= {"ok", "busy"} and sum(codes.values()) == total
         # 48 queued questions of the flood take >= 2.4 s; round-robin served the ping within
         # one engine step (16 requests, 0.8 s), not behind the whole flood.
         assert ping_s < 1.5, ping_s
@@ -469,4 +470,41 @@ def test_status_answers_when_the_training_loss_is_nan(tmp_path):
         run = client.status()["adaptation"]
         assert run["loss"] is None and run["steps_done"] >= 1  # NaN sent as null
         assert not daemon._io_errors and client.ping()["pong"] is True
+        client.adapt("stop")
+
+
+def test_a_question_about_a_frame_finds_it_after_waiting_behind_a_model_step(tmp_path):
+    """Under CPU load, questions about a just-sent frame got ``frame_not_found``: the frame
+    had left the bounded history while the question waited. It is now resolved on arrival."""
+    backend = SlowToyBackend(step_delay_s=0.6)
+    config = test_config(tmp_path, adaptation={"target_steps": 40, "auto": False},
+                         limits={"frame_history": 2})
+    with running_daemon(config, backend) as daemon, \
+            Client(daemon.endpoints["query"], timeout_s=10) as client, \
+            SensorPublisher(daemon.endpoints["ingest"], hwm=100) as publisher:
+        publisher.send_camera(toy_frame("first", timestamp=1.0))
+        wait_for(lambda: daemon.metrics.frames_in.total() >= 1)
+        client.adapt("start", ["lidar"])
+        wait_for(lambda: any(c[0] == "step" for c in backend.calls))
+        publisher.send_camera(toy_frame("asked", timestamp=2.0))
+        wait_for(lambda: daemon.engine.frames.latest(SensorKind.CAMERA).frame_id == "asked")
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(daemon.endpoints["query"])
+        try:
+            body = json.dumps({"id": "a", "question": "q", "frame_id": "asked"}).encode()
+            sock.send_multipart([b"", PROTOCOL_TAG, b"query", body])
+            time.sleep(0.05)  # the question is queued; the engine is inside a 0.6 s step
+            for i in range(4):  # push "asked" out of the 2-frame history
+                publisher.send_camera(toy_frame(f"later{i}", timestamp=3.0 + i))
+            wait_for(lambda: daemon.engine.frames.latest(SensorKind.CAMERA).frame_id == "later3")
+            assert sock.poll(10_000)
+            parts = sock.recv_multipart()
+        finally:
+            sock.close()
+        assert parts[2] == b"ok", json.loads(parts[3])
+        assert json.loads(parts[3])["frame_id"] == "asked"
+        with pytest.raises(DaemonError) as info:  # asked now, it is really gone
+            client.ask("q", "asked")
+        assert info.value.code == "frame_not_found"
         client.adapt("stop")
