@@ -163,6 +163,10 @@ class Engine:
                     pass  # not here (yet): the engine resolves it and answers the error
         return self._inbox.put(request.client, request)
 
+    def pending(self) -> int:
+        """Requests waiting in the queue."""
+        return len(self._inbox)
+
     def ingest(self, message: SensorMessage) -> DropReason | None:
         """Accept a decoded sensor message into the frame buffer (any thread; never waits
         for the model). Returns the drop reason (counted here) when it is not accepted."""

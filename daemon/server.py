@@ -9,12 +9,12 @@ Threads (only IO threads touch sockets):
   :class:`~daemon.engine.Request` objects, answers malformed ones itself, answers ``busy`` when
   the bounded, per-client round-robin request queue is full, and sends the replies and events
   the engine puts in its outbox (a queue plus a wake-up pipe it polls).
+- the main thread runs the engine loop, sends ``WATCHDOG=1`` and handles SIGTERM/SIGINT.
 
 Neither IO thread may die of one message: every per-message step is guarded, and an
 unexpected exception becomes an ``internal`` error reply (requests) or an ``internal`` drop
 (ingest), logged with its traceback. Sizes are bounded before buffering: each socket's
 ZeroMQ ``MAXMSGSIZE`` disconnects a peer sending a frame over the hard cap.
-- the main thread runs the engine loop, sends ``WATCHDOG=1`` and handles SIGTERM/SIGINT.
 
 Shutdown is the :mod:`daemon.lifecycle` state machine: ``serving -> draining`` on a signal
 (ingest stops, queued requests get ``shutting_down``, the adaptation is cancelled, the serving
@@ -164,7 +164,7 @@ class Daemon:
             "state": self.lifecycle.state.value,
             "engine_step_age_s": age,
             "threads": threads,
-            "queue": len(engine._inbox) if engine is not None else None,
+            "queue": engine.pending() if engine is not None else None,
         }
 
     def run(self) -> int:
