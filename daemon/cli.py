@@ -13,6 +13,86 @@ DEFAULT_QUERY = "tcp://127.0.0.1:5556"
 DEFAULT_EVENTS = "tcp://127.0.0.1:5557"
 DEFAULT_INGEST = "tcp://127.0.0.1:5555"
 
+#: ``mpnp client`` exit codes (documented in PROTOCOL.md): scripts can tell a refused request
+#: from a missing daemon from a mistyped command line.
+EXIT_OK = 0
+EXIT_DAEMON_ERROR = 1  # the daemon answered with an error reply
+EXIT_USAGE = 2  # bad command line (argparse's code too)
+EXIT_TIMEOUT = 3  # no reply in time: daemon down, or CURVE keys refused
+
+
+def _client_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """The client's global options; on each action too (``mpnp client status --json``),
+    there with suppressed defaults so that they only override when given."""
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument("--endpoint", default=default(None),
+                        help=f"query endpoint (default {DEFAULT_QUERY})")
+    parser.add_argument("--events-endpoint", default=default(None),
+                        help=f"events endpoint (default {DEFAULT_EVENTS})")
+    parser.add_argument("--config", default=default(None),
+                        help="take the endpoints (and CURVE) from a daemon config")
+    parser.add_argument("--timeout", type=float, default=default(5.0),
+                        help="seconds per request")
+    parser.add_argument("--server-key", default=default(None),
+                        help="CURVE: the server's public key file")
+    parser.add_argument("--client-cert", default=default(None),
+                        help="CURVE: this client's .key_secret certificate")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="print raw JSON replies")
+
+
+def add_client_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The ``client`` command (also the whole of the torch-free ``mpnp-client``)."""
+    c = subparsers.add_parser("client", help="talk to a running daemon")
+    _client_options(c, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _client_options(common, suppress=True)
+    cs = c.add_subparsers(dest="client_command", metavar="ACTION", required=True)
+    cs.add_parser("status", help="daemon status", parents=[common])
+    cs.add_parser("ping", help="is the daemon there", parents=[common])
+    ask = cs.add_parser("ask", help="ask a question about the latest (or a given) frame",
+                        parents=[common])
+    ask.add_argument("question")
+    ask.add_argument("--frame-id")
+    pm = cs.add_parser("power-mode", help="show or set the power mode", parents=[common])
+    pm.add_argument("mode", nargs="?")
+    mod = cs.add_parser("modality", help="auto (policy) or forced modality set",
+                        parents=[common])
+    mod.add_argument("mode", choices=["auto", "forced"])
+    mod.add_argument("modalities", nargs="*")
+    ad = cs.add_parser("adapt", help="start / stop / commit an adaptation", parents=[common])
+    ad.add_argument("action", choices=["start", "stop", "commit"])
+    ad.add_argument("--modalities", nargs="+")
+    ad.add_argument("--force-commit", action="store_true")
+    cs.add_parser("store", help="list the store", parents=[common])
+    ev = cs.add_parser("events", help="print events", parents=[common])
+    ev.add_argument("--count", type=int, default=0, help="stop after N events (0: forever)")
+    ev.add_argument("--wait", type=float, default=0, help="stop after S quiet seconds (0: never)")
+    kg = cs.add_parser("keygen", help="create CURVE server and client certificates in DIR",
+                       parents=[common])
+    kg.add_argument("directory")
+    c.set_defaults(func=cmd_client)
+    return c
+
+
+def client_main(argv: list[str] | None = None) -> int:
+    """``mpnp-client ...``: the client alone, importable and runnable without torch."""
+    import logging
+
+    parser = argparse.ArgumentParser(prog="mpnp-client",
+                                     description="talk to a running mPnP daemon")
+    sub = parser.add_subparsers(dest="command")
+    add_client_command(sub)
+    args = parser.parse_args(["client", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        return int(args.func(args))
+    except ValueError as exc:
+        print(f"mpnp-client: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("daemon", help="run the mPnP daemon (serves until SIGTERM)")
@@ -20,36 +100,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--check", action="store_true", help="validate the config and exit")
     p.set_defaults(func=cmd_daemon)
 
-    c = subparsers.add_parser("client", help="talk to a running daemon")
-    c.add_argument("--endpoint", help=f"query endpoint (default {DEFAULT_QUERY})")
-    c.add_argument("--events-endpoint", help=f"events endpoint (default {DEFAULT_EVENTS})")
-    c.add_argument("--config", help="take the endpoints (and CURVE) from a daemon config")
-    c.add_argument("--timeout", type=float, default=5.0, help="seconds per request")
-    c.add_argument("--server-key", help="CURVE: the server's public key file")
-    c.add_argument("--client-cert", help="CURVE: this client's .key_secret certificate")
-    c.add_argument("--json", action="store_true", help="print raw JSON replies")
-    cs = c.add_subparsers(dest="client_command", metavar="ACTION", required=True)
-    cs.add_parser("status", help="daemon status")
-    cs.add_parser("ping", help="is the daemon there")
-    ask = cs.add_parser("ask", help="ask a question about the latest (or a given) frame")
-    ask.add_argument("question")
-    ask.add_argument("--frame-id")
-    pm = cs.add_parser("power-mode", help="show or set the power mode")
-    pm.add_argument("mode", nargs="?")
-    mod = cs.add_parser("modality", help="auto (policy) or forced modality set")
-    mod.add_argument("mode", choices=["auto", "forced"])
-    mod.add_argument("modalities", nargs="*")
-    ad = cs.add_parser("adapt", help="start / stop / commit an adaptation")
-    ad.add_argument("action", choices=["start", "stop", "commit"])
-    ad.add_argument("--modalities", nargs="+")
-    ad.add_argument("--force-commit", action="store_true")
-    cs.add_parser("store", help="list the store")
-    ev = cs.add_parser("events", help="print events")
-    ev.add_argument("--count", type=int, default=0, help="stop after N events (0: forever)")
-    ev.add_argument("--wait", type=float, default=0, help="stop after S quiet seconds (0: never)")
-    kg = cs.add_parser("keygen", help="create CURVE server and client certificates in DIR")
-    kg.add_argument("directory")
-    c.set_defaults(func=cmd_client)
+    add_client_command(subparsers)
 
     d = subparsers.add_parser("demo", help="daemon + simulated vehicle, day -> night, report")
     d.add_argument("--quick", action="store_true", help="short adaptation (<= ~10 min on 2 cores)")
@@ -154,17 +205,21 @@ def cmd_client(args: argparse.Namespace) -> int:
             return _client_action(args, client)
     except DaemonError as exc:
         print(f"mpnp client: daemon error {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
+        return EXIT_DAEMON_ERROR
     except DaemonTimeout as exc:
         print(f"mpnp client: {exc} from {settings['query']} (is the daemon running? "
               "with CURVE, are the keys right?)", file=sys.stderr)
-        return 2
+        return EXIT_TIMEOUT
+    except ValueError as exc:  # a command line the daemon was never asked about
+        print(f"mpnp client: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _client_action(args: argparse.Namespace, client: Any) -> int:
     action = args.client_command
     if action == "status":
-        _print(args, client.status())
+        status = client.status()
+        _print(args, status, format_status(status))
     elif action == "ping":
         _print(args, client.ping(), "pong")
     elif action == "ask":
@@ -191,8 +246,79 @@ def _client_action(args: argparse.Namespace, client: Any) -> int:
                              True if args.force_commit else None)
         _print(args, reply)
     elif action == "store":
-        _print(args, client.list_store())
-    return 0
+        store = client.list_store()
+        _print(args, store, format_store(store))
+    return EXIT_OK
+
+
+def _seconds(value: Any) -> str:
+    return "-" if value is None else f"{float(value) * 1000:.0f} ms"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """``status`` for people (``--json`` prints the reply itself)."""
+    serving = status.get("serving") or {}
+    uptime = status.get("uptime_s") or 0
+    lines = [f"mPnP daemon, protocol {status.get('protocol')}, up {uptime:.0f} s",
+             f"serving     {'+'.join(serving.get('modalities') or []) or '-'} (state "
+             f"generation {serving.get('generation')}); desired "
+             f"{'+'.join(status.get('desired') or []) or '-'}"]
+    policy = status.get("policy") or {}
+    if policy:
+        lines.append("policy      " + ", ".join(f"{k} {v}" for k, v in sorted(policy.items())
+                                                if not isinstance(v, (dict, list))))
+    run = status.get("adaptation")
+    if run:
+        lines.append(f"adapting    {'+'.join(run.get('modalities') or [])}: phase "
+                     f"{run.get('phase')}, {run.get('steps_done')}/{run.get('steps_planned')} "
+                     f"steps, loss {run.get('loss')}")
+    last = status.get("last_adaptation")
+    if last:
+        lines.append(f"last run    {last.get('outcome')} (adapted "
+                     f"{last.get('adapted_accuracy')}, serving {last.get('serving_accuracy')})")
+    power = status.get("power") or {}
+    mode = (power.get("mode") or {}).get("name", "?")
+    reading = power.get("reading") or {}
+    lines.append(f"power       {mode} via {power.get('monitor')}; {reading.get('watts')} W")
+    latency = status.get("latency") or {}
+    lines.append(f"questions   {latency.get('count', 0)} answered; p50 "
+                 f"{_seconds(latency.get('p50_s'))}, p95 {_seconds(latency.get('p95_s'))}, "
+                 f"p99 {_seconds(latency.get('p99_s'))} (last {latency.get('window', 0)})")
+    queue = status.get("queue") or {}
+    if queue:
+        lines.append(f"queue       {queue.get('pending')} pending from {queue.get('clients')} "
+                     f"clients (max {queue.get('max_pending')}, "
+                     f"{queue.get('max_per_client')} per client)")
+    counters = status.get("counters") or {}
+
+    def counts(values: dict[str, Any]) -> str:
+        return ", ".join(f"{k} {v:g}" for k, v in sorted(values.items())) or "none"
+
+    lines.append(f"frames in   {counts(counters.get('frames_in') or {})}")
+    lines.append(f"dropped     {counts(counters.get('frames_dropped') or {})}")
+    lines.append(f"errors      {counts(counters.get('errors') or {})}")
+    for sensor, frame in sorted((status.get("frames") or {}).items()):
+        if frame:
+            lines.append(f"{sensor:<11} latest {frame['frame_id']} at {frame['timestamp']:.3f}, "
+                         f"{frame['held']} held")
+    store = status.get("store") or {}
+    lines.append(f"store       {store.get('root')} ({store.get('entries')} entries)")
+    return "\n".join(lines)
+
+
+def format_store(store: dict[str, Any]) -> str:
+    """``list_store`` for people: one line per entry."""
+    rows = [f"store {store.get('root')}: {len(store.get('entries', []))} entries, "
+            f"{store.get('memory_used', 0) / 2**20:.1f} of "
+            f"{store.get('memory_budget', 0) / 2**20:.0f} MiB loaded"]
+    loaded = set(store.get("loaded") or [])
+    for entry in store.get("entries", []):
+        meta = entry.get("meta") or {}
+        what = "+".join(meta.get("modalities") or []) or meta.get("modality") or ""
+        rows.append(f"  {entry['name']:<24} {entry['kind']:<8} {entry['bytes'] / 2**20:8.2f} MiB "
+                    f"gen {entry.get('generation', 0):<4} {what:<14} "
+                    f"{'loaded' if entry['name'] in loaded else ''}".rstrip())
+    return "\n".join(rows)
 
 
 def cmd_sim_vehicle(args: argparse.Namespace) -> int:

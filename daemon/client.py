@@ -76,6 +76,9 @@ class Client:
         self._context = context or zmq.Context()
         self._sock = self._context.socket(zmq.DEALER)
         self._sock.linger = 0
+        # A DEALER with no usable peer (e.g. after a refused CURVE handshake, which stops
+        # reconnecting) blocks in send: bound that wait by the timeout too.
+        self._sock.sndtimeo = max(1, int(timeout_s * 1000))
         _Curve(server_key, client_cert).apply(self._sock)
         self._sock.connect(endpoint)
 
@@ -89,9 +92,13 @@ class Client:
         if request_id is None and len(frames) == 4 and frames[0] == b"":
             try:
                 request_id = json.loads(frames[3]).get("id")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # tests send odd bodies
                 request_id = None
-        self._sock.send_multipart(frames)
+        try:
+            self._sock.send_multipart(frames)
+        except zmq.Again:
+            raise DaemonTimeout(f"could not send within {self.timeout_s:g}s (no daemon "
+                                "connection)") from None
         deadline = time.monotonic() + self.timeout_s
         while True:
             left = deadline - time.monotonic()

@@ -8,6 +8,7 @@ CURVE (``security.curve = true`` with a server key and a directory of authorized
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from dataclasses import dataclass, field, fields
@@ -21,6 +22,21 @@ from policies.context import create_policy, modality_set
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
+def host_is_loopback(host: str) -> bool:
+    """True for ``localhost`` or a literal loopback IP (``127.0.0.0/8``, ``::1``).
+
+    A parsed address, not a string prefix: ``127.attacker.example`` is a DNS name that can
+    resolve anywhere, so it is not loopback."""
+    if host == "localhost":
+        return True
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def endpoint_is_local(endpoint: str) -> bool:
     """True for ``ipc://``, ``inproc://`` and ``tcp://`` on a loopback address."""
     if endpoint.startswith(("ipc://", "inproc://")):
@@ -28,7 +44,7 @@ def endpoint_is_local(endpoint: str) -> bool:
     if not endpoint.startswith("tcp://"):
         return False
     host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+    return host_is_loopback(host)
 
 
 def _check_endpoint(name: str, endpoint: str) -> None:
@@ -51,7 +67,8 @@ class EndpointsConfig:
         events: PUB socket for events.
         metrics: ``host:port`` of the Prometheus text endpoint (loopback only; "" = off).
         ingest_hwm: ZeroMQ receive high-water mark of the ingest socket (messages).
-        ingest_queue: frames held for the engine; older ones are dropped (counted).
+        ingest_queue: context-policy samples held for the engine (oldest out); the frames
+            themselves go straight into the frame buffer, so this never drops a frame.
     """
 
     ingest: str = "tcp://127.0.0.1:5555"
@@ -68,7 +85,7 @@ class EndpointsConfig:
             host, sep, port = self.metrics.rpartition(":")
             if not sep or not port.isdigit():
                 raise ValueError(f"endpoints.metrics: {self.metrics!r} must be HOST:PORT or ''")
-            if host not in LOOPBACK_HOSTS and not host.startswith("127."):
+            if not host_is_loopback(host):
                 raise ValueError(
                     f"endpoints.metrics: {self.metrics!r} must be on loopback (it has no auth); "
                     "use 127.0.0.1:PORT and scrape through a local agent"
@@ -204,21 +221,47 @@ class AdaptationConfig:
 
 @dataclass
 class LimitsConfig:
-    """Bounds on what the wire may carry."""
+    """Bounds on what the wire may carry and on what one request may cost (PROTOCOL.md).
+
+    Attributes:
+        max_header_bytes / max_request_bytes: a sensor header / request body; the sockets'
+            ZeroMQ ``MAXMSGSIZE`` cuts a single frame over twice the larger of the two (or
+            over ``max_frame_bytes`` on ingest) before it is buffered (the peer is
+            disconnected).
+        max_question_chars / max_question_bytes: question length in characters / UTF-8 bytes.
+        max_question_tokens: question length in the model's tokens (backends that count).
+        max_pending_requests / max_pending_per_client: bounded request queue; over either,
+            a request gets ``busy`` at once.
+        max_queue_wait_s: a request that waited longer than this gets ``busy`` instead of
+            being computed (its client has likely given up).
+        clock_reset_frames: this many consecutive frames of one sensor older than its newest
+            are a clock reset (or the newest was stamped in the future): the next is
+            accepted and becomes the reference (counted); fewer are dropped as stale.
+    """
 
     max_header_bytes: int = 16384
     max_frame_bytes: int = 64 * 1024 * 1024
     max_request_bytes: int = 65536
     max_question_chars: int = 2000
+    max_question_bytes: int = 4096
+    max_question_tokens: int = 256
     max_image_side: int = 4096
     max_lidar_points: int = 1_000_000
     max_batch: int = 16
     frame_history: int = 32
+    max_pending_requests: int = 256
+    max_pending_per_client: int = 64
+    max_queue_wait_s: float = 30.0
+    clock_reset_frames: int = 3
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if getattr(self, f.name) < 1:
-                raise ValueError(f"limits.{f.name} must be >= 1, got {getattr(self, f.name)}")
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"limits.{f.name} must be a number, got {value!r}")
+            minimum = 0.001 if f.type in (float, "float") else 1
+            if value < minimum:
+                raise ValueError(f"limits.{f.name} must be >= {minimum}, got {value}")
 
 
 @dataclass

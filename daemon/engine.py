@@ -4,8 +4,8 @@ A pure core, usable in-process (tests drive :meth:`Engine.step` directly): IO th
 typed :class:`Request` objects and decoded sensor messages through thread-safe queues and get
 replies and events back through callbacks; the engine never touches a socket. Each step:
 
-1. take the sensor messages that arrived (bounded; the oldest are dropped and counted) and
-   feed the context policy;
+1. feed the context policy with the sensor samples that arrived (the ingest thread already
+   put the frames themselves into the frame buffer: ingest never waits for a model step);
 2. serve every pending request: questions are batched into one backend call and answered with
    the *serving* state; control commands are applied;
 3. poll the power monitor (mode changes re-plan a running adaptation);
@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +43,7 @@ from daemon.protocol import (
     WireReply,
     error_reply,
 )
+from daemon.queues import FairQueue
 from daemon.store import ModelStore, StoreError
 from policies.budget import BudgetPlanner
 from policies.context import ContextSample, ModalitySelector, modality_set
@@ -61,6 +61,11 @@ class Request:
     body: dict[str, Any]
     reply: Callable[[WireReply], None]
     received_at: float = field(default_factory=time.monotonic)
+    client: Hashable = b""  # the ROUTER identity: the fairness key of the request queue
+    # The frame a question names, resolved when it arrived (with the serving set then): a
+    # question that waits behind a long model step still finds a frame that has meanwhile
+    # left the bounded history.
+    pinned: tuple[frozenset[str], Any] | None = None
 
 
 def _ok(request: Request, **body: Any) -> None:
@@ -120,10 +125,20 @@ class Engine:
         self._serving: frozenset[str] = frozenset(config.adaptation.initial_modalities)
         self.serving_generation: int | None = None
         self._dirty = False  # serving state committed but not saved yet
-        self._inbox: queue.Queue[Request] = queue.Queue()
+        limits = config.limits
+        self._inbox: FairQueue[Request] = FairQueue(limits.max_pending_requests,
+                                                    limits.max_pending_per_client)
         self._sensor_lock = threading.Lock()
-        self._sensors: collections.deque[SensorMessage] = collections.deque()
+        # Policy samples only (the frames are in self.frames already): bounded, oldest out.
+        self._samples: collections.deque[ContextSample] = collections.deque(
+            maxlen=config.endpoints.ingest_queue)
         self._last_sensor_ts: dict[SensorKind, float] = {}
+        self._behind: dict[SensorKind, int] = {}  # consecutive frames older than the newest
+        check = getattr(backend, "check_frame", None)
+        self._check_frame: Callable[[str, dict[str, Any]], str | None] | None = (
+            check if callable(check) else None)
+        count = getattr(backend, "count_tokens", None)
+        self._count_tokens: Callable[[str], int] | None = count if callable(count) else None
         self._last_desired: frozenset[str] | None = None
         self._gave_up_on: frozenset[str] | None = None
         self._pending_mode: tuple[ModeChange, Request] | None = None
@@ -148,16 +163,59 @@ class Engine:
 
     # --- called from IO threads ---------------------------------------------------------
 
-    def submit(self, request: Request) -> None:
-        self._inbox.put(request)
+    def submit(self, request: Request) -> bool:
+        """Queue a request; ``False`` when the bounded queue (or its client's share) is full:
+        the caller answers ``busy``."""
+        if request.type is MessageType.QUERY:
+            frame_id = request.body.get("frame_id")
+            if isinstance(frame_id, str) and 0 < len(frame_id) <= 128:
+                serving = self.serving  # one read of an immutable set (engine-owned)
+                try:
+                    request.pinned = (serving, self.frames.frame(serving, frame_id))
+                except ProtocolError:
+                    pass  # not here (yet): the engine resolves it and answers the error
+        return self._inbox.put(request.client, request)
 
-    def ingest(self, message: SensorMessage) -> None:
-        """Queue a sensor message; when full the oldest (stalest) one is dropped, counted."""
+    def pending(self) -> int:
+        """Requests waiting in the queue."""
+        return len(self._inbox)
+
+    def ingest(self, message: SensorMessage) -> DropReason | None:
+        """Accept a decoded sensor message into the frame buffer (any thread; never waits
+        for the model). Returns the drop reason (counted here) when it is not accepted."""
+        if self._check_frame is not None:
+            try:
+                problem = self._check_frame(message.sensor.value, message.arrays)
+            except Exception:  # a backend bug must not stop ingest
+                log.exception("backend.check_frame failed; accepting the frame")
+                problem = None
+            if problem:
+                self.metrics.frames_dropped.inc(reason=DropReason.UNSUPPORTED_FRAME.value)
+                log.debug("frame %s dropped: %s", message.frame_id, problem)
+                return DropReason.UNSUPPORTED_FRAME
         with self._sensor_lock:
-            if len(self._sensors) >= self.config.endpoints.ingest_queue:
-                self._sensors.popleft()
-                self.metrics.frames_dropped.inc(reason=DropReason.STALE.value)
-            self._sensors.append(message)
+            last = self._last_sensor_ts.get(message.sensor)
+            if last is not None and message.timestamp < last:
+                behind = self._behind.get(message.sensor, 0) + 1
+                if behind <= self.config.limits.clock_reset_frames:
+                    self._behind[message.sensor] = behind
+                    self.metrics.frames_dropped.inc(reason=DropReason.STALE.value)
+                    return DropReason.STALE
+                # A run of frames behind the newest: the sensor clock was reset, or the
+                # newest was stamped in the future. Refusing them all would block the sensor
+                # until a restart; accept this one and re-anchor on it.
+                self.metrics.clock_resets.inc(sensor=message.sensor.value)
+                log.warning("%s: %d frames in a row older than %.17g: clock reset, re-anchored "
+                            "on frame %s at %.17g", message.sensor.value, behind - 1, last,
+                            message.frame_id[:40], message.timestamp)
+            self._behind[message.sensor] = 0
+            self._last_sensor_ts[message.sensor] = message.timestamp
+            self.frames.add(message)
+            cameras = message.arrays if message.sensor is SensorKind.CAMERA else None
+            self._samples.append(ContextSample(message.timestamp, cameras,
+                                               message.ambient_light))
+        self.metrics.frames_in.inc(sensor=message.sensor.value)
+        return None
 
     def publish(self, kind: EventType, body: dict[str, Any]) -> None:
         try:
@@ -193,11 +251,7 @@ class Engine:
     def drain(self) -> None:
         """Stop accepting, answer what is queued with ``shutting_down``, flush the state."""
         self.accepting = False
-        while True:
-            try:
-                request = self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        for request in self._inbox.drain():
             self._error(request, ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
         if self._pending_mode is not None:
             change, request = self._pending_mode
@@ -230,36 +284,39 @@ class Engine:
             self.metrics.adaptation_progress.set(
                 run.steps_done / max(run.steps_planned, 1) if run else 0.0)
         self.metrics.adaptation_active.set(1.0 if self.adaptation.active else 0.0)
+        self.metrics.queue_depth.set(len(self._inbox))
         self.metrics.uptime.set(time.monotonic() - self.started_at)
 
     def _drain_sensors(self) -> None:
         with self._sensor_lock:
-            messages = list(self._sensors)
-            self._sensors.clear()
-        for message in messages:
-            last = self._last_sensor_ts.get(message.sensor)
-            if last is not None and message.timestamp < last:
-                self.metrics.frames_dropped.inc(reason=DropReason.STALE.value)
-                continue
-            self._last_sensor_ts[message.sensor] = message.timestamp
-            self.frames.add(message)
-            self.metrics.frames_in.inc(sensor=message.sensor.value)
-            cameras = message.arrays if message.sensor is SensorKind.CAMERA else None
-            self.selector.observe(ContextSample(message.timestamp, cameras, message.ambient_light))
+            samples = list(self._samples)
+            self._samples.clear()
+        for sample in samples:
+            self.selector.observe(sample)
 
     def _take_requests(self, timeout: float) -> list[Request]:
+        """Up to ``4 * max_batch`` requests, round-robin over clients; those that waited
+        over ``limits.max_queue_wait_s`` are answered ``busy`` instead of computed."""
         requests: list[Request] = []
-        try:
-            requests.append(self._inbox.get(timeout=timeout) if timeout > 0
-                            else self._inbox.get_nowait())
-        except queue.Empty:
-            return requests
+        first = True
         while len(requests) < 4 * self.config.limits.max_batch:
-            try:
-                requests.append(self._inbox.get_nowait())
-            except queue.Empty:
+            request = self._inbox.get(timeout if first else 0.0)
+            first = False
+            if request is None:
                 break
+            if not self._expired(request):
+                requests.append(request)
         return requests
+
+    def _expired(self, request: Request) -> bool:
+        """Answer ``busy`` (and return True) when ``request`` waited over the time budget."""
+        limit = self.config.limits.max_queue_wait_s
+        waited = time.monotonic() - request.received_at
+        if waited <= limit:
+            return False
+        self._error(request, ErrorCode.BUSY,
+                    f"waited {waited:.1f}s in the queue (limit {limit:g}s); retry")
+        return True
 
     def _error(self, request: Request, code: ErrorCode, message: str) -> None:
         self.metrics.errors.inc(code=code.value)
@@ -288,15 +345,31 @@ class Engine:
                 self._error(request, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         batch = self.config.limits.max_batch
         for start in range(0, len(queries), batch):
-            self._answer(queries[start:start + batch])
+            # Re-checked per batch: the batches before this one took time too.
+            self._answer([q for q in queries[start:start + batch] if not self._expired(q[0])])
 
     def _prepare_query(self, request: Request) -> tuple[Request, str, Any]:
         body = request.body
         _fields(body, {"question", "frame_id"})
-        question = _string(body, "question", self.config.limits.max_question_chars)
+        limits = self.config.limits
+        question = _string(body, "question", limits.max_question_chars)
         frame_id = _string(body, "frame_id", 128, required=False)
-        frame = self.frames.frame(self.serving, frame_id)
-        return request, question, frame  # type: ignore[return-value]
+        assert question is not None
+        size = len(question.encode("utf-8", "surrogatepass"))
+        if size > limits.max_question_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"question of {size} UTF-8 bytes "
+                                f"(limit {limits.max_question_bytes})")
+        if self._count_tokens is not None:
+            tokens = self._count_tokens(question)
+            if tokens > limits.max_question_tokens:
+                raise ProtocolError(ErrorCode.TOO_LARGE, f"question of {tokens} tokens "
+                                    f"(limit {limits.max_question_tokens})")
+        pinned = request.pinned
+        if frame_id is not None and pinned is not None and pinned[0] == self.serving:
+            frame = pinned[1]
+        else:
+            frame = self.frames.frame(self.serving, frame_id)
+        return request, question, frame
 
     def _answer(self, queries: list[tuple[Request, str, Any]]) -> None:
         if not queries:
@@ -308,6 +381,14 @@ class Engine:
             if len(answers) != len(queries):
                 raise RuntimeError(f"backend gave {len(answers)} answers to {len(queries)}")
         except Exception as exc:
+            if len(queries) > 1:
+                # One bad question or frame must not fail the others batched with it:
+                # answer each alone, so only the one that fails gets the error.
+                log.warning("backend.answer failed on a batch of %d (%s); answering one by one",
+                            len(queries), exc)
+                for query in queries:
+                    self._answer([query])
+                return
             log.exception("backend.answer failed")
             for request, _, _ in queries:
                 self._error(request, ErrorCode.BACKEND_ERROR, f"{type(exc).__name__}: {exc}")
@@ -569,7 +650,11 @@ class Engine:
                 "frames_dropped": m.frames_dropped.by_label("reason"),
                 "queries": m.queries.total(),
                 "errors": m.errors.by_label("code"),
+                "clock_resets": m.clock_resets.by_label("sensor"),
             },
+            "queue": {"pending": len(self._inbox), "clients": self._inbox.clients(),
+                      "max_pending": self._inbox.max_total,
+                      "max_per_client": self._inbox.max_per_client},
             "latency": m.query_latency.summary(),
             "adaptation_cost": self._adaptation_cost(),
             "frames": self.frames.describe(),

@@ -4,11 +4,15 @@ Cameras (≈12 Hz) and LiDAR (≈20 Hz) arrive as separate messages. :class:`Fra
 the last few of each (bounded) and assembles a :class:`~scenes.sample.Frame` on demand: the
 requested frame id (either sensor's) or the latest, paired with the other sensor's message
 nearest in time. A modality that is not used gets an empty placeholder.
+
+The ingest thread adds messages while the engine assembles frames, so every method holds
+one lock (adding is O(1); assembling scans at most ``history`` messages per sensor).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 
 import numpy as np
@@ -21,16 +25,19 @@ _MODALITY_SENSOR = {"camera": SensorKind.CAMERA, "lidar": SensorKind.LIDAR}
 
 class FrameBuffer:
     def __init__(self, history: int = 32) -> None:
+        self._lock = threading.RLock()
         self._messages: dict[SensorKind, deque[SensorMessage]] = {
             kind: deque(maxlen=history) for kind in SensorKind
         }
 
     def add(self, message: SensorMessage) -> None:
-        self._messages[message.sensor].append(message)
+        with self._lock:
+            self._messages[message.sensor].append(message)
 
     def latest(self, sensor: SensorKind) -> SensorMessage | None:
-        messages = self._messages[sensor]
-        return messages[-1] if messages else None
+        with self._lock:
+            messages = self._messages[sensor]
+            return messages[-1] if messages else None
 
     def _find(self, frame_id: str) -> SensorMessage | None:
         for messages in self._messages.values():
@@ -55,6 +62,10 @@ class FrameBuffer:
             ProtocolError: ``frame_not_found`` for an unknown id (too old or never sent),
                 ``no_frame`` when a needed sensor has sent nothing yet.
         """
+        with self._lock:
+            return self._frame(modalities, frame_id)
+
+    def _frame(self, modalities: frozenset[str], frame_id: str | None) -> Frame:
         needed = [_MODALITY_SENSOR[m] for m in sorted(modalities)]
         if frame_id is not None:
             anchor = self._find(frame_id)
@@ -96,7 +107,9 @@ class FrameBuffer:
 
     def describe(self) -> dict:
         out = {}
-        for kind, messages in self._messages.items():
+        with self._lock:
+            items = [(kind, list(messages)) for kind, messages in self._messages.items()]
+        for kind, messages in items:
             last = messages[-1] if messages else None
             out[kind.value] = (
                 {"frame_id": last.frame_id, "timestamp": last.timestamp, "held": len(messages)}

@@ -1,39 +1,53 @@
-"""Counters, gauges and a latency histogram, rendered as Prometheus text (stdlib only).
+"""Counters, gauges and a latency histogram: Prometheus text through ``prometheus-client``
+(its escaping, its process collectors), plus plain values and a window of recent latencies
+for ``status``.
 
-The :class:`MetricsServer` is a tiny HTTP server on loopback serving ``GET /metrics``; it runs
-in its own thread and only reads the (thread-safe) metrics.
+The :class:`MetricsServer` is a tiny HTTP server on loopback serving ``GET /metrics`` and
+``GET /healthz``; it runs in its own thread and only reads the (thread-safe) metrics.
 """
 
 from __future__ import annotations
 
-import bisect
+import collections
+import json
 import logging
 import math
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import prometheus_client
+from prometheus_client import CollectorRegistry
+
+prometheus_client.disable_created_metrics()  # no *_created series: nothing scrapes them
 
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-def _labels(labels: tuple[tuple[str, str], ...]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{k}="{v}"' for k, v in labels)
-    return "{" + inner + "}"
-
-
 class _Metric:
+    """One daemon metric: a ``prometheus_client`` metric in the daemon's own registry (what
+    ``/metrics`` serves, escaped by the library) plus the plain values ``status`` reads."""
+
     kind = ""
 
-    def __init__(self, name: str, help_text: str) -> None:
+    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (),
+                 registry: CollectorRegistry | None = None) -> None:
         self.name = name
         self.help = help_text
+        self.labelnames = tuple(labels)
         self._lock = threading.Lock()
+        self._registry = registry
+        self._prom: Any = None
 
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+    def _child(self, labels: dict[str, str]) -> Any:
+        if self._prom is None:
+            return None
+        if self.labelnames:
+            return self._prom.labels(**{k: str(labels.get(k, "")) for k in self.labelnames})
+        return self._prom
 
 
 class Counter(_Metric):
@@ -41,14 +55,24 @@ class Counter(_Metric):
 
     kind = "counter"
 
-    def __init__(self, name: str, help_text: str) -> None:
-        super().__init__(name, help_text)
+    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (),
+                 registry: CollectorRegistry | None = None) -> None:
+        super().__init__(name, help_text, labels, registry)
         self._values: dict[tuple[tuple[str, str], ...], float] = {}
+        if registry is not None:
+            self._prom = self._make(registry)
+
+    def _make(self, registry: CollectorRegistry) -> Any:
+        return prometheus_client.Counter(self.name, self.help, self.labelnames,
+                                         registry=registry)
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
         key = tuple(sorted(labels.items()))
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
+        child = self._child(labels)
+        if child is not None:
+            child.inc(amount)
 
     def value(self, **labels: str) -> float:
         with self._lock:
@@ -63,118 +87,162 @@ class Counter(_Metric):
             items = list(self._values.items())
         return {dict(k).get(label, ""): v for k, v in items}
 
-    def render(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        lines = self.header()
-        lines += [f"{self.name}{_labels(k)} {v:g}" for k, v in items] or [f"{self.name} 0"]
-        return lines
-
 
 class Gauge(Counter):
     kind = "gauge"
 
+    def _make(self, registry: CollectorRegistry) -> Any:
+        return prometheus_client.Gauge(self.name, self.help, self.labelnames, registry=registry)
+
     def set(self, value: float, **labels: str) -> None:
         with self._lock:
             self._values[tuple(sorted(labels.items()))] = float(value)
+        child = self._child(labels)
+        if child is not None:
+            child.set(float(value))
+
+
+#: Recent latency samples kept for the measured quantiles in ``status``.
+LATENCY_WINDOW = 2048
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank ``q`` quantile of ``values`` (``None`` when empty)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 class Histogram(_Metric):
+    """Buckets for Prometheus (in the registry) plus a bounded window of recent samples.
+
+    The quantiles in :meth:`summary` are measured from the window, not bucket bounds: a
+    bucket bound says nothing above the largest one (it was ``inf``, which is not JSON)."""
+
     kind = "histogram"
 
-    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...] = LATENCY_BUCKETS_S):
-        super().__init__(name, help_text)
+    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...] = LATENCY_BUCKETS_S,
+                 window: int = LATENCY_WINDOW, registry: CollectorRegistry | None = None):
+        super().__init__(name, help_text, (), registry)
         self.buckets = tuple(sorted(buckets))
-        self._counts = [0] * (len(self.buckets) + 1)  # last: +Inf
+        if registry is not None:
+            self._prom = prometheus_client.Histogram(name, help_text, buckets=self.buckets,
+                                                     registry=registry)
         self._sum = 0.0
         self._count = 0
+        self._window: collections.deque[float] = collections.deque(maxlen=window)
 
     def observe(self, value: float) -> None:
+        value = float(value)
+        if not math.isfinite(value):
+            return  # a clock glitch must not poison the sums (or status JSON)
         with self._lock:
-            self._counts[bisect.bisect_left(self.buckets, value)] += 1
             self._sum += value
             self._count += 1
+            self._window.append(value)
+        if self._prom is not None:
+            self._prom.observe(value)
 
-    def quantile(self, q: float) -> float | None:
-        """Upper bucket bound holding the ``q`` quantile (``None`` when empty)."""
+    def recent(self) -> list[float]:
         with self._lock:
-            counts, total = list(self._counts), self._count
-        if total == 0:
-            return None
-        rank, seen = q * total, 0
-        for bound, count in zip((*self.buckets, math.inf), counts):
-            seen += count
-            if seen >= rank:
-                return bound
-        return math.inf
+            return list(self._window)
 
     def summary(self) -> dict[str, float | int | None]:
         with self._lock:
-            count, total = self._count, self._sum
+            count, total, recent = self._count, self._sum, list(self._window)
         return {
             "count": count,
             "mean_s": total / count if count else None,
-            "p50_s": self.quantile(0.5),
-            "p95_s": self.quantile(0.95),
+            "window": len(recent),
+            "p50_s": percentile(recent, 0.50),
+            "p95_s": percentile(recent, 0.95),
+            "p99_s": percentile(recent, 0.99),
+            "max_s": max(recent) if recent else None,
         }
-
-    def render(self) -> list[str]:
-        with self._lock:
-            counts, total, count = list(self._counts), self._sum, self._count
-        lines = self.header()
-        cumulative = 0
-        for bound, n in zip((*self.buckets, math.inf), counts):
-            cumulative += n
-            le = "+Inf" if math.isinf(bound) else f"{bound:g}"
-            lines.append(f'{self.name}_bucket{{le="{le}"}} {cumulative}')
-        lines += [f"{self.name}_sum {total:g}", f"{self.name}_count {count}"]
-        return lines
 
 
 class DaemonMetrics:
-    """Every metric the daemon exports."""
+    """Every metric the daemon exports, in its own registry (several daemons can live in one
+    process, as in the tests) with the process and platform collectors."""
 
     def __init__(self) -> None:
-        self.frames_in = Counter("mpnp_frames_received_total", "Sensor messages accepted.")
-        self.frames_dropped = Counter("mpnp_frames_dropped_total", "Sensor messages dropped.")
-        self.queries = Counter("mpnp_queries_total", "Questions answered.")
-        self.requests = Counter("mpnp_requests_total", "Requests received, by type.")
-        self.errors = Counter("mpnp_errors_total", "Error replies, by code.")
-        self.query_latency = Histogram("mpnp_query_latency_seconds", "Question latency.")
-        self.adaptation_progress = Gauge("mpnp_adaptation_progress", "Steps done / planned.")
-        self.adaptation_active = Gauge("mpnp_adaptation_active", "1 while adapting.")
-        self.adaptations = Counter("mpnp_adaptations_total", "Finished adaptations, by result.")
-        self.power_watts = Gauge("mpnp_power_watts", "Measured power draw.")
-        self.gpu_mhz = Gauge("mpnp_gpu_frequency_mhz", "Current GPU clock.")
-        self.uptime = Gauge("mpnp_uptime_seconds", "Seconds since start.")
+        r = self.registry = CollectorRegistry()
+        prometheus_client.ProcessCollector(registry=r)  # RSS, CPU, open fds (Linux)
+        prometheus_client.PlatformCollector(registry=r)
+        prometheus_client.GCCollector(registry=r)
+        self.frames_in = Counter("mpnp_frames_received_total", "Sensor messages accepted.",
+                                 ("sensor",), r)
+        self.frames_dropped = Counter("mpnp_frames_dropped_total", "Sensor messages dropped.",
+                                      ("reason",), r)
+        self.clock_resets = Counter("mpnp_sensor_clock_resets_total",
+                                    "Sensor clocks re-anchored after limits.clock_reset_frames "
+                                    "frames behind the newest.", ("sensor",), r)
+        self.queries = Counter("mpnp_queries_total", "Questions answered.", (), r)
+        self.requests = Counter("mpnp_requests_total", "Requests received, by type.",
+                                ("type",), r)
+        self.errors = Counter("mpnp_errors_total", "Error replies, by code.", ("code",), r)
+        self.query_latency = Histogram("mpnp_query_latency_seconds", "Question latency.",
+                                       registry=r)
+        self.queue_depth = Gauge("mpnp_request_queue_depth", "Requests waiting for the engine.",
+                                 (), r)
+        self.adaptation_progress = Gauge("mpnp_adaptation_progress", "Steps done / planned.",
+                                         (), r)
+        self.adaptation_active = Gauge("mpnp_adaptation_active", "1 while adapting.", (), r)
+        self.adaptations = Counter("mpnp_adaptations_total", "Finished adaptations, by result.",
+                                   ("outcome",), r)
+        self.power_watts = Gauge("mpnp_power_watts", "Measured power draw.", (), r)
+        self.gpu_mhz = Gauge("mpnp_gpu_frequency_mhz", "Current GPU clock.", (), r)
+        self.uptime = Gauge("mpnp_uptime_seconds", "Seconds since start.", (), r)
 
     def all(self) -> list[_Metric]:
         return [v for v in vars(self).values() if isinstance(v, _Metric)]
 
     def render(self) -> str:
-        lines: list[str] = []
-        for metric in self.all():
-            lines += metric.render()
-        return "\n".join(lines) + "\n"
+        """The Prometheus text exposition of the registry."""
+        return prometheus_client.generate_latest(self.registry).decode()
+
+
+Health = Callable[[], dict[str, Any]]
 
 
 class MetricsServer:
-    """``GET /metrics`` on a loopback port, served from a daemon thread."""
+    """``GET /metrics`` and ``GET /healthz`` on a loopback port, served from a daemon thread.
 
-    def __init__(self, metrics: DaemonMetrics, host: str, port: int) -> None:
+    ``/healthz`` answers the ``health()`` callback's JSON (``live``, ``ready``, ...) with 200
+    when live and ready, else 503; ``/healthz/live`` and ``/healthz/ready`` check one each
+    (systemd/k8s-style liveness and readiness probes)."""
+
+    def __init__(self, metrics: DaemonMetrics, host: str, port: int,
+                 health: Health | None = None) -> None:
         render = metrics.render
+        check = health or (lambda: {"live": True, "ready": True})
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server API)
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404, "only /metrics is served")
-                    return
-                body = render().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            def _send(self, code: int, body: bytes, content_type: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+                path = self.path.split("?")[0].rstrip("/")
+                if path == "/metrics":
+                    self._send(200, render().encode(), prometheus_client.CONTENT_TYPE_LATEST)
+                    return
+                if path in ("/healthz", "/healthz/live", "/healthz/ready"):
+                    try:
+                        state = check()
+                    except Exception as exc:  # a failing check is unhealthy, not a crash
+                        state = {"live": False, "ready": False, "error": repr(exc)}
+                    wanted = {"/healthz": ("live", "ready"), "/healthz/live": ("live",),
+                              "/healthz/ready": ("ready",)}[path]
+                    ok = all(state.get(k) for k in wanted)
+                    self._send(200 if ok else 503, json.dumps(state, default=str).encode(),
+                               "application/json")
+                    return
+                self.send_error(404, "served: /metrics, /healthz, /healthz/live, /healthz/ready")
 
             def log_message(self, fmt: str, *args: object) -> None:
                 log.debug("metrics http: " + fmt, *args)

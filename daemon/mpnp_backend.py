@@ -101,6 +101,16 @@ class MPnPBackendConfig:
             raise ValueError("model.options.threads and train_questions must be >= 0")
 
 
+def answer_budget(tokenizer, max_new_tokens: int, vocabulary: Sequence[str]) -> int:
+    """Decoding steps per answer: at least the longest closed-vocabulary answer (as the
+    model generates it, after a space) plus its stop token, so that a multi-token answer is
+    never cut mid-answer (``"traffic"`` of ``"traffic cone"``) by ``max_new_tokens``."""
+    if not vocabulary or tokenizer is None:
+        return max_new_tokens
+    longest = max(len(tokenizer.encode(" " + a, add_special_tokens=False)) for a in vocabulary)
+    return max(max_new_tokens, longest + 1)
+
+
 def context_of(modalities: frozenset[str] | Sequence[str]) -> str:
     """The driving context whose data trains a modality set: LiDAR is the night's answer."""
     return "night" if "lidar" in modalities else "day"
@@ -113,7 +123,9 @@ class MPnPBackend:
         self.config = config
         self.model = model
         self.serving = serving  # an adapt.connectors.mpnp.MPnPConnector
-        serving.config.max_new_tokens = config.max_new_tokens
+        self.max_new_tokens = answer_budget(model.tokenizer, config.max_new_tokens,
+                                            config.answer_vocabulary_answers)
+        serving.config.max_new_tokens = self.max_new_tokens
         serving.config.stop_at_answers = config.answer_vocabulary_answers
         self.prepared = prepared
         self.splits = splits
@@ -124,6 +136,30 @@ class MPnPBackend:
         self.last_report: dict[str, Any] | None = None
         #: Reconnects from storage (a stored state and its encoders made the serving state).
         self.reconnects: list[dict[str, Any]] = []
+        # Read by the ingest thread (check_frame): computed once, never mutated.
+        self._camera_shape: tuple[int, int, int] | None = None
+        camera = prepared.encoders.get("camera")
+        if camera is not None and hasattr(getattr(camera, "config", None), "image_height"):
+            self._camera_shape = (camera.config.image_height, camera.config.image_width, 3)
+
+    # --- input checks (the daemon's limits) -----------------------------------------------
+
+    def check_frame(self, sensor: str, arrays: dict[str, Any]) -> str | None:
+        """Why a frame cannot be encoded, or ``None``; called by the ingest thread.
+
+        The protocol allows any camera size up to ``limits.max_image_side``, but the camera
+        encoder takes exactly one: a frame of another size used to become the latest and
+        fail every question paired with it until a good one came. Now it is dropped at
+        ingest (``unsupported_frame``) and the last good frame keeps answering."""
+        if sensor == "camera" and self._camera_shape is not None:
+            shape = next(iter(arrays.values())).shape
+            if tuple(shape) != self._camera_shape:
+                return f"camera views {tuple(shape)}, the encoder takes {self._camera_shape}"
+        return None
+
+    def count_tokens(self, question: str) -> int:
+        """Prompt tokens of ``question`` (the daemon refuses over ``max_question_tokens``)."""
+        return len(self.model.tokenizer.encode(question, add_special_tokens=False))
 
     # --- store and encoders ---------------------------------------------------------------
 
@@ -284,7 +320,7 @@ class MPnPBackend:
         connected = [s for s in data.modalities if s.name in data.connected]
         connector = MPnPConnector(self.model.llm, self.model.tokenizer, connected,
                                   ConnectorConfig(num_blocks=data.num_blocks,
-                                                  max_new_tokens=self.config.max_new_tokens,
+                                                  max_new_tokens=self.max_new_tokens,
                                                   stop_at_answers=(
                                                       self.config.answer_vocabulary_answers)),
                                   model=self.model, state_name=name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -57,6 +58,7 @@ class ErrorCode(str, Enum):
     STORE_ERROR = "store_error"
     POWER_ERROR = "power_error"
     CONFLICT = "conflict"
+    BUSY = "busy"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
 
@@ -90,7 +92,9 @@ class DropReason(str, Enum):
     TRUNCATED = "truncated"
     TOO_LARGE = "too_large"
     NON_FINITE = "non_finite"
+    UNSUPPORTED_FRAME = "unsupported_frame"
     STALE = "stale"
+    INTERNAL = "internal"
 
 
 class ProtocolError(Exception):
@@ -113,6 +117,83 @@ class IngestError(Exception):
 
 def _dumps(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), allow_nan=False, default=str).encode()
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (JSON has no NaN/inf; a
+    diverged training loss must not make ``status`` unanswerable)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+# --- bounded JSON -----------------------------------------------------------------------------
+
+#: Nesting deeper than this is refused before parsing (the stdlib parser recurses: ~1,000
+#: levels raise ``RecursionError``, which is not a ``ValueError``).
+MAX_JSON_DEPTH = 32
+#: Longest number literal accepted (an int of thousands of digits costs quadratic time to
+#: convert and, over ``sys.get_int_max_str_digits()``, raises).
+MAX_NUMBER_CHARS = 64
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+class JSONLimitError(ValueError):
+    """JSON over a structural limit (depth, number length): refused, never parsed."""
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest ``[``/``{`` nesting of ``raw`` outside strings (linear, no recursion).
+
+    Brackets in an unterminated string count, so malformed input can only look deeper."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    depth = deepest = 0
+    for byte in brackets:
+        if byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _bounded_number(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        if len(text) > MAX_NUMBER_CHARS:
+            raise JSONLimitError(f"a number literal of {len(text)} chars (limit "
+                                 f"{MAX_NUMBER_CHARS})")
+        return kind(text)
+
+    return parse
+
+
+_PARSE_INT = _bounded_number(int)
+_PARSE_FLOAT = _bounded_number(float)
+
+
+def loads_bounded(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` for untrusted bytes: depth and number length bounded first.
+
+    Raises:
+        ValueError: not UTF-8/JSON, or over a limit (:class:`JSONLimitError`). Nothing
+            else escapes (``RecursionError`` cannot happen under the depth bound).
+    """
+    raw = bytes(raw)
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise JSONLimitError(f"JSON nested {depth} deep (limit {max_depth})")
+    try:
+        return json.loads(raw, parse_int=_PARSE_INT, parse_float=_PARSE_FLOAT)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8: {exc}") from None
+    except RecursionError:  # defensive: the depth check should make this unreachable
+        raise JSONLimitError("JSON nested too deep") from None
 
 
 # --- requests and replies -------------------------------------------------------------------
@@ -152,8 +233,10 @@ def decode_request(frames: list[bytes], max_bytes: int) -> WireRequest:
     if len(payload) > max_bytes:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"request body over {max_bytes} bytes")
     try:
-        body = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        body = loads_bounded(payload)
+    except JSONLimitError as exc:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"body refused: {exc}") from None
+    except ValueError as exc:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"body is not JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "body must be a JSON object")
@@ -173,7 +256,12 @@ def decode_request(frames: list[bytes], max_bytes: int) -> WireRequest:
 
 
 def encode_reply(reply: WireReply) -> list[bytes]:
-    return [PROTOCOL_TAG, reply.status.value.encode(), _dumps({**reply.body, "id": reply.id})]
+    body = {**reply.body, "id": reply.id}
+    try:
+        payload = _dumps(body)
+    except ValueError:  # a NaN/inf somewhere: send null there rather than no reply
+        payload = _dumps(finite_json(body))
+    return [PROTOCOL_TAG, reply.status.value.encode(), payload]
 
 
 def error_reply(code: ErrorCode, message: str, request_id: str | None) -> WireReply:
@@ -253,6 +341,24 @@ def _field(header: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> 
     return value
 
 
+def _as_float(value: int | float, name: str) -> float:
+    """A header number as a float; an integer too large for one is non-finite, not a crash."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise IngestError(DropReason.NON_FINITE,
+                          f"header.{name} does not fit a float") from None
+
+
+#: The dtype strings accepted per sensor: a whitelist, so that no wire string reaches
+#: ``numpy.dtype`` (which parses structured/sub-array specs such as ``"(-1,)f4"``).
+_DTYPE_NAMES: dict[SensorKind, frozenset[str]] = {
+    SensorKind.CAMERA: frozenset({"|u1", "u1", "<u1", ">u1", "=u1", "uint8", "B"}),
+    SensorKind.LIDAR: frozenset({"<f4" if np.little_endian else ">f4", "f4", "=f4",
+                                 "float32", "f"}),
+}
+
+
 def decode_sensor_message(frames: list[Any], limits: LimitsConfig) -> SensorMessage:
     """Validate and view one ingest message (``frames`` are zmq Frames or bytes)."""
     if not frames:
@@ -262,28 +368,31 @@ def decode_sensor_message(frames: list[Any], limits: LimitsConfig) -> SensorMess
         raise IngestError(DropReason.HEADER_TOO_LARGE,
                           f"header of {len(raw_header)} bytes > {limits.max_header_bytes}")
     try:
-        header = json.loads(raw_header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = loads_bounded(raw_header)
+    except ValueError as exc:
         raise IngestError(DropReason.BAD_HEADER, f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise IngestError(DropReason.BAD_HEADER, "header must be a JSON object")
-    if header.get("v") != PROTOCOL_VERSION:
+    version = header.get("v")
+    # Exactly the integer 1: ``True == 1`` and ``1.0 == 1`` in Python, not on the wire.
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise IngestError(DropReason.UNSUPPORTED_VERSION,
-                          f"header.v={header.get('v')!r}; this daemon reads v{PROTOCOL_VERSION}")
+                          f"header.v={str(version)[:20]!r}; this daemon reads the integer "
+                          f"{PROTOCOL_VERSION}")
     try:
         sensor = SensorKind(header.get("sensor"))
-    except ValueError:
+    except (ValueError, TypeError):
         raise IngestError(DropReason.UNKNOWN_SENSOR,
                           f"unknown sensor {str(header.get('sensor'))[:40]!r}") from None
     frame_id = _field(header, "frame_id", str)
     if not 0 < len(frame_id) <= 128:
         raise IngestError(DropReason.BAD_HEADER, "header.frame_id must have 1..128 chars")
-    timestamp = float(_field(header, "timestamp", (int, float)))
+    timestamp = _as_float(_field(header, "timestamp", (int, float)), "timestamp")
     ambient = header.get("ambient_light")
     if ambient is not None:
         if not isinstance(ambient, (int, float)) or isinstance(ambient, bool):
             raise IngestError(DropReason.BAD_HEADER, "header.ambient_light must be a number")
-        ambient = float(ambient)
+        ambient = _as_float(ambient, "ambient_light")
     if not math.isfinite(timestamp) or (ambient is not None and not math.isfinite(ambient)):
         raise IngestError(DropReason.NON_FINITE, "header timestamp/ambient_light not finite")
     specs = _field(header, "buffers", list)
@@ -323,14 +432,13 @@ def _view_buffer(
     name = spec.get("name")
     if name not in _SENSOR_BUFFERS[sensor]:
         raise IngestError(DropReason.BUFFER_MISMATCH, f"unexpected buffer {str(name)[:40]!r}")
-    try:
-        dtype = np.dtype(str(spec.get("dtype")))
-    except TypeError:
-        raise IngestError(DropReason.BAD_DTYPE, f"{name}: unknown dtype") from None
-    if dtype != _SENSOR_DTYPES[sensor]:
+    dtype_name = spec.get("dtype")
+    if not isinstance(dtype_name, str) or dtype_name not in _DTYPE_NAMES[sensor]:
         needed = _SENSOR_DTYPES[sensor]
-        message = f"{name}: dtype {dtype}, {sensor.value} needs {needed}"
+        message = (f"{name}: dtype {str(dtype_name)[:32]!r}, {sensor.value} needs {needed} "
+                   f"(one of {sorted(_DTYPE_NAMES[sensor])})")
         raise IngestError(DropReason.BAD_DTYPE, message)
+    dtype = _SENSOR_DTYPES[sensor]
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape

@@ -3,11 +3,18 @@
 Threads (only IO threads touch sockets):
 
 - ``mpnp-ingest`` owns the PULL socket: receives sensor messages zero-copy, validates them and
-  hands them to the engine's bounded queue; bad ones are dropped, counted and logged.
+  puts them straight into the engine's frame buffer (:meth:`Engine.ingest`, a lock, never a
+  wait for a model step); bad ones are dropped, counted and logged.
 - ``mpnp-io`` owns the ROUTER (requests) and PUB (events) sockets: decodes requests into typed
-  :class:`~daemon.engine.Request` objects, answers malformed ones itself, and sends the replies
-  and events the engine puts in its outbox (a queue plus a wake-up pipe it polls).
+  :class:`~daemon.engine.Request` objects, answers malformed ones itself, answers ``busy`` when
+  the bounded, per-client round-robin request queue is full, and sends the replies and events
+  the engine puts in its outbox (a queue plus a wake-up pipe it polls).
 - the main thread runs the engine loop, sends ``WATCHDOG=1`` and handles SIGTERM/SIGINT.
+
+Neither IO thread may die of one message: every per-message step is guarded, and an
+unexpected exception becomes an ``internal`` error reply (requests) or an ``internal`` drop
+(ingest), logged with its traceback. Sizes are bounded before buffering: each socket's
+ZeroMQ ``MAXMSGSIZE`` disconnects a peer sending a frame over the hard cap.
 
 Shutdown is the :mod:`daemon.lifecycle` state machine: ``serving -> draining`` on a signal
 (ingest stops, queued requests get ``shutting_down``, the adaptation is cancelled, the serving
@@ -33,6 +40,7 @@ from daemon.engine import Engine, Request
 from daemon.lifecycle import Lifecycle, State
 from daemon.metrics import DaemonMetrics, MetricsServer
 from daemon.protocol import (
+    DropReason,
     ErrorCode,
     EventType,
     IngestError,
@@ -82,7 +90,8 @@ class Outbox:
 
 
 class _RateLimitedLog:
-    """Log the first few drops per reason, then every 100th (bad streams can be fast)."""
+    """Log the first few drops/bad requests per reason, then every 100th (a bad stream can be
+    fast, and a log line per message would turn a flood into a disk-filling one)."""
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
@@ -91,7 +100,7 @@ class _RateLimitedLog:
         n = self.counts.get(reason, 0) + 1
         self.counts[reason] = n
         if n <= 5 or n % 100 == 0:
-            log.warning("ingest drop #%d (%s): %s", n, reason, message)
+            log.warning("drop #%d (%s): %s", n, reason, message)
 
 
 class Daemon:
@@ -127,6 +136,7 @@ class Daemon:
         self._curve: CurveServer | None = None
         self._metrics_server: MetricsServer | None = None
         self._store: ModelStore | None = None
+        self._heartbeat: float | None = None  # the engine loop's last completed step
 
     # --- public -------------------------------------------------------------------------
 
@@ -135,6 +145,27 @@ class Daemon:
         if self._stop.is_set():
             self._force.set()
         self._stop.set()
+
+    #: The engine loop must complete a step within this many seconds to count as live (a
+    #: step is bounded: one batch of answers or one adaptation micro-step).
+    LIVENESS_S = 60.0
+
+    def health(self) -> dict[str, Any]:
+        """Liveness (engine loop stepping, IO threads alive) and readiness (serving)."""
+        beat = self._heartbeat
+        age = None if beat is None else time.monotonic() - beat
+        threads = {t.name: t.is_alive() for t in self._threads}
+        live = (not self._io_errors and all(threads.values()) and age is not None
+                and age < self.LIVENESS_S)
+        engine = self.engine
+        return {
+            "live": live,
+            "ready": live and self.lifecycle.state is State.SERVING,
+            "state": self.lifecycle.state.value,
+            "engine_step_age_s": age,
+            "threads": threads,
+            "queue": engine.pending() if engine is not None else None,
+        }
 
     def run(self) -> int:
         """Serve until stopped; returns the process exit code."""
@@ -156,6 +187,7 @@ class Daemon:
         try:
             while not self._stop.is_set():
                 self.engine.step(timeout=0.05)
+                self._heartbeat = time.monotonic()
                 if interval and time.monotonic() >= next_watchdog:
                     self.notifier.watchdog()
                     next_watchdog = time.monotonic() + interval / 2
@@ -200,7 +232,7 @@ class Daemon:
                 raise RuntimeError(f"{name} could not bind: {self._io_errors or 'timeout'}")
         if cfg.endpoints.metrics:
             host, _, port = cfg.endpoints.metrics.rpartition(":")
-            self._metrics_server = MetricsServer(self.metrics, host, int(port))
+            self._metrics_server = MetricsServer(self.metrics, host, int(port), self.health)
             self._metrics_server.start()
             self.metrics_address = self._metrics_server.address
 
@@ -219,21 +251,37 @@ class Daemon:
         self._threads.append(thread)
         thread.start()
 
-    def _socket(self, kind: int, endpoint: str, name: str) -> zmq.Socket:
+    # --- IO threads ---------------------------------------------------------------------
+
+    def _socket(self, kind: int, endpoint: str, name: str, max_message: int = -1) -> zmq.Socket:
         assert self._context is not None
         sock = self._context.socket(kind)
         sock.linger = 0
+        if max_message > 0:
+            # Checked by libzmq while a frame arrives: a bigger one disconnects the peer
+            # before it is buffered (a 256 MiB frame used to be received in full first).
+            sock.setsockopt(zmq.MAXMSGSIZE, max_message)
         if self._curve is not None:
             self._curve.secure(sock)
         sock.bind(endpoint)
         self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return sock
 
-    # --- IO threads ---------------------------------------------------------------------
+    @property
+    def request_frame_cap(self) -> int:
+        """Hard cap (ZeroMQ ``MAXMSGSIZE``) on one request frame: bodies between
+        ``max_request_bytes`` and this get a ``too_large`` reply, bigger ones a disconnect."""
+        return 2 * self.config.limits.max_request_bytes + 1024
+
+    @property
+    def ingest_frame_cap(self) -> int:
+        """Hard cap on one ingest frame; between the limits and this: a counted drop."""
+        limits = self.config.limits
+        return 2 * max(limits.max_frame_bytes, limits.max_header_bytes) + 1024
 
     def _ingest_loop(self, bound: threading.Event) -> None:
         cfg = self.config
-        sock = self._socket(zmq.PULL, cfg.endpoints.ingest, "ingest")
+        sock = self._socket(zmq.PULL, cfg.endpoints.ingest, "ingest", self.ingest_frame_cap)
         sock.rcvhwm = cfg.endpoints.ingest_hwm
         bound.set()
         engine = self.engine
@@ -245,17 +293,23 @@ class Daemon:
                 frames = sock.recv_multipart(copy=False)
                 try:
                     message = decode_sensor_message(frames, cfg.limits)
+                    reason = engine.ingest(message)
                 except IngestError as exc:
                     self.metrics.frames_dropped.inc(reason=exc.reason.value)
                     self._drop_log.warn(exc.reason.value, str(exc))
                     continue
-                engine.ingest(message)
+                except Exception:  # a validation bug: drop the message, never the thread
+                    self.metrics.frames_dropped.inc(reason=DropReason.INTERNAL.value)
+                    log.exception("ingest: unexpected error on a message; dropped")
+                    continue
+                if reason is not None and reason is not DropReason.STALE:
+                    self._drop_log.warn(reason.value, "not accepted by the engine")
         finally:
             sock.close(linger=0)
 
     def _io_loop(self, bound: threading.Event) -> None:
         cfg = self.config
-        router = self._socket(zmq.ROUTER, cfg.endpoints.query, "query")
+        router = self._socket(zmq.ROUTER, cfg.endpoints.query, "query", self.request_frame_cap)
         pub = self._socket(zmq.PUB, cfg.endpoints.events, "events")
         pub.sndhwm = 1000
         bound.set()
@@ -276,12 +330,26 @@ class Daemon:
             pub.close(linger=0)
 
     def _receive_request(self, router: zmq.Socket) -> None:
-        frames = router.recv_multipart()
-        # Envelope: identity, then an empty delimiter when the client is REQ (or a DEALER
-        # that mimics it); everything after is the message.
-        split = frames.index(b"") + 1 if b"" in frames[:2] else 1
-        envelope, parts = frames[:split], frames[split:]
+        # Drain what is there (bounded per wake-up so the outbox is flushed in between):
+        # a flood is answered ``busy`` at the rate it arrives instead of piling up in zmq.
+        for _ in range(256):
+            try:
+                frames = router.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            # Envelope: identity, then an empty delimiter when the client is REQ (or a
+            # DEALER that mimics it); everything after is the message.
+            split = frames.index(b"") + 1 if b"" in frames[:2] else 1
+            envelope, parts = frames[:split], frames[split:]
+            try:
+                self._handle_request(envelope, parts)
+            except Exception:  # a bug on one request must not kill the IO thread
+                log.exception("unexpected error handling a request")
+                self.metrics.errors.inc(code=ErrorCode.INTERNAL.value)
+                self._outbox.put("reply", envelope, error_reply(
+                    ErrorCode.INTERNAL, "internal error while reading the request", None))
 
+    def _handle_request(self, envelope: list[bytes], parts: list[bytes]) -> None:
         def reply(response: WireReply) -> None:
             self._outbox.put("reply", envelope, response)
 
@@ -289,15 +357,29 @@ class Daemon:
             wire = decode_request(parts, self.config.limits.max_request_bytes)
         except ProtocolError as exc:
             self.metrics.errors.inc(code=exc.code.value)
-            log.warning("bad request: %s: %s", exc.code.value, exc.message)
+            self._drop_log.warn(f"request {exc.code.value}",
+                                f"bad request: {exc.code.value}: {exc.message[:200]}")
             reply(error_reply(exc.code, exc.message, exc.request_id))
+            return
+        state = self.lifecycle.state
+        if state in (State.STARTING, State.LOADING):
+            # The sockets are bound a moment before the state is serving: a request in that
+            # window is told to retry, not that the daemon is going away.
+            self.metrics.errors.inc(code=ErrorCode.BUSY.value)
+            reply(error_reply(ErrorCode.BUSY, "the daemon is starting; retry", wire.id))
             return
         if not self.lifecycle.accepting:
             self.metrics.errors.inc(code=ErrorCode.SHUTTING_DOWN.value)
             reply(error_reply(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down", wire.id))
             return
         assert self.engine is not None
-        self.engine.submit(Request(wire.type, wire.id, wire.body, reply))
+        request = Request(wire.type, wire.id, wire.body, reply, client=envelope[0])
+        if not self.engine.submit(request):
+            self.metrics.errors.inc(code=ErrorCode.BUSY.value)
+            limits = self.config.limits
+            reply(error_reply(ErrorCode.BUSY, (
+                f"request queue full (at most {limits.max_pending_requests} pending, "
+                f"{limits.max_pending_per_client} per client); retry later"), wire.id))
 
     def _flush_outbox(self, router: zmq.Socket, pub: zmq.Socket) -> None:
         while True:
@@ -308,13 +390,26 @@ class Daemon:
             try:
                 if kind == "reply":
                     reply: WireReply = b
-                    router.send_multipart([*a, *encode_reply(reply)], flags=zmq.NOBLOCK)
+                    router.send_multipart([*a, *self._encode_reply(reply)], flags=zmq.NOBLOCK)
                 else:
                     pub.send_multipart(encode_event(a, b), flags=zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("dropped an outgoing %s: peer not reading", kind)
             except zmq.ZMQError as exc:  # e.g. the client went away (ROUTER_MANDATORY off)
                 log.warning("could not send %s: %s", kind, exc)
+            except Exception:  # an event that cannot be encoded is lost, not the thread
+                log.exception("could not encode an outgoing %s", kind)
+
+    def _encode_reply(self, reply: WireReply) -> list[bytes]:
+        """Encode a reply; one that cannot be (a non-finite float, say) becomes ``internal``
+        for the same id rather than an exception in the IO thread."""
+        try:
+            return encode_reply(reply)
+        except (ValueError, TypeError) as exc:
+            log.error("reply %s could not be encoded (%s); answering internal", reply.id, exc)
+            self.metrics.errors.inc(code=ErrorCode.INTERNAL.value)
+            return encode_reply(error_reply(ErrorCode.INTERNAL,
+                                            f"reply not encodable: {exc}", reply.id))
 
     # --- shutdown -----------------------------------------------------------------------
 

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 STORE_FORMAT = "mpnp-store"
 STORE_VERSION = 1
 MANIFEST = "manifest.json"
+MANIFEST_BACKUP = "manifest.json.bak"
+QUARANTINE = "quarantine"
 STATE_PREFIX = "state-"
 
 
@@ -124,6 +126,7 @@ class ModelStore:
                 raise StoreError(f"store {self.root} is in use by another process") from None
         self._entries: dict[str, StoreEntry] = {}
         self._next_generation = 1
+        self._quarantine = False  # set when the manifest had to be recovered
         self._cache: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._read_manifest()
         self._recover()
@@ -134,22 +137,41 @@ class ModelStore:
     def manifest_path(self) -> Path:
         return self.root / MANIFEST
 
+    @staticmethod
+    def _parse_manifest(path: Path) -> tuple[dict[str, StoreEntry], int]:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("format") != STORE_FORMAT or \
+                data.get("version") != STORE_VERSION:
+            raise ValueError("not an mpnp-store v1 manifest")
+        entries = {n: StoreEntry.from_dict(e) for n, e in data["entries"].items()}
+        return entries, int(data.get("next_generation", 1))
+
     def _read_manifest(self) -> None:
+        """Read the manifest; a damaged one (truncated, say) must not keep the daemon from
+        starting: it is moved aside and the backup copy (written after every manifest) is
+        used, else the store starts empty with its files moved to ``quarantine/``."""
         path = self.manifest_path
         if not path.exists():
             return
         try:
-            data = json.loads(path.read_text())
-            if data.get("format") != STORE_FORMAT or data.get("version") != STORE_VERSION:
-                raise ValueError(f"format {data.get('format')!r} v{data.get('version')!r}")
-            entries = {n: StoreEntry.from_dict(e) for n, e in data["entries"].items()}
-            self._next_generation = int(data.get("next_generation", 1))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StoreError(
-                f"store manifest {path} is unreadable ({exc}); move the store aside and "
-                "re-import its entries"
-            ) from exc
-        self._entries = entries
+            self._entries, self._next_generation = self._parse_manifest(path)
+            return
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+            aside = path.with_name(f"{MANIFEST}.corrupt-{int(time.time())}")
+            log.error("store manifest %s is unreadable (%s); moved to %s", path, exc, aside.name)
+            os.replace(path, aside)
+        backup = self.root / MANIFEST_BACKUP
+        try:
+            self._entries, self._next_generation = self._parse_manifest(backup)
+            log.warning("store: recovered %d entries from %s", len(self._entries), backup.name)
+            self._quarantine = True  # files only the lost manifest named are kept aside
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
+            log.error("store: no usable manifest backup (%s); starting empty, existing files "
+                      "go to %s/ (re-import them by hand)", exc, QUARANTINE)
+            self._entries, self._quarantine = {}, True
+            return
+        # The next generation must stay above every file on disk (the backup may be older).
+        self._write_manifest()
 
     def _write_manifest(self) -> None:
         data = {
@@ -158,20 +180,35 @@ class ModelStore:
             "next_generation": self._next_generation,
             "entries": {n: e.to_dict() for n, e in sorted(self._entries.items())},
         }
-        atomic_write_bytes(self.manifest_path, json.dumps(data, indent=1).encode())
+        raw = json.dumps(data, indent=1).encode()
+        atomic_write_bytes(self.manifest_path, raw)
+        # The same bytes again, atomically: a manifest damaged later (outside our writes)
+        # falls back to this copy at the next open.
+        atomic_write_bytes(self.root / MANIFEST_BACKUP, raw)
 
     def _recover(self) -> None:
-        """Remove temp files and files that no manifest entry names (interrupted saves)."""
+        """Remove temp files and files that no manifest entry names (interrupted saves);
+        after an unrecoverable manifest, move the unnamed files to ``quarantine/``."""
         named = {e.file for e in self._entries.values()}
-        for path in self.root.rglob("*"):
-            if not path.is_file() or path.name in (MANIFEST, ".lock"):
+        quarantine = self._quarantine
+        for path in list(self.root.rglob("*")):
+            if not path.is_file() or path.name in (MANIFEST, MANIFEST_BACKUP, ".lock"):
                 continue
             rel = path.relative_to(self.root).as_posix()
-            if path.name.startswith(TEMP_PREFIX) or (
-                path.suffix == ".safetensors" and rel not in named
-            ):
+            if rel.startswith(f"{QUARANTINE}/") or path.name.startswith(f"{MANIFEST}.corrupt-"):
+                continue
+            if path.name.startswith(TEMP_PREFIX):
                 log.warning("store: removing leftover %s from an interrupted write", rel)
                 path.unlink(missing_ok=True)
+            elif path.suffix == ".safetensors" and rel not in named:
+                if quarantine:
+                    target = self.root / QUARANTINE / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(path, target)
+                    log.warning("store: moved %s to %s/", rel, QUARANTINE)
+                else:
+                    log.warning("store: removing leftover %s from an interrupted write", rel)
+                    path.unlink(missing_ok=True)
 
     # --- entries --------------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ run python3 -m venv "${VENV}"
 run "${VENV}/bin/pip" install -U pip wheel
 run "${VENV}/bin/pip" install --index-url "${JETSON_INDEX}" \
     --extra-index-url https://pypi.org/simple torch torchvision onnxruntime-gpu
-run "${VENV}/bin/pip" install "${SRC_DIR}[jetson]"
+run "${VENV}/bin/pip" install "${SRC_DIR}[model,jetson]"
 run "${VENV}/bin/pip" uninstall -y onnxruntime
 run "${VENV}/bin/pip" install --force-reinstall --no-deps --index-url "${JETSON_INDEX}" \
     onnxruntime-gpu
@@ -77,7 +77,15 @@ fi
 run chown -R "${SERVICE_USER}:${SERVICE_USER}" "${STATE_DIR}"
 run "${VENV}/bin/mpnp" daemon --config "${CONF_DIR}/daemon.toml" --check
 
-# 5. The service.
+# 5. The LLM and the offline stage, as the service user into its MPNP_HOME, before the first
+#    start: the daemon loads the prepared encoders and day state (without them the first
+#    start would run the whole offline stage inside systemd's TimeoutStartSec). Both steps
+#    are idempotent: an upgrade reuses what is there.
+as_service() { run runuser -u "${SERVICE_USER}" -- env MPNP_HOME="${STATE_DIR}" "$@"; }
+as_service "${VENV}/bin/mpnp" llm fetch
+as_service "${VENV}/bin/mpnp" prepare --no-progress
+
+# 6. The service.
 run install -m 0644 "${SRC_DIR}/deploy/mpnp-daemon.service" /etc/systemd/system/mpnp-daemon.service
 run systemctl daemon-reload
 run systemctl enable --now mpnp-daemon.service

@@ -48,7 +48,7 @@ def test_client_commands(tmp_path, capsys):
         code, _, err = _client(capsys, endpoint, "power-mode", "MODE_9W")
         assert code == 1 and "power_error" in err
     code, _, err = _client(capsys, "tcp://127.0.0.1:1", "ping", timeout="0.3")
-    assert code == 2 and "is the daemon running" in err
+    assert code == 3 and "is the daemon running" in err
 
 
 class _CountingSource:

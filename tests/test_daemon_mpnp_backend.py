@@ -17,7 +17,7 @@ from adapt.connectors.mpnp import MPnPConnector
 from adapt.features import FeatureSet
 from aligners.model import MPnPModel
 from daemon.backend import BACKEND_METHODS, ModelBackend
-from daemon.client import Client, EventSubscriber, SensorPublisher
+from daemon.client import Client, DaemonError, EventSubscriber, SensorPublisher
 from daemon.encoder_pool import encoder_spec
 from daemon.mpnp_backend import MPnPBackend, MPnPBackendConfig, context_of
 from daemon.store import ModelStore
@@ -291,3 +291,40 @@ def test_corrupt_encoder_in_the_store_fails_the_switch_but_serving_goes_on(backe
         reply = client.ask("is there a car?", "live-8")
         assert reply["modalities"] == ["camera"]
         assert client.status()["serving"]["modalities"] == ["camera"]
+
+
+def test_answers_are_never_cut_inside_a_vocabulary_answer(backend):
+    """``max_new_tokens=2`` used to end ``traffic cone`` after its first tokens: the decoding
+    budget now covers the longest closed-vocabulary answer plus its stop token."""
+    from mpnp.answers import ANSWER_VOCAB
+    from mpnp.generation import _ids
+
+    tok = backend.model.tokenizer
+    longest = max(len(_ids(tok, " " + a)) for a in ANSWER_VOCAB)
+    assert backend.config.max_new_tokens == 2
+    assert backend.serving.config.max_new_tokens == longest + 1
+    backend.start_adaptation(frozenset({"lidar"}), n_blocks=3, steps=1, batch_size=1)
+    assert backend._job.stepper.connector.config.max_new_tokens == longest + 1
+
+
+def test_frames_the_encoder_cannot_take_are_dropped_at_ingest(backend, tmp_path):
+    """A camera size the protocol allows but the encoder cannot take used to become the latest
+    frame and fail every question (LiDAR ones too) until a good frame came."""
+    config = test_config(tmp_path, adaptation={"auto": False},
+                         limits={"max_question_tokens": 64})
+    with running_daemon(config, backend) as daemon, \
+            Client(daemon.endpoints["query"], timeout_s=30) as client, \
+            SensorPublisher(daemon.endpoints["ingest"]) as publisher:
+        good = _frame(3, "good")
+        wait_for(lambda: publisher.send_camera(good) and publisher.send_lidar(good)
+                 and daemon.metrics.frames_in.total() >= 2)
+        odd = Frame("odd", "s", 4.0, 1.0,
+                    {v: np.zeros((24, 40, 3), np.uint8) for v in CAMERA_VIEWS}, good.lidar)
+        assert publisher.send_camera(odd)
+        wait_for(lambda: daemon.metrics.frames_dropped.value(reason="unsupported_frame") == 1)
+        assert client.ask("is there a car?")["frame_id"] == "good"  # the last good frame
+        with pytest.raises(DaemonError) as info:  # 300 tokens (char tokenizer) > 64
+            client.ask("a" * 300)
+        assert info.value.code == "too_large" and "tokens" in info.value.message
+        assert backend.count_tokens("a" * 300) == 300
+        assert client.ask("is there a car?", "good")["frame_id"] == "good"

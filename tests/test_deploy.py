@@ -101,5 +101,9 @@ def test_install_script_parses_and_dry_runs():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for step in ("jetson-stats", "usermod -aG video,render,jtop", "mpnp-daemon.service",
-                 "systemctl enable --now mpnp-daemon.service", "--check"):
+                 "systemctl enable --now mpnp-daemon.service", "--check", "[model,jetson]"):
         assert step in out, step
+    # the LLM is fetched and the offline stage run, as the service user, before the start
+    fetch, prepare = out.index("mpnp llm fetch"), out.index("mpnp prepare")
+    assert fetch < prepare < out.index("systemctl enable --now mpnp-daemon.service")
+    assert "runuser -u mpnp -- env MPNP_HOME=/var/lib/mpnp" in out[fetch - 80:fetch]
