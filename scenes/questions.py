@@ -129,7 +129,9 @@ def candidate_pool(objects: list[ObjectAnnotation]) -> list[Candidate]:
     g = SceneGraph(objects)
     pool: list[Candidate] = []
     add = pool.append
-    has_status = {name for name, spec in L.CLASSES.items() if spec.statuses}
+    # A tuple in class order, not a set: string hashes change with PYTHONHASHSEED, and the
+    # pool's order decides which candidates the balancer picks.
+    has_status = tuple(name for name, spec in L.CLASSES.items() if spec.statuses)
     # ---- 0 hops: the whole scene.
     for f, (cat, status) in enumerate(FILTERS):
         if cat is None and status is None:

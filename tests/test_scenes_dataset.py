@@ -221,3 +221,22 @@ def test_world_variants_differ_from_the_default():
     assert world_variant("default") == WorldConfig()
     with pytest.raises(ValueError, match="unknown world variant"):
         world_variant("nope")
+
+
+def test_generation_does_not_depend_on_the_process_hash_seed(tmp_path):
+    """String hashing differs between processes (PYTHONHASHSEED); the world must not."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys; from scenes.synthetic import WorldConfig, generate_world; "
+              "generate_world(WorldConfig(seed=7, day_frames=8, night_frames=4, "
+              "frames_per_scene=2, questions_per_frame=8, image_height=16, image_width=24, "
+              "lidar_width=64), sys.argv[1], progress=False, workers=1)")
+    outputs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = tmp_path / f"hash{seed}"
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True, env=env)
+        outputs.append((out / "manifest.json").read_bytes())
+    assert outputs[0] == outputs[1]
