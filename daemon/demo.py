@@ -206,6 +206,12 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=out))
+    from daemon.offline_stage import is_prepared
+
+    if not is_prepared(cfg.model_store):
+        progress("[demo] nothing prepared in the model store yet: running the offline stage "
+                 "first (`mpnp prepare`: world, encoder pretraining, day camera state — "
+                 "about 30-45 minutes on 2 cores, once; the demo itself follows)")
     progress("[demo] loading SmolLM2, encoders and the day-camera state (offline stage)...")
     backend = create_mpnp_backend(model_store=cfg.model_store, val_questions=cfg.val_questions,
                                   eval_chunk=cfg.eval_chunk, train_questions=cfg.train_questions,

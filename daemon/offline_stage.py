@@ -9,6 +9,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def is_prepared(store: str | None) -> bool:
+    """Whether ``mpnp prepare`` has left a day state in the model store."""
+    from adapt.prepare import DAY_STATE, RECORD_FILE
+    from mpnp.paths import model_store_dir
+
+    return (model_store_dir(store) / "states" / DAY_STATE / RECORD_FILE).is_file()
+
+
 def load_prepared(store: str | None, llm=None, tokenizer=None):
     """The offline stage's products: reused as they are when ``mpnp prepare`` left a day
     state (whatever configuration made it), else the offline stage runs now (default config)."""
