@@ -456,8 +456,10 @@ def check_targets(result: dict) -> list[dict]:
 
     checks: list[dict] = []
 
-    def add(name: str, value: float | None, target: str, ok: bool | None) -> None:
-        checks.append({"target": name, "value": value, "goal": target, "met": ok})
+    def add(name: str, value: float | None, target: str, ok: bool | None,
+            unit: str = "points") -> None:
+        checks.append({"target": name, "value": round(value, 6), "unit": unit,
+                       "goal": target, "met": ok})
 
     oracle, qday = _best(rows, "day_c", lambda m: "oracle" in m), qo("day_c")
     if oracle and qday:
@@ -465,7 +467,7 @@ def check_targets(result: dict) -> list[dict]:
         add("oracle mPnP Day − question-only", d, ">= +25", d >= 25)
     day, night = mpnp("day_c"), mpnp("night_c")
     if day and qday:
-        d = 100 * (day["accuracy"] - qday["accuracy"])
+        d = round(100 * (day["accuracy"] - qday["accuracy"]), 6)
         add("mPnP Day (C) − question-only", d, ">= +10", d >= 10)
     if day and night:
         d = 100 * (night["accuracy"] - day["accuracy"])
@@ -487,8 +489,8 @@ def check_targets(result: dict) -> list[dict]:
         rm = switch["peak_mem_bytes"] / full["peak_mem_bytes"]
         add(f"best mPnP (N={switch['N']}) − best baseline ({base['method']}), Night (C → L)",
             d, ">= 0", d >= 0)
-        add("its adaptation FLOPs / Full LLM's", rf, "<= 0.33", rf <= 1 / 3)
-        add("its peak memory / Full LLM's", rm, "<= 0.6", rm <= 0.6)
+        add("its adaptation FLOPs / Full LLM's", rf, "<= 0.33", rf <= 1 / 3, unit="ratio")
+        add("its peak memory / Full LLM's", rm, "<= 0.6", rm <= 0.6, unit="ratio")
     return checks
 
 
@@ -498,7 +500,7 @@ def targets_section(result: dict) -> list[str]:
         return []
     out = ["## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
     for c in checks:
-        value = f"{c['value']:+.1f}" if abs(c["value"]) >= 1 else f"{c['value']:.2f}"
+        value = f"{c['value']:.2f}" if c.get("unit") == "ratio" else f"{c['value']:+.1f}"
         out.append(f"| {c['target']} | {value} | {c['goal']} | {'yes' if c['met'] else 'no'} |")
     return out + ["", "Differences inside the rows' 95 % intervals are not results.", ""]
 
