@@ -822,11 +822,11 @@ def run_soak(minutes: float, backend: str = "mpnp", args: argparse.Namespace | N
         model = ToyBackend(step_delay_s=0.02, camera_shape=TOY_CAMERA)
         source: Any = _ToySource()
     else:
-        from daemon.demo import RecordingSource, _world_config
+        from daemon.demo import DemoFrameSource, _world_config
         from daemon.mpnp_backend import create_mpnp_backend
 
         model = create_mpnp_backend(**_backend_section("mpnp", args)["options"])
-        source = RecordingSource(_world_config(model.prepared.data_dir))
+        source = DemoFrameSource(_world_config(model.prepared.data_dir))
     config = DaemonConfig.from_dict({
         "endpoints": {"ingest": "tcp://127.0.0.1:*", "query": "tcp://127.0.0.1:*",
                       "events": "tcp://127.0.0.1:*", "metrics": ""},
