@@ -65,6 +65,11 @@ class FeatureSet:
         random.Random(seed).shuffle(order)
         return self.subset(sorted(order[: max(1, round(fraction * len(order)))]))
 
+    def at_most(self, n: int | None, seed: int = 0) -> FeatureSet:
+        """A deterministic random subset of about ``n`` items (:meth:`fraction` of
+        ``n / len``); ``self`` when ``n`` is ``None`` or not smaller than the set."""
+        return self if n is None or n >= len(self) else self.fraction(n / len(self), seed=seed)
+
     def batch(self, indices: Sequence[int], modalities: Sequence[str] | None = None) -> Batch:
         mods = self.modalities if modalities is None else list(modalities)
         items = [self.items[i] for i in indices]

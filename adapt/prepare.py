@@ -192,8 +192,7 @@ def train_day_state(config: PrepareConfig, data_dir: Path, encoders: dict[str, E
     splits = load_splits(data_dir, encoders, cache, progress=progress)
     specs = modality_specs(encoders)
     train = splits.day_train
-    if config.day_samples is not None and config.day_samples < len(train):
-        train = train.fraction(config.day_samples / len(train), seed=config.train.seed)
+    train = train.at_most(config.day_samples, seed=config.train.seed)
     model = MPnPModel(llm, tokenizer)
     connector = MPnPConnector(
         llm, tokenizer, [specs["camera"]], ConnectorConfig(num_blocks=config.num_blocks),
@@ -204,9 +203,9 @@ def train_day_state(config: PrepareConfig, data_dir: Path, encoders: dict[str, E
              config.num_blocks, len(train))
     seed = config.train.seed
     report = Trainer(connector, config.train).fit(
-        train, _capped(splits.day_val, config.val_samples, seed), progress=progress)
-    day = evaluate(connector, _capped(splits.day_test, config.test_samples, seed))
-    night = evaluate(connector, _capped(splits.night_test, config.test_samples, seed))
+        train, splits.day_val.at_most(config.val_samples, seed), progress=progress)
+    day = evaluate(connector, splits.day_test.at_most(config.test_samples, seed))
+    night = evaluate(connector, splits.night_test.at_most(config.test_samples, seed))
     save_state(model, state_dir, DAY_STATE)
     log.info("day state: day accuracy %.3f, night accuracy %.3f", day.accuracy, night.accuracy)
     return {
@@ -218,11 +217,6 @@ def train_day_state(config: PrepareConfig, data_dir: Path, encoders: dict[str, E
         "day_ci95": list(day.ci95), "night_ci95": list(night.ci95),
         "test_questions": {"day": day.count, "night": night.count},
     }
-
-
-def _capped(data, n: int | None, seed: int):
-    """A fixed random subset of at most ``n`` questions (all of them for ``None``)."""
-    return data if n is None or n >= len(data) else data.fraction(n / len(data), seed=seed)
 
 
 def open_prepared(store_dir: str | os.PathLike[str] | None = None) -> Prepared:

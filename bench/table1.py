@@ -140,10 +140,6 @@ class Table1Config:
                            learning_rates=dict(self.learning_rates), patience=1)
 
 
-def _subset(data: FeatureSet, n: int | None, seed: int) -> FeatureSet:
-    return data if n is None or n >= len(data) else data.fraction(n / len(data), seed=seed)
-
-
 def _load_llm(cfg: Table1Config):
     llm, tok = _load_llm_lazily(cfg)
     with torch.no_grad():  # page in every weight (safetensors maps them lazily), so that
@@ -185,12 +181,12 @@ class Table1:
                            progress=progress)
         s = cfg.seed
         self.data = Splits(
-            day_train=_subset(full.day_train, cfg.day_samples, s),
-            day_val=_subset(full.day_val, cfg.val_samples, s),
-            day_test=_subset(full.day_test, cfg.test_samples, s),
-            night_train=_subset(full.night_train, cfg.night_samples, s),
-            night_val=_subset(full.night_val, cfg.val_samples, s),
-            night_test=_subset(full.night_test, cfg.test_samples, s),
+            day_train=full.day_train.at_most(cfg.day_samples, s),
+            day_val=full.day_val.at_most(cfg.val_samples, s),
+            day_test=full.day_test.at_most(cfg.test_samples, s),
+            night_train=full.night_train.at_most(cfg.night_samples, s),
+            night_val=full.night_val.at_most(cfg.val_samples, s),
+            night_test=full.night_test.at_most(cfg.test_samples, s),
         )
         self.world = world
         self.train_cfg = cfg.train_config()
@@ -255,23 +251,26 @@ class Table1:
 
     # ------------------------------------------------------------------ methods
 
-    def run_majority(self) -> None:
+    def _blind_scenarios(self) -> list[tuple[str, FeatureSet, FeatureSet]]:
+        """(scenario, training questions, test questions) of the sensor-free floors: the day
+        questions for the camera scenarios, the night ones for the adapted ones."""
         d = self.data
-        for scenario, train, test in (("day_c", d.day_train, d.day_test),
-                                      ("night_c", d.day_train, d.night_test),
-                                      ("night_c_to_cl", d.night_train, d.night_test),
-                                      ("night_c_to_l", d.night_train, d.night_test)):
+        return [("day_c", d.day_train, d.day_test), ("night_c", d.day_train, d.night_test),
+                ("night_c_to_cl", d.night_train, d.night_test),
+                ("night_c_to_l", d.night_train, d.night_test)]
+
+    def run_majority(self) -> None:
+        for scenario, train, test in self._blind_scenarios():
             self._row("majority", None, scenario, majority_baseline(train.items, test.items),
                       None, table="main")
 
     def run_question_only_nb(self) -> None:
         """The naive-Bayes question-only model on the same training questions as the others."""
-        d = self.data
-        day = QuestionOnlyModel().fit(d.day_train.items)
-        night = QuestionOnlyModel().fit(d.night_train.items)
-        for scenario, model, test in (("day_c", day, d.day_test), ("night_c", day, d.night_test),
-                                      ("night_c_to_cl", night, d.night_test),
-                                      ("night_c_to_l", night, d.night_test)):
+        models: dict[int, QuestionOnlyModel] = {}  # one fit per training set
+        for scenario, train, test in self._blind_scenarios():
+            if id(train) not in models:
+                models[id(train)] = QuestionOnlyModel().fit(train.items)
+            model = models[id(train)]
             self._row("question_only_nb", None, scenario,
                       score(test.items, model.predict(test.items)), None, table="main")
 

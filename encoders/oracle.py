@@ -26,7 +26,7 @@ import torch
 
 from encoders.base import Encoder, check_frames
 from scenes.layout import CLASS_NAMES
-from scenes.questions import RELATIONS
+from scenes.questions import RELATIONS, sector_index
 from scenes.sample import Frame
 
 #: Every status of the world, then "none" (traffic cones and barriers have none).
@@ -72,7 +72,7 @@ def object_features(frame: Frame, max_objects: int, scale: float) -> np.ndarray:
         x, y, z = obj.center
         distance = math.hypot(x, y)
         bearing = math.atan2(y, x)
-        sector = int(math.floor((math.degrees(bearing) + 30.0) / 60.0)) % 6
+        sector = int(sector_index(np.float64(x), np.float64(y)))  # as the questions see it
         if obj.category in CLASS_NAMES:
             row[CLASS_NAMES.index(obj.category)] = 1.0
         row[n_cls + STATUSES.index(obj.status if obj.status in STATUSES else "none")] = 1.0

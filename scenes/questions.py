@@ -14,6 +14,7 @@ there any cars?" is nearly always "yes".
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -78,7 +79,7 @@ def _filters() -> list[tuple[str | None, str | None]]:
 FILTERS = _filters()
 
 
-def _sector(dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+def sector_index(dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     """Index into RELATIONS of the direction (dx, dy) (front = +x, left = +y)."""
     angle = np.degrees(np.arctan2(dy, dx))  # (-180, 180], counter-clockwise from front
     return (np.floor((angle + 30.0) / 60.0).astype(np.int64)) % 6
@@ -94,7 +95,7 @@ class SceneGraph:
         self.stats = np.array([o.status for o in objects], dtype=object)
         xy = np.array([o.center[:2] for o in objects], dtype=np.float64).reshape(n, 2)
         # sector[i, j]: direction of object i as seen from object j.
-        self.sector = _sector(xy[:, None, 0] - xy[None, :, 0], xy[:, None, 1] - xy[None, :, 1])
+        self.sector = sector_index(xy[:, None, 0] - xy[None, :, 0], xy[:, None, 1] - xy[None, :, 1])
         np.fill_diagonal(self.sector, -1)
         self.member = np.array([
             [(c is None or o.category == c) and (s is None or o.status == s) for o in objects]
@@ -239,7 +240,8 @@ class AnswerBalancer:
         picked: list[Candidate] = []
         seen: set[str] = set()
         attempts = 0
-        limit = max(4, -(-per_frame // len(slots)) * 4) * len(slots)
+        # Four passes over the slots per round of picks a frame needs.
+        limit = 4 * len(slots) * max(1, math.ceil(per_frame / len(slots)))
         while len(picked) < per_frame and attempts < limit:
             slot = order[attempts % len(order)]
             attempts += 1
