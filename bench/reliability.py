@@ -907,6 +907,7 @@ def run_soak(minutes: float, backend: str = "mpnp", args: argparse.Namespace | N
     return {
         "backend": backend, "minutes": minutes, "sent": sent,
         "sent_hz": stats.rates(), "publisher_dropped": stats.dropped,
+        "world_frames": stats.world_frames, "world_frames_late": stats.late_frames,
         "accepted": int(accepted), "accepted_fraction": fraction, "dropped_by_daemon": drops,
         "questions": _latency(latencies), "errors": dict(errors),
         "adaptations": {**dict(adaptations), "finished": status_adapt},

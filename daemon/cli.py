@@ -342,5 +342,5 @@ def cmd_sim_vehicle(args: argparse.Namespace) -> int:
     rates = stats.rates()
     print(f"sent {stats.camera_sent} camera ({rates['camera_hz']:.1f} Hz), {stats.lidar_sent} "
           f"lidar ({rates['lidar_hz']:.1f} Hz), {stats.dropped} dropped, "
-          f"{stats.world_frames} world frames in {stats.elapsed_s:.1f}s")
+          f"{stats.world_frames} world frames ({stats.late_frames} late) in {stats.elapsed_s:.1f}s")
     return 0

@@ -4,16 +4,20 @@ Six cameras at ≈12 Hz and one LiDAR at ≈20 Hz (configurable), over the inges
 :class:`FrameSource`. The default source is the synthetic world
 (:class:`scenes.synthetic.SyntheticWorld`); the drive goes day -> dusk -> night through the
 light level passed to the world. World frames are rendered every ``world_interval_s`` (the
-world's own 0.5 s frame spacing; rendering a frame takes ~0.1 s on a small CPU), and each sensor
-tick sends the latest world frame with the sensor's own timestamp, like a real rig whose
-sensors run faster than the scene changes. A full send queue drops the frame (counted), it
-never blocks the vehicle.
+world's own 0.5 s frame spacing), and each sensor tick sends the latest world frame with the
+sensor's own timestamp, like a real rig whose sensors run faster than the scene changes.
+Rendering a frame takes 0.1–0.3 s on a small loaded CPU — longer than the LiDAR's 50 ms
+period — so frames are rendered one ahead in a background thread and a sensor tick never
+waits for one (a frame not ready in time is counted in ``SimStats.late_frames`` and the
+previous one is sent meanwhile). A full send queue drops the message (counted); it never
+blocks the vehicle.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -100,6 +104,7 @@ class SimStats:
     lidar_sent: int = 0
     dropped: int = 0
     world_frames: int = 0
+    late_frames: int = 0  # world frames not rendered by the time they were due
     elapsed_s: float = 0.0
     lights: list[float] = field(default_factory=list)
 
@@ -128,25 +133,32 @@ class SimVehicle:
         cfg = self.config
         stop = stop or threading.Event()
         stats = SimStats()
-        start = time.monotonic()
-        wall0 = time.time()
-        next_camera = next_lidar = next_world = 0.0
-        world_index = 0
-        frame: Frame | None = None
-        light = cfg.light_at(0.0)
+        renderer = _Renderer(self.source, cfg)
         try:
+            light, frame = renderer.take(timeout=None)  # the first frame before the clock starts
+            stats.world_frames += 1
+            stats.lights.append(light)
+            start = time.monotonic()
+            wall0 = time.time()
+            next_camera = next_lidar = 0.0
+            next_world = cfg.world_interval_s
+            late = False  # the due world frame is not rendered yet
             while not stop.is_set():
                 t = time.monotonic() - start
                 if cfg.duration_s is not None and t >= cfg.duration_s:
                     break
-                if frame is None or t >= next_world:
-                    light = cfg.light_at(t)
-                    frame = self.source.frame(world_index, light)
-                    world_index += 1
-                    stats.world_frames += 1
-                    stats.lights.append(light)
-                    next_world = _next_tick(next_world, cfg.world_interval_s, t)
-                    continue  # rendering took time: re-read the clock
+                if t >= next_world:
+                    taken = renderer.take(timeout=0.0)
+                    if taken is None:  # not rendered yet: keep sending the previous frame
+                        stats.late_frames += 0 if late else 1
+                        late = True
+                        next_world = t + min(0.01, cfg.world_interval_s)
+                    else:
+                        light, frame = taken
+                        late = False
+                        stats.world_frames += 1
+                        stats.lights.append(light)
+                        next_world = _next_tick(next_world, cfg.world_interval_s, t)
                 stamp = wall0 + t
                 if t >= next_lidar:
                     self._count(stats, "lidar", self.publisher.send_lidar(frame, stamp))
@@ -159,12 +171,13 @@ class SimVehicle:
                 wait = min(next_lidar, next_camera, next_world) - (time.monotonic() - start)
                 if wait > 0:
                     stop.wait(wait)
-        finally:
             stats.elapsed_s = time.monotonic() - start
+        finally:
+            renderer.close()
             if self._own_publisher:
                 self.publisher.close()
-        log.info("sim-vehicle: %s in %.1fs, %d dropped", stats.rates(), stats.elapsed_s,
-                 stats.dropped)
+        log.info("sim-vehicle: %s in %.1fs, %d dropped, %d world frames late", stats.rates(),
+                 stats.elapsed_s, stats.dropped, stats.late_frames)
         return stats
 
     @staticmethod
@@ -175,3 +188,55 @@ class SimVehicle:
             stats.lidar_sent += 1
         else:
             stats.camera_sent += 1
+
+
+class _Renderer:
+    """Renders the drive's world frames one ahead, in a background thread.
+
+    Frame ``k`` is due at ``k · world_interval_s`` and is rendered at the light of that moment,
+    so the drive is the same whatever the CPU load; only *when* a frame becomes available
+    depends on it. An exception in the source is raised by :meth:`take`.
+    """
+
+    def __init__(self, source: FrameSource, config: SimVehicleConfig) -> None:
+        self._source = source
+        self._config = config
+        self._ready: queue.Queue[tuple[float, Frame] | BaseException] = queue.Queue(maxsize=1)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sim-vehicle-render",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        index = 0
+        while not self._closed.is_set():
+            light = self._config.light_at(index * self._config.world_interval_s)
+            try:
+                item: tuple[float, Frame] | BaseException = (light,
+                                                             self._source.frame(index, light))
+            except BaseException as exc:  # handed to the sending thread, which raises it
+                item = exc
+            while not self._closed.is_set():
+                try:
+                    self._ready.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+            index += 1
+
+    def take(self, timeout: float | None) -> tuple[float, Frame] | None:
+        """The next ``(light, frame)``; ``None`` if none is ready within ``timeout`` seconds
+        (``0``: don't wait; ``None``: wait as long as it takes)."""
+        try:
+            item = self._ready.get(block=timeout != 0.0, timeout=timeout or None)
+        except queue.Empty:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=5.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 import zmq
@@ -58,6 +59,65 @@ class _CountingSource:
     def frame(self, index, light):
         self.lights.append(light)
         return toy_frame(f"v{index}", light=light)
+
+
+class _SlowSource:
+    """Renders a frame in 0.25 s: five LiDAR periods."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.fail_at = fail_at
+
+    def frame(self, index, light):
+        time.sleep(0.25)
+        if index == self.fail_at:
+            raise RuntimeError("renderer broke")
+        return toy_frame(f"slow{index}", light=light)
+
+
+def _pull_counter():
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+    counts = {"camera": 0, "lidar": 0}
+
+    def receive():
+        while not stop.is_set():
+            if pull.poll(50):
+                counts[json.loads(pull.recv_multipart()[0])["sensor"]] += 1
+
+    thread = threading.Thread(target=receive, daemon=True)
+    thread.start()
+
+    def close():
+        stop.set()
+        thread.join()
+        pull.close()
+
+    return f"tcp://127.0.0.1:{port}", counts, close
+
+
+def test_sim_vehicle_keeps_sensor_rates_when_rendering_is_slower_than_a_tick():
+    endpoint, counts, close = _pull_counter()
+    config = SimVehicleConfig(endpoint=endpoint, camera_hz=12, lidar_hz=20, duration_s=2.0,
+                              world_interval_s=0.1, loop=False, hwm=1000)
+    stats = SimVehicle(config, _SlowSource()).run()
+    close()
+    rates = stats.rates()
+    assert rates["lidar_hz"] == pytest.approx(20, rel=0.15)
+    assert rates["camera_hz"] == pytest.approx(12, rel=0.15)
+    assert stats.late_frames > 0  # frames were due every 0.1 s and took 0.25 s
+    assert 2 <= stats.world_frames <= 12
+
+
+def test_sim_vehicle_raises_the_sources_error():
+    endpoint, _counts, close = _pull_counter()
+    config = SimVehicleConfig(endpoint=endpoint, duration_s=5.0, world_interval_s=0.1)
+    try:
+        with pytest.raises(RuntimeError, match="renderer broke"):
+            SimVehicle(config, _SlowSource(fail_at=1)).run()
+    finally:
+        close()
 
 
 def test_sim_vehicle_rates_and_day_dusk_night():
