@@ -230,7 +230,7 @@ class AdaptationConfig:
     progress_every: int = 10
     compose: str = "finetune"
     compose_method: str = "auto"
-    compose_search_evals: int = 6
+    compose_search_evals: int = 4
 
     def __post_init__(self) -> None:
         modality_set(self.initial_modalities, "adaptation.initial_modalities")

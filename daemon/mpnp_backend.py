@@ -85,7 +85,7 @@ class MPnPBackendConfig:
     micro_batch: int = 1
     learning_rates: dict[str, float] = field(default_factory=dict)
     seed: int = 0
-    compose_search_questions: int = 16
+    compose_search_questions: int = 8
 
     @property
     def answer_vocabulary_answers(self) -> tuple[str, ...]:

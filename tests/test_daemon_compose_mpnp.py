@@ -42,13 +42,18 @@ def _single_modality_states(backend, directory) -> list[ComposeInput]:
             ComposeInput("lidar", 2, ("lidar",), directory / "lidar.safetensors")]
 
 
-@pytest.mark.parametrize("method", ["naive", "auto"])
-def test_the_backend_composes_real_states_and_serves_the_composed_one(method, tmp_path):
+@pytest.mark.parametrize("method, max_evals, used", [
+    ("naive", 3, "naive"),
+    ("auto", 3, "damc"),  # 3 evaluations x 2 held-out questions <= 2 x 4 gate questions
+    ("auto", 5, "naive"),  # 5 x 2 > 2 x 4: the search would cost more than the gate
+])
+def test_the_backend_composes_real_states_and_serves_the_composed_one(method, max_evals, used,
+                                                                      tmp_path):
     backend = make_backend()
     assert isinstance(backend, ComposingBackend)
     inputs = _single_modality_states(backend, tmp_path)
     lidar_serving = backend.serving
-    info = backend.compose_candidate(inputs, BOTH, method, max_evals=3)
+    info = backend.compose_candidate(inputs, BOTH, method, max_evals=max_evals)
     assert backend.serving is lidar_serving  # nothing served until the gate says so
     phases = []
     while (progress := backend.adaptation_step()) is not None:
@@ -59,10 +64,11 @@ def test_the_backend_composes_real_states_and_serves_the_composed_one(method, tm
     assert 0.0 <= backend.validation_accuracy("adapted") <= 1.0
     assert info["num_blocks"] == 3 and info["blocks"] == "union"
     assert info["modality_from"] == {"camera": 0, "lidar": 1}
-    if method == "naive":
-        assert info["method"] == "naive" and info["lambdas"] is None and info["search"] is None
-    else:  # auto: 3 evaluations x 2 held-out questions <= 2 x 4 gate questions -> damc
-        assert info["method"] == "damc" and len(info["lambdas"]) == 2
+    assert info["method"] == used
+    if used == "naive":
+        assert info["lambdas"] is None and info["search"] is None
+    else:
+        assert len(info["lambdas"]) == 2
         search = info["search"]
         assert 1 <= search["evaluations"] <= 3 and search["on"] == "held-out"
         assert search["questions"] == 2 * search["evaluations"]
