@@ -156,3 +156,29 @@ def test_the_daemon_composes_real_states_and_serves_the_composed_one(tmp_path):
               f"{composition['compose_wall_s'] * 1000:.1f} ms, to the gate's decision "
               f"{last['time_to_decision_s'] * 1000:.0f} ms; daemon start to decision "
               f"{served_in:.2f} s ({last['outcome']})")
+
+
+def test_fine_tuning_starts_from_the_composed_state(tmp_path):
+    """After a composed state is served, an adaptation of the same set forks it (rank-Σr
+    LoRA, the composed aligners) and trains from there, as ``compose = "finetune"`` does."""
+    backend = make_backend()
+    inputs = _single_modality_states(backend, tmp_path)
+    backend.compose_candidate(inputs, BOTH, "naive", max_evals=1)
+    while backend.adaptation_step() is not None:
+        pass
+    backend.commit_adapted()
+    composed = snapshot_state(backend.model, backend.serving.state_name)
+    rank = composed.config["connection"]["lora_r"]
+    assert rank == 2 * read_state_file(inputs[0].path).config["connection"]["lora_r"]
+    backend.start_adaptation(BOTH, n_blocks=3, steps=2, batch_size=2)
+    start = snapshot_state(backend.model, backend._job.stepper.connector.state_name)
+    assert start.tensors.keys() == composed.tensors.keys()
+    assert all(torch.equal(start.tensors[k], v) for k, v in composed.tensors.items())
+    while backend.adaptation_step() is not None:
+        pass
+    backend.commit_adapted()
+    tuned = snapshot_state(backend.model, backend.serving.state_name)
+    assert tuned.config["connection"]["lora_r"] == rank
+    assert any(not torch.equal(tuned.tensors[k], v) for k, v in composed.tensors.items())
+    assert backend.last_report["steps"] == 2 and backend.last_report["composition"] is None
+    assert len(backend.answer(["is there a car?"], [_frame(12)], BOTH)) == 1
