@@ -5,6 +5,12 @@ the planner picks ``N`` and the steps from the current power mode, the backend t
 candidate one bounded step at a time between queries, and at the end the candidate replaces
 the serving state only if it validates better (or the operator forces it). A committed state
 is saved to the store at once, so a restart resumes with it.
+
+A *composition* run (:meth:`AdaptationController.start_compose`) is the same kind of run with
+no training: the backend composes stored single-modality states into the candidate at once
+(zero training FLOPs), then the run validates it in bounded steps and goes through the very
+same gate (:meth:`AdaptationController.finish`). It publishes ``compose.*`` events instead of
+``adaptation.*`` ones.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.backend import AdaptProgress, ModelBackend
+from daemon.backend import AdaptProgress, ComposeInput, ModelBackend
 from daemon.protocol import EventType
 from daemon.store import ModelStore, StoreError
 from policies.budget import BudgetPlan, BudgetPlanner, PowerBudget
@@ -36,13 +42,26 @@ class AdaptationRun:
     phase: str = "train"
     started_at: float = field(default_factory=time.monotonic)
     last: AdaptProgress | None = None
+    kind: str = "adapt"  # or "compose"
+    #: compose runs: provenance (inputs, method, λ, compose_s) and whether to fine-tune after
+    composition: dict[str, Any] | None = None
+    finetune: bool = False
+    #: adapt runs that fine-tune a composed serving state: that state's store generation
+    finetune_of: int | None = None
 
     @property
     def steps_planned(self) -> int:
         return self.plan.steps
 
     def describe(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.kind == "compose":
+            extra = {"composition": self.composition, "finetune": self.finetune}
+        elif self.finetune_of is not None:
+            extra = {"finetune_of": self.finetune_of}
         return {
+            "kind": self.kind,
+            **extra,
             "modalities": sorted(self.modalities),
             "reason": self.reason,
             "n_blocks": self.plan.n_blocks,
@@ -74,6 +93,7 @@ class AdaptationController:
         self.progress_every = progress_every
         self.run: AdaptationRun | None = None
         self.last_result: dict[str, Any] | None = None
+        self.last_composition: dict[str, Any] | None = None
 
     @property
     def active(self) -> bool:
@@ -81,7 +101,7 @@ class AdaptationController:
 
     def start(
         self, modalities: frozenset[str], budget: PowerBudget, reason: str,
-        force_commit: bool = False,
+        force_commit: bool = False, finetune_of: int | None = None,
     ) -> BudgetPlan:
         """Plan and, when feasible, start a run (the caller checks ``plan.feasible``)."""
         if self.run is not None:
@@ -100,16 +120,64 @@ class AdaptationController:
                                 "committed": False, "outcome": "failed", "error": str(exc)}
             self.publish(EventType.ADAPTATION_RESULT, self.last_result)
             return failed
-        self.run = AdaptationRun(modalities, plan, reason, force_commit)
+        self.run = AdaptationRun(modalities, plan, reason, force_commit,
+                                 finetune_of=finetune_of)
         self.publish(EventType.ADAPTATION_STARTED, self.run.describe())
         log.info("adaptation started for %s (%s): N=%d, %d steps", sorted(modalities), reason,
                  plan.n_blocks, plan.steps)
         return plan
 
+    def start_compose(
+        self, modalities: frozenset[str], inputs: list[ComposeInput], method: str,
+        max_evals: int, reason: str, force_commit: bool = False, finetune: bool = False,
+    ) -> AdaptationRun:
+        """Compose ``inputs`` into the backend's candidate and start validating it.
+
+        The composition itself (and DAMC's λ search) happens inside this call; the wall
+        time of the call is recorded as ``compose_wall_s`` beside the backend's own
+        ``compose_s``. On failure ``compose.finished`` (outcome ``failed``) is published,
+        :attr:`last_composition` records it and the exception propagates: the serving state
+        is untouched.
+        """
+        if self.run is not None:
+            raise RuntimeError("an adaptation run is already active")
+        head = {"kind": "compose", "modalities": sorted(modalities), "reason": reason,
+                "method": method, "inputs": [i.to_dict() for i in inputs],
+                "finetune": finetune}
+        self.publish(EventType.COMPOSE_STARTED, head)
+        started = time.monotonic()
+        try:
+            composition = dict(self.backend.compose_candidate(  # type: ignore[attr-defined]
+                inputs, modalities, method, max_evals))
+        except Exception as exc:
+            log.error("cannot compose %s from %s: %s", sorted(modalities),
+                      [i.name for i in inputs], exc)
+            try:
+                self.backend.discard_adapted()
+            except Exception:  # nothing may have been built; keep serving either way
+                log.exception("discard after a failed composition failed")
+            self.last_composition = {**head, "committed": False, "outcome": "failed",
+                                     "error": f"{type(exc).__name__}: {exc}"}
+            self.publish(EventType.COMPOSE_FINISHED, self.last_composition)
+            raise
+        composition.update(requested_method=method, inputs=head["inputs"],
+                           compose_wall_s=time.monotonic() - started, training_flops=0)
+        n_blocks = int(composition.get("num_blocks") or 0)
+        plan = BudgetPlan(mode="composition", feasible=True, n_blocks=n_blocks, steps=0,
+                          batch_size=0, step_flops=0.0, total_flops=0.0, est_seconds=0.0,
+                          est_energy_j=0.0, reason="training-free composition",
+                          at=time.time())
+        self.run = AdaptationRun(modalities, plan, reason, force_commit, started_at=started,
+                                 kind="compose", composition=composition, finetune=finetune)
+        log.info("composed %s from %s by %s in %.3f s; validating", sorted(modalities),
+                 [i.name for i in inputs], composition.get("method"),
+                 composition["compose_wall_s"])
+        return self.run
+
     def replan(self, budget: PowerBudget) -> BudgetPlan | None:
         """The power mode changed mid-run: fit the remaining steps to the new budget."""
         run = self.run
-        if run is None:
+        if run is None or run.kind == "compose":
             return None
         plan = self.planner.replan(
             budget, self.backend.cost_model(), run.plan.n_blocks, run.steps_done,
@@ -140,8 +208,9 @@ class AdaptationController:
         run.steps_done = progress.step
         run.phase = progress.phase
         run.last = progress
-        if advanced and (run.steps_done % self.progress_every == 0
-                         or run.steps_done == run.steps_planned or progress.phase != "train"):
+        if run.kind == "adapt" and advanced and (
+                run.steps_done % self.progress_every == 0
+                or run.steps_done == run.steps_planned or progress.phase != "train"):
             self.publish(EventType.ADAPTATION_PROGRESS, run.describe())
         return None
 
@@ -206,8 +275,15 @@ class AdaptationController:
             "serving_accuracy": serving,
             "error": error,
         }
-        self.last_result = result
-        self.publish(EventType.ADAPTATION_RESULT, result)
-        log.info("adaptation for %s ended: %s (adapted %s vs serving %s)",
+        if run.kind == "compose":
+            # From the start of the composition to the gate's decision (validation included).
+            result["time_to_decision_s"] = time.monotonic() - run.started_at
+            self.last_composition = result
+            self.publish(EventType.COMPOSE_FINISHED, result)
+        else:
+            self.last_result = result
+            self.publish(EventType.ADAPTATION_RESULT, result)
+        log.info("%s for %s ended: %s (candidate %s vs serving %s)",
+                 "composition" if run.kind == "compose" else "adaptation",
                  sorted(run.modalities), outcome, adapted, serving)
         return result

@@ -11,6 +11,11 @@ A backend that knows which modality set its serving state connects may say so wi
 optional ``serving_modalities() -> frozenset[str]``; the engine then takes that as the one
 source of truth (and passes it back to :meth:`~ModelBackend.answer`).
 
+A backend that can *compose* (training-free, :mod:`aligners.compose`) says so with an optional
+``compose_candidate`` (:class:`ComposingBackend`): it builds the candidate from stored
+single-modality states instead of training one, and the engine validates, commits or
+discards it through the same calls as an adapted candidate. :func:`can_compose` tells.
+
 Backends are found by name in a registry, or as ``module:factory`` (a callable taking the
 ``model.options`` of the daemon config as keyword arguments).
 """
@@ -102,6 +107,64 @@ class ModelBackend(Protocol):
     def cost_model(self) -> CostModel:
         """Per-sample FLOPs of adaptation (for the budget planner)."""
         ...
+
+
+@dataclass(frozen=True)
+class ComposeInput:
+    """One stored state a composition starts from (the engine picks them from its store).
+
+    Attributes:
+        name: the store entry (``state-00000003``).
+        generation: its store generation.
+        modalities: the modality set it serves.
+        path: its file (:func:`aligners.state.write_state_file` format for ``mpnp``).
+    """
+
+    name: str
+    generation: int
+    modalities: tuple[str, ...]
+    path: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "generation": self.generation,
+                "modalities": list(self.modalities)}
+
+
+class ComposeError(ValueError):
+    """States that cannot be composed: made for another LLM, conflicting configs or
+    aligners, an unknown method. Nothing changed in the backend."""
+
+
+@runtime_checkable
+class ComposingBackend(Protocol):
+    def compose_candidate(
+        self, inputs: list[ComposeInput], modalities: frozenset[str], method: str,
+        max_evals: int,
+    ) -> dict[str, Any]:
+        """Compose ``inputs`` (one per modality of ``modalities``) into the candidate.
+
+        ``method`` is ``naive``, ``naive-ab``, ``damc`` (λ searched on held-out questions,
+        at most ``max_evals`` evaluations) or ``auto`` (the backend's choice: ``damc`` where
+        it can search λ, else ``naive``). Afterwards the candidate behaves like an adapted
+        one with no training steps: :meth:`ModelBackend.adaptation_step` runs its bounded
+        validation units (``None`` when done), :meth:`~ModelBackend.validation_accuracy`,
+        :meth:`~ModelBackend.commit_adapted` and :meth:`~ModelBackend.discard_adapted` work
+        as for a trained candidate.
+
+        Returns:
+            Provenance, JSON-able: at least ``method`` (the one used), ``lambdas`` (or
+            ``None``), ``num_blocks`` and ``compose_s`` (seconds to compose, λ search
+            included), and ``search`` (the λ search's cost, or ``None``).
+
+        Raises:
+            ComposeError: the inputs cannot be composed; the serving state is untouched.
+        """
+        ...
+
+
+def can_compose(backend: object) -> bool:
+    """Whether ``backend`` implements the optional :class:`ComposingBackend` capability."""
+    return callable(getattr(backend, "compose_candidate", None))
 
 
 BACKEND_METHODS: tuple[str, ...] = (

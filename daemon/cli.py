@@ -66,6 +66,17 @@ def add_client_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
     ad.add_argument("action", choices=["start", "stop", "commit"])
     ad.add_argument("--modalities", nargs="+")
     ad.add_argument("--force-commit", action="store_true")
+    co = cs.add_parser("compose", help="compose stored single-modality states into one "
+                                       "(training-free), validate, serve if better",
+                       parents=[common])
+    co.add_argument("modalities", nargs="+", help="two or more, e.g. camera lidar")
+    co.add_argument("--method", choices=["auto", "naive", "naive-ab", "damc"],
+                    help="default: the daemon's adaptation.compose_method")
+    tune = co.add_mutually_exclusive_group()
+    tune.add_argument("--finetune", action="store_true", default=None,
+                      help="fine-tune from the composed state when the budget allows")
+    tune.add_argument("--no-finetune", dest="finetune", action="store_false")
+    co.add_argument("--force-commit", action="store_true")
     cs.add_parser("store", help="list the store", parents=[common])
     ev = cs.add_parser("events", help="print events", parents=[common])
     ev.add_argument("--count", type=int, default=0, help="stop after N events (0: forever)")
@@ -245,6 +256,17 @@ def _client_action(args: argparse.Namespace, client: Any) -> int:
         reply = client.adapt(args.action, args.modalities,
                              True if args.force_commit else None)
         _print(args, reply)
+    elif action == "compose":
+        reply = client.compose(args.modalities, args.method, args.finetune,
+                               True if args.force_commit else None)
+        info = reply["composition"]
+        lambdas = info.get("lambdas")
+        _print(args, reply, f"composed {'+'.join(sorted(args.modalities))} from "
+                            f"{', '.join(i['name'] for i in info['inputs'])} by "
+                            f"{info['method']}"
+                            + (f" (λ {', '.join(f'{x:g}' for x in lambdas)})" if lambdas else "")
+                            + f" in {_seconds(info.get('compose_wall_s'))}; validating (see "
+                              "status / compose.finished)")
     elif action == "store":
         store = client.list_store()
         _print(args, store, format_store(store))
@@ -272,6 +294,11 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"adapting    {'+'.join(run.get('modalities') or [])}: phase "
                      f"{run.get('phase')}, {run.get('steps_done')}/{run.get('steps_planned')} "
                      f"steps, loss {run.get('loss')}")
+    composition = serving.get("composition")
+    if composition:
+        lines.append(f"composed    {composition.get('method')} of "
+                     f"{', '.join(i['name'] for i in composition.get('inputs') or [])} in "
+                     f"{_seconds(composition.get('compose_wall_s'))}, 0 training FLOPs")
     last = status.get("last_adaptation")
     if last:
         lines.append(f"last run    {last.get('outcome')} (adapted "

@@ -142,6 +142,18 @@ class Client:
             body["force_commit"] = force_commit
         return self.request(MessageType.ADAPT, **body)
 
+    def compose(self, modalities: list[str], method: str | None = None,
+                finetune: bool | None = None,
+                force_commit: bool | None = None) -> dict[str, Any]:
+        """Compose stored single-modality states into ``modalities`` (training-free); the
+        gate's decision comes as a ``compose.finished`` event (and in ``status``)."""
+        body: dict[str, Any] = {"modalities": list(modalities)}
+        for name, value in (("method", method), ("finetune", finetune),
+                            ("force_commit", force_commit)):
+            if value is not None:
+                body[name] = value
+        return self.request(MessageType.COMPOSE, **body)
+
     def list_store(self) -> dict[str, Any]:
         return self.request(MessageType.LIST_STORE)
 

@@ -186,9 +186,37 @@ class PowerConfig:
             raise ValueError(f"power.flops_per_s must be > 0, got {self.flops_per_s}")
 
 
+#: ``adaptation.compose``: what the policy path does when a wanted modality set has no stored
+#: state but the store holds one single-modality state per wanted modality.
+COMPOSE_MODES = ("off", "serve", "finetune")
+#: ``adaptation.compose_method``: ``auto`` is ``damc`` where the backend can search λ on
+#: held-out questions, else ``naive`` (see :class:`AdaptationConfig`).
+COMPOSE_METHODS = ("auto", "naive", "naive-ab", "damc")
+
+
 @dataclass
 class AdaptationConfig:
-    """When and how much to adapt (the planner settings are :class:`PlannerConfig`)."""
+    """When and how much to adapt (the planner settings are :class:`PlannerConfig`).
+
+    Composition (training-free, :mod:`aligners.compose`): when the policy wants a set of two
+    or more modalities with no stored state of its own, while the store holds a state for
+    each of its modalities alone (camera and LiDAR states, say), the daemon can compose them
+    at zero training FLOPs instead of adapting from scratch.
+
+    Attributes:
+        compose: ``off`` — never on the policy path (the ``compose`` command still works);
+            ``serve`` — compose, validate on the held-out questions with the adaptation's
+            gate (served only if strictly better than the serving state), and adapt as
+            before when it cannot compose or the gate refuses; ``finetune`` — as ``serve``,
+            then fine-tune from the composed state when the power budget allows a run.
+        compose_method: ``naive`` (mean ΔW), ``naive-ab`` (mean of A and B), ``damc``
+            (Σ λ_m ΔW_m, λ searched on held-out questions) or ``auto``: ``damc`` where the
+            backend can search λ, else ``naive``. The search runs inside one engine step
+            (questions wait for it), so it is bounded by ``compose_search_evals``
+            evaluations of the backend's search subset (``mpnp``:
+            ``model.options.compose_search_questions``).
+        compose_search_evals: most λ candidates DAMC's search evaluates (>= 1).
+    """
 
     auto: bool = True
     initial_modalities: list[str] = field(default_factory=lambda: ["camera"])
@@ -200,9 +228,22 @@ class AdaptationConfig:
     n_max: int | None = None
     utilization: float = 0.8
     progress_every: int = 10
+    compose: str = "finetune"
+    compose_method: str = "auto"
+    compose_search_evals: int = 4
 
     def __post_init__(self) -> None:
         modality_set(self.initial_modalities, "adaptation.initial_modalities")
+        if self.compose not in COMPOSE_MODES:
+            raise ValueError(f"adaptation.compose must be one of {COMPOSE_MODES}, got "
+                             f"{self.compose!r}")
+        if self.compose_method not in COMPOSE_METHODS:
+            raise ValueError(f"adaptation.compose_method must be one of {COMPOSE_METHODS}, got "
+                             f"{self.compose_method!r}")
+        if isinstance(self.compose_search_evals, bool) or not isinstance(
+                self.compose_search_evals, int) or self.compose_search_evals < 1:
+            raise ValueError(f"adaptation.compose_search_evals must be an integer >= 1, got "
+                             f"{self.compose_search_evals!r}")
         if self.deadline_s <= 0:
             raise ValueError(f"adaptation.deadline_s must be > 0, got {self.deadline_s}")
         if self.progress_every < 1:

@@ -10,7 +10,9 @@ replies and events back through callbacks; the engine never touches a socket. Ea
    the *serving* state; control commands are applied;
 3. poll the power monitor (mode changes re-plan a running adaptation);
 4. let the policy/override trigger Select -> Reconnect -> Adapt when the desired modality set
-   differs from the serving one;
+   differs from the serving one (with ``adaptation.compose`` on, a set that has no stored
+   state but one stored state per modality is first *composed* from them, training-free,
+   and served if it validates better; then fine-tuned from when ``compose = "finetune"``);
 5. run **one** adaptation step, only when no request is waiting; so queries always come first
    and are answered with the last good state while an adaptation runs.
 """
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.adaptation import AdaptationController, Publish
-from daemon.backend import ModelBackend
+from daemon.backend import ComposeError, ComposeInput, ModelBackend, can_compose
 from daemon.config import DaemonConfig
 from daemon.frames import FrameBuffer
 from daemon.metrics import DaemonMetrics
@@ -141,6 +143,8 @@ class Engine:
         self._count_tokens: Callable[[str], int] | None = count if callable(count) else None
         self._last_desired: frozenset[str] | None = None
         self._gave_up_on: frozenset[str] | None = None
+        # A set whose composition failed or lost the gate: the policy adapts it instead.
+        self._no_compose_for: frozenset[str] | None = None
         self._pending_mode: tuple[ModeChange, Request] | None = None
         self._last_mode: str | None = None
         self._next_power_poll = 0.0
@@ -245,7 +249,7 @@ class Engine:
         if self.serving_generation is None:
             # The shipped (offline) state goes into the store too, so that returning to
             # this modality set later is a Reconnect from the store, not a new adaptation.
-            self._save_serving({"reason": "initial state"})
+            self._save_serving({"reason": "initial state", "source": "initial"})
         self._poll_power(force=True)
 
     def drain(self) -> None:
@@ -420,6 +424,8 @@ class Engine:
             self._adapt_command(request)
         elif kind is MessageType.SET_POWER_MODE:
             self._set_power_mode(request)
+        elif kind is MessageType.COMPOSE:
+            self._compose_command(request)
         else:
             raise ProtocolError(ErrorCode.UNKNOWN_COMMAND, f"{kind.value} is not handled")
 
@@ -469,6 +475,46 @@ class Engine:
         else:
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 "field 'action' must be 'start', 'stop' or 'commit'")
+
+    def _compose_command(self, request: Request) -> None:
+        """``compose``: an operator asks for a training-free composition of stored states."""
+        from daemon.config import COMPOSE_METHODS
+
+        body = request.body
+        _fields(body, {"modalities", "method", "finetune", "force_commit"})
+        target = _modalities(body)
+        settings = self.config.adaptation
+        method = body.get("method", settings.compose_method)
+        if method not in COMPOSE_METHODS:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"field 'method' must be one of "
+                                f"{list(COMPOSE_METHODS)}, got {str(method)[:40]!r}")
+        finetune = body.get("finetune", settings.compose == "finetune")
+        force = body.get("force_commit", False)
+        for name, value in (("finetune", finetune), ("force_commit", force)):
+            if not isinstance(value, bool):
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"field {name!r} must be a bool")
+        if len(target) < 2:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "compose needs two or more modalities "
+                                f"(got {sorted(target)}); one is a Reconnect or an adapt")
+        if not can_compose(self.backend):
+            raise ProtocolError(ErrorCode.BACKEND_ERROR, f"the model backend "
+                                f"({type(self.backend).__name__}) cannot compose states")
+        if self.adaptation.active:
+            raise ProtocolError(ErrorCode.CONFLICT, "an adaptation is already running; "
+                                "stop it first")
+        inputs, missing = self._compose_inputs(target)
+        if missing:
+            raise ProtocolError(ErrorCode.STORE_ERROR, f"no stored single-modality state for "
+                                f"{missing}: compose needs one per modality of "
+                                f"{sorted(target)} (adapt those first)")
+        try:
+            run = self._start_compose(target, inputs, method, "operator", force, finetune)
+        except ComposeError as exc:
+            raise ProtocolError(ErrorCode.BACKEND_ERROR, f"cannot compose: {exc}") from None
+        except Exception as exc:
+            raise ProtocolError(ErrorCode.BACKEND_ERROR,
+                                f"composition failed: {type(exc).__name__}: {exc}") from None
+        _ok(request, started=True, composition=run.composition)
 
     # --- power --------------------------------------------------------------------------
 
@@ -545,6 +591,7 @@ class Engine:
                                                      "policy": self.selector.describe()})
             self._last_desired = desired
             self._gave_up_on = None
+            self._no_compose_for = None
         run = self.adaptation.run
         if run is not None:
             if run.reason == "policy" and run.modalities != desired:
@@ -556,6 +603,8 @@ class Engine:
         if not self.config.adaptation.auto and self.selector.mode == "auto":
             return
         if self._reconnect_from_store(desired):
+            return
+        if self._compose_for_policy(desired):
             return
         plan = self._start_run(desired, "policy", False)
         if plan is None or not plan.feasible:
@@ -579,11 +628,57 @@ class Engine:
                                                    "generation": entry.generation})
         return True
 
-    def _start_run(self, modalities: frozenset[str], reason: str, force: bool):
+    def _compose_inputs(self, modalities: frozenset[str]
+                        ) -> tuple[list[ComposeInput], list[str]]:
+        """The newest verified single-modality state of each of ``modalities`` (inputs in
+        sorted modality order), and the modalities that have none."""
+        inputs: list[ComposeInput] = []
+        missing: list[str] = []
+        for modality in sorted(modalities):
+            entry = self.store.latest_good_state([modality])
+            if entry is None:
+                missing.append(modality)
+            else:
+                inputs.append(ComposeInput(entry.name, entry.generation, (modality,),
+                                           self.store.path(entry)))
+        return inputs, missing
+
+    def _compose_for_policy(self, desired: frozenset[str]) -> bool:
+        """Compose ``desired`` instead of adapting it, where configured and possible.
+
+        Only for sets of two or more modalities whose every modality has a stored state of
+        its own (no stored state for the set itself: Reconnect came first). A failure or a
+        composed state that loses the gate leaves the set to a normal adaptation."""
+        settings = self.config.adaptation
+        if (settings.compose == "off" or len(desired) < 2 or desired == self._no_compose_for
+                or not can_compose(self.backend)):
+            return False
+        inputs, missing = self._compose_inputs(desired)
+        if missing:
+            log.debug("cannot compose %s: no stored state for %s", sorted(desired), missing)
+            return False
+        try:
+            self._start_compose(desired, inputs, settings.compose_method, "policy", False,
+                                settings.compose == "finetune")
+        except Exception:  # logged and published by the controller; adapt instead
+            self._no_compose_for = desired
+            return False
+        return True
+
+    def _start_compose(self, modalities: frozenset[str], inputs: list[ComposeInput],
+                       method: str, reason: str, force: bool, finetune: bool):
+        run = self.adaptation.start_compose(modalities, inputs, method,
+                                            self.config.adaptation.compose_search_evals, reason,
+                                            force, finetune)
+        self.monitor.note_activity(True)
+        return run
+
+    def _start_run(self, modalities: frozenset[str], reason: str, force: bool,
+                   finetune_of: int | None = None):
         budget = self._budget()
         if budget is None:
             return None
-        plan = self.adaptation.start(modalities, budget, reason, force)
+        plan = self.adaptation.start(modalities, budget, reason, force, finetune_of)
         if plan.feasible:
             self.monitor.note_activity(True)
         return plan
@@ -591,6 +686,9 @@ class Engine:
     def _after_run(self, result: dict[str, Any] | None) -> None:
         self.monitor.note_activity(False)
         if result is None:
+            return
+        if result.get("kind") == "compose":
+            self._after_compose(result)
             return
         self.metrics.adaptations.inc(outcome=result["outcome"])
         modalities = frozenset(result["modalities"])
@@ -600,12 +698,45 @@ class Engine:
             return
         previous, self.serving = self._serving, modalities
         self._dirty = True
-        self._save_serving({"n_blocks": result["n_blocks"], "steps": result["steps_done"],
-                            "accuracy": result["adapted_accuracy"]})
+        meta = {"source": "adaptation", "n_blocks": result["n_blocks"],
+                "steps": result["steps_done"], "accuracy": result["adapted_accuracy"]}
+        if result.get("finetune_of") is not None:
+            meta.update(source="finetune", finetuned_from=result["finetune_of"])
+        self._save_serving(meta)
         self.publish(EventType.MODALITY_SWITCHED, {"modalities": sorted(modalities),
                                                    "previous": sorted(previous),
                                                    "source": "adaptation",
                                                    "generation": self.serving_generation})
+
+    def _after_compose(self, result: dict[str, Any]) -> None:
+        """A composition run ended: serve and store a composed state that won the gate
+        (provenance in its store meta), then fine-tune from it if the run asks to."""
+        self.metrics.compositions.inc(outcome=result["outcome"])
+        modalities = frozenset(result["modalities"])
+        if not result["committed"]:
+            if result["outcome"] != "cancelled":
+                self._no_compose_for = modalities  # the policy adapts this set instead
+            return
+        previous, self.serving = self._serving, modalities
+        self._dirty = True
+        provenance = {**(result.get("composition") or {}),
+                      "time_to_decision_s": result.get("time_to_decision_s"),
+                      "composed_accuracy": result["adapted_accuracy"],
+                      "serving_accuracy": result["serving_accuracy"]}
+        self._save_serving({"source": "composition", "n_blocks": result["n_blocks"],
+                            "steps": 0, "accuracy": result["adapted_accuracy"],
+                            "composition": provenance})
+        self.publish(EventType.MODALITY_SWITCHED, {"modalities": sorted(modalities),
+                                                   "previous": sorted(previous),
+                                                   "source": "composition",
+                                                   "generation": self.serving_generation})
+        if not result.get("finetune"):
+            return
+        plan = self._start_run(modalities, result["reason"], False,
+                               finetune_of=self.serving_generation)
+        if plan is None or not plan.feasible:
+            log.info("no fine-tuning of the composed %s: %s", sorted(modalities),
+                     plan.reason if plan else "no power budget available")
 
     def _save_serving(self, meta: dict[str, Any]) -> None:
         generation = self.adaptation.save_serving(self.serving, meta)
@@ -624,6 +755,16 @@ class Engine:
             log.exception("backend progress report failed")
             return None
 
+    def _serving_provenance(self) -> dict[str, Any]:
+        """Where the serving state came from, read from its store entry's meta: ``source``
+        (``initial``, ``adaptation``, ``composition``, ``finetune``), the ``composition``
+        provenance of a composed state and ``finetuned_from`` of a fine-tuned one."""
+        entry = next((e for e in self.store.states()
+                      if e.generation == self.serving_generation), None)
+        meta = entry.meta if entry is not None else {}
+        return {"source": meta.get("source"), "composition": meta.get("composition"),
+                "finetuned_from": meta.get("finetuned_from")}
+
     def status(self) -> dict[str, Any]:
         m = self.metrics
         mode = self.monitor.current_mode()
@@ -631,11 +772,13 @@ class Engine:
         return {
             "protocol": PROTOCOL_VERSION,
             "uptime_s": time.monotonic() - self.started_at,
-            "serving": {"modalities": sorted(self.serving), "generation": self.serving_generation},
+            "serving": {"modalities": sorted(self.serving), "generation": self.serving_generation,
+                        **self._serving_provenance()},
             "desired": sorted(self.selector.desired()),
             "policy": self.selector.describe(),
             "adaptation": self.adaptation.run.describe() if self.adaptation.run else None,
             "last_adaptation": self.adaptation.last_result,
+            "last_composition": self.adaptation.last_composition,
             "power": {
                 "monitor": self.monitor.name,
                 "mode": mode.to_dict() if mode else None,

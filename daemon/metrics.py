@@ -191,6 +191,9 @@ class DaemonMetrics:
         self.adaptation_active = Gauge("mpnp_adaptation_active", "1 while adapting.", (), r)
         self.adaptations = Counter("mpnp_adaptations_total", "Finished adaptations, by result.",
                                    ("outcome",), r)
+        self.compositions = Counter("mpnp_compositions_total",
+                                    "Finished compositions (training-free), by result.",
+                                    ("outcome",), r)
         self.power_watts = Gauge("mpnp_power_watts", "Measured power draw.", (), r)
         self.gpu_mhz = Gauge("mpnp_gpu_frequency_mhz", "Current GPU clock.", (), r)
         self.uptime = Gauge("mpnp_uptime_seconds", "Seconds since start.", (), r)

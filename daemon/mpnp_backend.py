@@ -9,7 +9,9 @@ Registered as ``mpnp`` (``[model] backend = "mpnp"``). A thin adapter over three
   the one training engine (the same loop as ``mpnp adapt`` and Table 1), run one bounded
   unit per call: ``baseline`` validation chunks (the serving state), ``train`` micro-steps,
   ``validate`` chunks (the candidate);
-- :mod:`aligners.state` — the one state format (a store entry is its single-file form).
+- :mod:`aligners.state` — the one state format (a store entry is its single-file form);
+- :mod:`aligners.compose` — training-free composition of stored states
+  (:meth:`MPnPBackend.compose_candidate`), validated by the same job with no training steps.
 
 The runtime training data of each context is the offline stage's synthetic world
 (:func:`adapt.prepare.ensure_prepared`), standing in for labelled samples a vehicle collected:
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.backend import AdaptProgress, Which, register_backend
+from daemon.backend import AdaptProgress, ComposeError, ComposeInput, Which, register_backend
 from daemon.encoder_pool import EncoderPool
 from daemon.offline_stage import load_prepared
 from daemon.store import ModelStore
@@ -64,6 +66,9 @@ class MPnPBackendConfig:
         learning_rates: per parameter group (over the project's fast runtime defaults).
         seed: data order, dropout and the initialisation of new aligners (a private
             stream: the process's global RNG is never reseeded).
+        compose_search_questions: held-out questions per candidate of DAMC's λ search
+            (taken from the validation split outside the gate's ``val_questions`` where
+            it has enough).
     """
 
     llm: str = "smollm2-135m-instruct"
@@ -80,6 +85,7 @@ class MPnPBackendConfig:
     micro_batch: int = 1
     learning_rates: dict[str, float] = field(default_factory=dict)
     seed: int = 0
+    compose_search_questions: int = 8
 
     @property
     def answer_vocabulary_answers(self) -> tuple[str, ...]:
@@ -91,7 +97,7 @@ class MPnPBackendConfig:
             raise ValueError(f"model.options.dtype must be float32/float16/bfloat16, got "
                              f"{self.dtype!r}")
         for name in ("val_questions", "eval_chunk", "max_new_tokens", "frame_cache",
-                     "micro_batch"):
+                     "micro_batch", "compose_search_questions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.options.{name} must be >= 1, got {getattr(self, name)}")
         if self.answer_vocabulary not in ANSWER_VOCABULARIES:
@@ -134,6 +140,7 @@ class MPnPBackend:
         self._started = 0.0
         self._names = 0
         self.last_report: dict[str, Any] | None = None
+        self._composition: dict[str, Any] | None = None  # of the composed candidate
         #: Reconnects from storage (a stored state and its encoders made the serving state).
         self.reconnects: list[dict[str, Any]] = []
         # Read by the ingest thread (check_frame): computed once, never mutated.
@@ -218,6 +225,7 @@ class MPnPBackend:
 
         if self._job is not None:
             self.discard_adapted()
+        self._composition = None
         specs = [self.encoders.spec(m) for m in sorted(modalities)]  # Reconnect: load them
         config = self.train_config(batch_size)
         candidate = prepare_candidate(self.serving, specs, self._new_name("candidate"),
@@ -286,7 +294,7 @@ class MPnPBackend:
                 "flop_counted_micro_steps": len(s.flops_by_signature),
                 "micro_steps": s.micro_steps,
                 "wall_s": time.perf_counter() - self._started, "loss": s.loss,
-                "accuracy": accuracy}
+                "accuracy": accuracy, "composition": self._composition}
 
     def progress_report(self) -> dict[str, Any] | None:
         """The running (or last) adaptation's measured figures (FLOPs, samples, time)."""
@@ -303,8 +311,6 @@ class MPnPBackend:
     def load_state(self, path: Path) -> None:
         """Reconnect from storage: a state written by :meth:`save_state` and its encoders
         (from the store) become the serving state."""
-        from adapt.connectors.base import ConnectorConfig
-        from adapt.connectors.mpnp import MPnPConnector
         from adapt.engine import PrivateRNG
         from aligners.state import install_state, read_state_file
 
@@ -317,19 +323,122 @@ class MPnPBackend:
         with PrivateRNG(self.config.seed, self.config.device).active():
             name = install_state(self.model, data, name=self._new_name("serving"),
                                  activate=True, source=str(path))
-        connected = [s for s in data.modalities if s.name in data.connected]
-        connector = MPnPConnector(self.model.llm, self.model.tokenizer, connected,
-                                  ConnectorConfig(num_blocks=data.num_blocks,
-                                                  max_new_tokens=self.max_new_tokens,
-                                                  stop_at_answers=(
-                                                      self.config.answer_vocabulary_answers)),
-                                  model=self.model, state_name=name)
+        connector = self._connector(data, name)
         old, self.serving = self.serving, connector
         if old is not None and old.state_name in self.model.states:
             self.model.remove_state(old.state_name)
         self.encoders.clear_tokens()
         self.reconnects.append({"modalities": connector.modality_names,
                                 "seconds": time.perf_counter() - started})
+
+    def _connector(self, data, name: str):
+        """A serving connector over the installed state ``name`` (made from ``data``)."""
+        from adapt.connectors.base import ConnectorConfig
+        from adapt.connectors.mpnp import MPnPConnector
+
+        connected = [s for s in data.modalities if s.name in data.connected]
+        return MPnPConnector(self.model.llm, self.model.tokenizer, connected,
+                             ConnectorConfig(num_blocks=data.num_blocks,
+                                             max_new_tokens=self.max_new_tokens,
+                                             stop_at_answers=(
+                                                 self.config.answer_vocabulary_answers)),
+                             model=self.model, state_name=name)
+
+    # --- composition (training-free) ------------------------------------------------------
+
+    def compose_candidate(self, inputs: list[ComposeInput], modalities: frozenset[str],
+                          method: str, max_evals: int) -> dict[str, Any]:
+        """Compose stored states into the candidate (:class:`daemon.backend.ComposingBackend`).
+
+        :func:`aligners.compose.compose_states` does the composing; DAMC's λ search scores
+        each candidate through :func:`adapt.composition.validation_evaluator` on held-out
+        questions of the set's context, outside the gate's questions where the split has
+        enough. ``auto`` is ``damc`` when the search's questions (``max_evals`` ×
+        ``compose_search_questions``) are no more than the gate's own validation (serving
+        and candidate, 2 × ``val_questions``), else ``naive``. The candidate then runs as
+        an :class:`adapt.engine.AdaptationJob` of zero training steps: the serving state
+        and the candidate are validated chunk by chunk on the gate's questions, as after a
+        training run.
+        """
+        from adapt.composition import validation_evaluator
+        from adapt.engine import AdaptationJob, AdaptationStepper, PrivateRNG
+        from aligners.compose import METHODS, CompositionError, compose_states
+        from aligners.state import StateError, install_state, read_state_file
+
+        if method not in METHODS + ("auto",):
+            raise ComposeError(f"unknown composition method {method!r}; known: "
+                               f"{list(METHODS) + ['auto']}")
+        if self._job is not None:
+            self.discard_adapted()
+        started = time.perf_counter()
+        try:
+            states = [read_state_file(item.path) for item in inputs]
+        except StateError as exc:
+            raise ComposeError(str(exc)) from exc
+        for modality in sorted(modalities):
+            self.encoders.encoder(modality)  # Reconnect: load the encoders on demand
+        train, val = self._data(modalities)
+        search_val, search_on = self._search_questions(modalities, val)
+        cost = max_evals * len(search_val)
+        used = method if method != "auto" else (
+            "damc" if cost <= 2 * len(val) else "naive")
+        options: dict[str, Any] = {"name": self._new_name("composed")}
+        if used == "damc":
+            options.update(max_evals=max_evals, evaluate=validation_evaluator(
+                self.model, search_val, batch_size=self.config.eval_chunk,
+                max_new_tokens=self.max_new_tokens,
+                stop_at_answers=self.config.answer_vocabulary_answers, measure_flops=False))
+        read_s = time.perf_counter() - started
+        # Fresh modules of the search's candidates and of the composed state initialise
+        # from a private stream before the composed tensors are copied in.
+        with PrivateRNG(self.config.seed, self.config.device).active():
+            t0 = time.perf_counter()
+            try:
+                data = compose_states(states, used, **options)
+            except CompositionError as exc:
+                raise ComposeError(str(exc)) from exc
+            compose_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            try:
+                name = install_state(self.model, data, name=options["name"], activate=False)
+            except StateError as exc:
+                raise ComposeError(str(exc)) from exc
+            install_s = time.perf_counter() - t0
+        candidate = self._connector(data, name)
+        try:
+            stepper = AdaptationStepper(candidate, self.train_config(1), train, total_steps=0)
+        except Exception:
+            self._remove_candidate(candidate)
+            raise
+        self._job = AdaptationJob(stepper, val, self.serving, self.config.eval_chunk)
+        self._started = time.perf_counter()
+        info = data.config["composition"]
+        search = info.get("search")
+        self._composition = {
+            "method": used, "lambdas": info["lambdas"], "num_blocks": data.num_blocks,
+            "blocks": info["blocks"], "modality_from": info["modality_from"],
+            "compose_s": compose_s, "read_s": read_s, "install_s": install_s,
+            "search": None if search is None else {
+                k: search[k] for k in ("evaluations", "questions", "accuracy", "wall_s",
+                                       "max_evals")} | {"on": search_on},
+        }
+        log.info("composed %s from %s by %s (λ %s) in %.3f s (install %.3f s); validating on "
+                 "%d questions", sorted(modalities), [i.name for i in inputs], used,
+                 info["lambdas"], compose_s, install_s, len(val))
+        return dict(self._composition)
+
+    def _search_questions(self, modalities: frozenset[str], gate):
+        """Held-out questions for DAMC's λ search: from the context's validation split
+        outside the gate's questions (``gate``) when there are any, else the gate's own."""
+        full = getattr(self.splits, f"{context_of(modalities)}_val")
+        taken = {id(item) for item in gate.items}
+        rest = [i for i, item in enumerate(full.items) if id(item) not in taken]
+        if not rest:
+            log.warning("λ search on the gate's own validation questions (the split has no "
+                        "others): the gate's comparison is optimistic for the composed state")
+            return gate.at_most(self.config.compose_search_questions, self.config.seed), "gate"
+        return (full.subset(rest).at_most(self.config.compose_search_questions,
+                                          self.config.seed), "held-out")
 
     # --- cost -----------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ class MessageType(str, Enum):
     ADAPT = "adapt"
     LIST_STORE = "list_store"
     PING = "ping"
+    COMPOSE = "compose"
 
 
 class ReplyStatus(str, Enum):
@@ -72,6 +73,8 @@ class EventType(str, Enum):
     POWER_MODE = "power.mode"
     BUDGET_PLAN = "budget.plan"
     LIFECYCLE = "daemon.lifecycle"
+    COMPOSE_STARTED = "compose.started"
+    COMPOSE_FINISHED = "compose.finished"
 
 
 class SensorKind(str, Enum):

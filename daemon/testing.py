@@ -1,6 +1,8 @@
 """A deterministic fake model backend, for the tests and the reliability benchmark's fuzz
 suites (no torch, no model: answers spell out the question, the modality set, the serving
 state's version and the frame id, so a caller can see exactly which state and frame answered).
+It composes too (:class:`daemon.backend.ComposingBackend`): a composed candidate validates at
+``composed_accuracy``; states written by a toy of another ``llm`` are refused.
 
 Usable as ``model.backend = "daemon.testing:make_toy_backend"`` in a daemon config.
 """
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.backend import AdaptProgress
+from daemon.backend import AdaptProgress, ComposeError, ComposeInput
 from mpnp.cost_model import CostModel
 from scenes.sample import CAMERA_VIEWS, Frame
 
@@ -28,6 +30,8 @@ class ToyBackend:
         num_layers: int = 8,
         state_bytes: int = 16,
         camera_shape: tuple[int, int] | None = None,
+        composed_accuracy: float = 0.7,
+        llm: str = "toy",
     ) -> None:
         self.adapted_accuracy = adapted_accuracy
         self.serving_accuracy = serving_accuracy
@@ -38,6 +42,8 @@ class ToyBackend:
         # When set, camera frames of another (H, W) are refused at ingest like a real
         # encoder's fixed input size (``check_frame``).
         self.camera_shape = tuple(camera_shape) if camera_shape else None
+        self.composed_accuracy = composed_accuracy
+        self.llm = llm  # written into every saved state; composition needs one LLM
         self.version = 0
         self.candidate: dict | None = None
         self.calls: list[tuple] = []
@@ -52,7 +58,8 @@ class ToyBackend:
 
     def start_adaptation(self, modalities, n_blocks, steps, batch_size):
         self.calls.append(("start", tuple(sorted(modalities)), n_blocks, steps))
-        self.candidate = {"modalities": modalities, "n": n_blocks, "steps": steps, "done": 0}
+        self.candidate = {"modalities": modalities, "n": n_blocks, "steps": steps, "done": 0,
+                          "from_version": self.version}
 
     def adaptation_step(self):
         c = self.candidate
@@ -72,7 +79,31 @@ class ToyBackend:
             self.candidate["steps"] = max(steps, self.candidate["done"])
 
     def validation_accuracy(self, which):
-        return self.adapted_accuracy if which == "adapted" else self.serving_accuracy
+        if which == "adapted":
+            composed = self.candidate is not None and "composed_from" in self.candidate
+            return self.composed_accuracy if composed else self.adapted_accuracy
+        return self.serving_accuracy
+
+    def compose_candidate(self, inputs: list[ComposeInput], modalities, method, max_evals):
+        from safetensors import safe_open
+
+        if method not in ("auto", "naive", "naive-ab", "damc"):
+            raise ComposeError(f"unknown composition method {method!r}")
+        versions = []
+        for item in inputs:
+            with safe_open(str(item.path), framework="numpy") as fh:
+                llm = (fh.metadata() or {}).get("llm", "toy")
+                versions.append(int(fh.get_tensor("version")[0]))
+            if llm != self.llm:
+                raise ComposeError(f"{item.name} was made for another LLM ({llm!r}, serving "
+                                   f"{self.llm!r}); only states of the same LLM compose")
+        used = "damc" if method == "auto" else method
+        lambdas = [1.0 / len(inputs)] * len(inputs) if used == "damc" else None
+        self.calls.append(("compose", tuple(sorted(modalities)), used, tuple(versions)))
+        self.candidate = {"modalities": modalities, "n": self.num_layers, "steps": 0, "done": 0,
+                          "composed_from": versions}
+        return {"method": used, "lambdas": lambdas, "num_blocks": self.num_layers,
+                "compose_s": 0.0, "search": {"evaluations": 1} if lambdas else None}
 
     def commit_adapted(self):
         self.calls.append(("commit",))
@@ -88,7 +119,8 @@ class ToyBackend:
 
         # The payload makes a save take long enough for a SIGKILL to land inside it.
         payload = np.full(max(self.state_bytes // 4, 1), self.version, np.float32)
-        save_file({"version": np.full(4, self.version, np.int64), "payload": payload}, str(path))
+        save_file({"version": np.full(4, self.version, np.int64), "payload": payload}, str(path),
+                  metadata={"llm": self.llm})
 
     def load_state(self, path: Path):
         from safetensors.numpy import load_file

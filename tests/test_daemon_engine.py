@@ -190,7 +190,8 @@ def test_resumes_from_the_newest_good_state_and_skips_a_corrupt_one(tmp_path, ca
     backend = ToyBackend()
     with running_daemon(config, backend) as daemon, Client(daemon.endpoints["query"]) as client:
         status = client.status()
-        assert status["serving"] == {"modalities": ["lidar"], "generation": 1}
+        assert status["serving"] == {"modalities": ["lidar"], "generation": 1, "source": None,
+                                     "composition": None, "finetuned_from": None}
         assert backend.version == 3
         assert any("corrupt" in r.getMessage() for r in caplog.records)
 

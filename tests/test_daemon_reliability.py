@@ -350,7 +350,9 @@ def test_a_truncated_manifest_does_not_stop_the_daemon(tmp_path):
     with running_daemon(config, backend) as daemon, \
             Client(daemon.endpoints["query"]) as client:
         status = client.status()
-        assert status["serving"] == {"modalities": ["lidar"], "generation": 2}
+        assert status["serving"] == {"modalities": ["lidar"], "generation": 2,
+                                     "source": "adaptation", "composition": None,
+                                     "finetuned_from": None}
         assert backend.version == 1  # the committed state, loaded from the store
     assert list((tmp_path / "store").glob(f"{MANIFEST}.corrupt-*"))
     # no backup either: the store starts empty, files kept aside, the daemon still starts
