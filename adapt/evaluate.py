@@ -134,6 +134,49 @@ def evaluate(connector: Connector, data: FeatureSet, *, batch_size: int = 32,
     return ChunkedValidation(connector, data, batch_size, modalities).run()
 
 
+@dataclass
+class Grounding:
+    """How much a model's answers depend on the frame it is asked about.
+
+    Attributes:
+        accuracy: with each question's own frame.
+        swapped_accuracy: with another frame's tokens (:meth:`FeatureSet.with_swapped_frames`).
+        changed: fraction of questions whose answer changes when the frame is swapped.
+        count: questions.
+    """
+
+    accuracy: float
+    swapped_accuracy: float
+    changed: float
+    count: int
+
+    @property
+    def reads(self) -> float:
+        """Accuracy lost without the right frame: ≈ 0 for a model that ignores its sensors."""
+        return self.accuracy - self.swapped_accuracy
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "swapped_accuracy": self.swapped_accuracy,
+                "reads": self.reads, "changed": self.changed, "count": self.count,
+                "ci95": list(wilson_interval(self.accuracy, self.count)),
+                "swapped_ci95": list(wilson_interval(self.swapped_accuracy, self.count))}
+
+
+def grounding(connector: Connector, data: FeatureSet, *, batch_size: int = 32,
+              seed: int = 0, own: EvalResult | None = None) -> Grounding:
+    """Evaluate ``connector`` on ``data`` as it is and with the frames swapped.
+
+    The question-only prior survives the swap, reading does not — so this separates "the
+    sensors help" from "the adapted model learned the answer prior" on the same questions,
+    which an accuracy beside a question-only baseline cannot. ``own``: an evaluation of
+    ``data`` already done (saves one pass).
+    """
+    own = own if own is not None else evaluate(connector, data, batch_size=batch_size)
+    swapped = evaluate(connector, data.with_swapped_frames(seed), batch_size=batch_size)
+    changed = sum(a != b for a, b in zip(own.predictions, swapped.predictions))
+    return Grounding(own.accuracy, swapped.accuracy, changed / max(len(data), 1), len(data))
+
+
 def majority_answers(train: Sequence[QAItem]) -> dict[str, str]:
     """The most frequent training answer of each question type."""
     by_type: dict[str, Counter] = defaultdict(Counter)

@@ -70,6 +70,25 @@ class FeatureSet:
         ``n / len``); ``self`` when ``n`` is ``None`` or not smaller than the set."""
         return self if n is None or n >= len(self) else self.fraction(n / len(self), seed=seed)
 
+    def with_swapped_frames(self, seed: int = 0) -> FeatureSet:
+        """The same questions, each paired with *another* frame's tokens.
+
+        Frames are permuted by a random derangement (no frame keeps its own tokens), so a
+        model that reads its sensors loses accuracy here and one that answers from the
+        question alone does not: see :func:`adapt.evaluate.grounding`.
+        """
+        frames = sorted({it.frame_id for it in self.items})
+        if len(frames) < 2:
+            raise ValueError("swapping frames needs questions about at least two frames")
+        rng = random.Random(seed)
+        shifted = frames[:]
+        rng.shuffle(shifted)
+        # A random cyclic shift of a shuffled order: every frame moves, none stays.
+        partner = {a: shifted[(i + 1) % len(shifted)] for i, a in enumerate(shifted)}
+        tokens = {m: {f: per_frame[partner[f]] for f in frames}
+                  for m, per_frame in self.tokens.items()}
+        return FeatureSet(self.items, tokens)
+
     def batch(self, indices: Sequence[int], modalities: Sequence[str] | None = None) -> Batch:
         mods = self.modalities if modalities is None else list(modalities)
         items = [self.items[i] for i in indices]
