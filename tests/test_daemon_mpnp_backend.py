@@ -40,7 +40,7 @@ def _frame(seed: int, frame_id: str | None = None) -> Frame:
     az, dist = rng.uniform(-np.pi, np.pi, 200), rng.uniform(2, 30, 200)
     lidar = np.stack([dist * np.cos(az), dist * np.sin(az), rng.uniform(-1.8, 1.0, 200),
                       rng.uniform(0, 1, 200)], axis=1).astype(np.float32)
-    return Frame(frame_id or f"f{seed}", "s", float(seed), 1.0, cameras, lidar)
+    return Frame.from_rig(frame_id or f"f{seed}", "s", float(seed), 1.0, cameras, lidar)
 
 
 def _featureset(encoders, seeds, prefix: str) -> FeatureSet:
@@ -318,8 +318,9 @@ def test_frames_the_encoder_cannot_take_are_dropped_at_ingest(backend, tmp_path)
         good = _frame(3, "good")
         wait_for(lambda: publisher.send_camera(good) and publisher.send_lidar(good)
                  and daemon.metrics.frames_in.total() >= 2)
-        odd = Frame("odd", "s", 4.0, 1.0,
-                    {v: np.zeros((24, 40, 3), np.uint8) for v in CAMERA_VIEWS}, good.lidar)
+        odd = Frame.from_rig("odd", "s", 4.0, 1.0,
+                             {v: np.zeros((24, 40, 3), np.uint8) for v in CAMERA_VIEWS},
+                             good.lidar)
         assert publisher.send_camera(odd)
         wait_for(lambda: daemon.metrics.frames_dropped.value(reason="unsupported_frame") == 1)
         assert client.ask("is there a car?")["frame_id"] == "good"  # the last good frame

@@ -43,8 +43,8 @@ def make_frame(seed: int, height: int = 16, width: int = 32, frame_id: str | Non
                                 (float(rng.uniform(-30, 30)), float(rng.uniform(-10, 10)), 0.8),
                                 (1.8, 4.5, 1.5), float(rng.uniform(-3, 3)), "parked")
                for _ in range(int(rng.integers(1, 6)))]
-    return Frame(frame_id or f"f{seed}", "s0", 0.0, 1.0, cameras, lidar.astype(np.float32),
-                 objects)
+    return Frame.from_rig(frame_id or f"f{seed}", "s0", 0.0, 1.0, cameras,
+                          lidar.astype(np.float32), objects)
 
 
 def _needs_weights(encoder: Encoder) -> None:
@@ -141,8 +141,8 @@ def test_bad_input_errors(encoder):
     with pytest.raises(ValueError, match="single Frame"):
         encoder.preprocess(make_frame(0))
     broken = make_frame(0)
-    broken.lidar = broken.lidar[:, :3]
-    with pytest.raises(ValueError, match="lidar must be float32"):
+    broken.sensors["lidar"]["LIDAR_TOP"] = broken.lidar[:, :3]
+    with pytest.raises(ValueError, match="lidar: LIDAR_TOP: shape must be"):
         encoder.encode([broken])
     with pytest.raises(ValueError, match="expects"):
         encoder(torch.zeros(2, 3))
