@@ -36,10 +36,9 @@ FORMAT_TYPE = "mpnp-encoder"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "encoder.safetensors"
 CONFIG_FILE = "encoder.json"
-#: Sensor modalities the encoders read, then the diagnostic ones (never served by the daemon).
-SENSOR_MODALITIES = ("camera", "lidar")
+#: Modalities that no sensor provides (never served by the daemon); every other modality is
+#: the name of the registered sensor its encoder reads (:mod:`scenes.sensors`).
 DIAGNOSTIC_MODALITIES = ("oracle",)
-MODALITIES = SENSOR_MODALITIES + DIAGNOSTIC_MODALITIES
 FIX_HINT = "run `mpnp prepare` (or `mpnp encoders pretrain --kind {kind}`) to recreate it"
 
 
@@ -50,13 +49,17 @@ class EncoderFormatError(ValueError):
 class Encoder(nn.Module, ABC):
     """Frozen unimodal encoder: frames -> tokens ``(B, T, D)``.
 
-    Subclasses set :attr:`kind` (registry name), :attr:`modality` and
-    :attr:`config_class` (a dataclass with ``to_dict``/``from_dict``), and implement
-    :meth:`preprocess`, :meth:`forward`, :meth:`example_input` and the two size properties.
+    Subclasses set :attr:`kind` (registry name), :attr:`sensor` (the registered sensor
+    it reads, :mod:`scenes.sensors`; ``None`` for a diagnostic encoder that reads no sensor),
+    :attr:`modality` (the sensor's name, or a diagnostic name) and :attr:`config_class` (a
+    dataclass), and implement :meth:`preprocess`, :meth:`forward`, :meth:`example_input` and
+    the two size properties. Pretraining and probes also use :meth:`region_layout` and
+    :meth:`augment`.
     """
 
     kind: ClassVar[str] = ""
     modality: ClassVar[str] = ""
+    sensor: ClassVar[str | None] = None
     config_class: ClassVar[type]
 
     def __init__(self, config: Any) -> None:
@@ -85,6 +88,20 @@ class Encoder(nn.Module, ABC):
     @abstractmethod
     def example_input(self, batch: int = 1) -> torch.Tensor:
         """A zero input of the right shape (for export and benchmarks)."""
+
+    # -- what pretraining and probes use (encoders/pretrain.py, encoders/probe.py) -----------
+    def region_layout(self) -> tuple[str, int]:
+        """How the tokens map to regions around the vehicle: ``("views", 6)`` (camera views)
+        or ``("bands", k)`` (azimuth bands, :func:`encoders.targets.band_of`); tokens are
+        region-major, so ``tokens.reshape(B, R, -1)`` gives each region's tokens."""
+        raise NotImplementedError(f"encoder {self.kind!r} has no region layout (it cannot be "
+                                  "pretrained on region targets)")
+
+    def augment(self, x: torch.Tensor, y: torch.Tensor,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pretraining augmentation of a batch of inputs ``x`` and region targets ``y``
+        ``(B, R, Q)`` that keeps them consistent; the default changes nothing."""
+        return x, y
 
     # -- shared behaviour -----------------------------------------------------------------
     @property
@@ -136,7 +153,8 @@ class Encoder(nn.Module, ABC):
         weights_tmp = directory / (WEIGHTS_FILE + ".tmp")
         save_file(tensors, str(weights_tmp), metadata={"kind": self.kind})
         header = {"type": FORMAT_TYPE, "format_version": FORMAT_VERSION, "kind": self.kind,
-                  "modality": self.modality, "config": self.config_dict()}
+                  "modality": self.modality, "sensor": self.sensor,
+                  "config": self.config_dict()}
         config_tmp = directory / (CONFIG_FILE + ".tmp")
         config_tmp.write_text(json.dumps(header, indent=1))
         os.replace(weights_tmp, directory / WEIGHTS_FILE)

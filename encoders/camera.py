@@ -81,6 +81,7 @@ class CameraViTEncoder(Encoder):
 
     kind = "camera-vit"
     modality = "camera"
+    sensor = "camera"
     config_class = CameraViTConfig
 
     def __init__(self, config: CameraViTConfig) -> None:
@@ -108,6 +109,16 @@ class CameraViTEncoder(Encoder):
     def example_input(self, batch: int = 1) -> torch.Tensor:
         c = self.config
         return torch.zeros(batch, len(CAMERA_VIEWS), 3, c.image_height, c.image_width)
+
+    def region_layout(self) -> tuple[str, int]:
+        return "views", len(CAMERA_VIEWS)
+
+    def augment(self, x: torch.Tensor, y: torch.Tensor,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random horizontal flips per view (``x: (B, 6, 3, H, W)``): counts per view
+        survive a flip."""
+        flip = torch.rand(x.shape[:2], generator=generator) < 0.5
+        return torch.where(flip[:, :, None, None, None], x.flip(-1), x), y
 
     def preprocess(self, frames: Sequence[Frame]) -> torch.Tensor:
         """Frames -> ``(B, 6, 3, H, W)`` float32 in [0, 1] (normalised in :meth:`forward`,

@@ -177,6 +177,7 @@ class LidarRangeViTEncoder(Encoder):
 
     kind = "lidar-rangevit"
     modality = "lidar"
+    sensor = "lidar"
     config_class = LidarRangeViTConfig
 
     def __init__(self, config: LidarRangeViTConfig) -> None:
@@ -205,6 +206,16 @@ class LidarRangeViTEncoder(Encoder):
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, RANGE_CHANNELS, self.config.beams, self.config.range_width)
+
+    def region_layout(self) -> tuple[str, int]:
+        return "bands", self.config.bands
+
+    def augment(self, x: torch.Tensor, y: torch.Tensor,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate the sweep by whole bands (``x: (B, 5, beams, width)``), targets with it."""
+        bands = y.shape[1]
+        shift = int(torch.randint(bands, (1,), generator=generator))
+        return torch.roll(x, shift * (x.shape[-1] // bands), dims=-1), torch.roll(y, shift, dims=1)
 
     def preprocess(self, frames: Sequence[Frame]) -> torch.Tensor:
         """Frames -> normalised range images ``(B, 5, beams, range_width)``."""
