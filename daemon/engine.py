@@ -113,6 +113,11 @@ class Engine:
         self.backend = backend
         self.store = store
         self.selector = selector
+        # The context policy, not a modality's name, says which context's data trains and
+        # validates an adaptation (for backends that train on context data).
+        use_data_context = getattr(backend, "use_data_context", None)
+        if callable(use_data_context):
+            use_data_context(selector.data_context)
         self.monitor = monitor
         self.metrics = metrics or DaemonMetrics()
         self._publish_cb = publish or (lambda kind, body: None)

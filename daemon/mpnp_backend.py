@@ -12,9 +12,11 @@ Registered as ``mpnp`` (``[model] backend = "mpnp"``). A thin adapter over three
 - :mod:`aligners.state` — the one state format (a store entry is its single-file form).
 
 The runtime training data of each context is the offline stage's synthetic world
-(:func:`adapt.prepare.ensure_prepared`), standing in for labelled samples a vehicle collected:
-modality sets with LiDAR train and validate on the night split, camera-only sets on the day
-split; validation is on the held-out ``val`` split (never on training data). The candidate is
+(:func:`adapt.prepare.ensure_prepared`), standing in for labelled samples a vehicle collected.
+Which context's data (day or night) trains and validates a modality set is the context
+policy's word (:meth:`policies.context.ContextPolicy.data_context`, handed over by the engine
+through :meth:`MPnPBackend.use_data_context`), not something read off the modality names;
+validation is on the held-out ``val`` split (never on training data). The candidate is
 a *fork* of the serving state (same resident LLM, separate aligners/connections/LoRA), so
 serving never sees a half-trained state; :meth:`MPnPBackend.commit_adapted` swaps the pointer.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,8 @@ class MPnPBackendConfig:
         learning_rates: per parameter group (over the project's fast runtime defaults).
         seed: data order, dropout and the initialisation of new aligners (a private
             stream: the process's global RNG is never reseeded).
+        context: the data context (``day`` / ``night``: a split of the offline stage's
+            data) of an adaptation when the context policy has no view.
     """
 
     llm: str = "smollm2-135m-instruct"
@@ -80,6 +84,7 @@ class MPnPBackendConfig:
     micro_batch: int = 1
     learning_rates: dict[str, float] = field(default_factory=dict)
     seed: int = 0
+    context: str = "day"
 
     @property
     def answer_vocabulary_answers(self) -> tuple[str, ...]:
@@ -111,9 +116,12 @@ def answer_budget(tokenizer, max_new_tokens: int, vocabulary: Sequence[str]) -> 
     return max(max_new_tokens, longest + 1)
 
 
-def context_of(modalities: frozenset[str] | Sequence[str]) -> str:
-    """The driving context whose data trains a modality set: LiDAR is the night's answer."""
-    return "night" if "lidar" in modalities else "day"
+def default_data_context(modalities: frozenset[str] | Sequence[str]) -> str | None:
+    """The data context of ``modalities`` by the default context policy (light level with
+    its default day/night sets), used until the engine hands over its own policy's."""
+    from policies.context import LightLevelPolicy
+
+    return LightLevelPolicy().data_context(modalities)
 
 
 class MPnPBackend:
@@ -131,6 +139,7 @@ class MPnPBackend:
         self.splits = splits
         self.encoders = EncoderPool(prepared.encoders, config.device, config.frame_cache)
         self._job = None  # adapt.engine.AdaptationJob of the run in progress
+        self._data_context: Callable[[frozenset[str]], str | None] = default_data_context
         self._started = 0.0
         self._names = 0
         self.last_report: dict[str, Any] | None = None
@@ -189,8 +198,22 @@ class MPnPBackend:
 
     # --- adaptation -----------------------------------------------------------------------
 
+    def use_data_context(self, data_context: Callable[[frozenset[str]], str | None]) -> None:
+        """Take the context policy's word on which context's data trains and validates a
+        modality set (the engine calls this with its selector's ``data_context``)."""
+        self._data_context = data_context
+
+    def context_of(self, modalities: frozenset[str]) -> str:
+        """The data context of an adaptation for ``modalities`` (the policy's, else
+        ``config.context``)."""
+        context = self._data_context(frozenset(modalities)) or self.config.context
+        if not hasattr(self.splits, f"{context}_train"):
+            raise ValueError(f"no {context!r} training data for {sorted(modalities)} (the "
+                             "offline stage has day and night splits)")
+        return context
+
     def _data(self, modalities: frozenset[str]):
-        context = context_of(modalities)
+        context = self.context_of(modalities)
         train = getattr(self.splits, f"{context}_train")
         val = getattr(self.splits, f"{context}_val")
         if self.config.train_questions and len(train) > self.config.train_questions:
@@ -218,11 +241,11 @@ class MPnPBackend:
 
         if self._job is not None:
             self.discard_adapted()
+        train, val = self._data(modalities)  # the context's data (before any state is made)
         specs = [self.encoders.spec(m) for m in sorted(modalities)]  # Reconnect: load them
         config = self.train_config(batch_size)
         candidate = prepare_candidate(self.serving, specs, self._new_name("candidate"),
                                       seed=config.seed, num_blocks=n_blocks)
-        train, val = self._data(modalities)
         try:
             stepper = AdaptationStepper(candidate, config, train, total_steps=steps)
         except Exception:
@@ -232,7 +255,7 @@ class MPnPBackend:
         self._started = time.perf_counter()
         log.info("adapting %s: N=%d, %d steps of %d on %d %s questions (val %d)",
                  sorted(modalities), n_blocks, steps, batch_size, len(train),
-                 context_of(modalities), len(val))
+                 self.context_of(modalities), len(val))
 
     def set_total_steps(self, steps: int) -> None:
         if self._job is not None:

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 RECORD_FILE = "pretrain.json"
 #: Epochs over the default world's train split (5,200 frames of 2,600 drives).
-DEFAULT_EPOCHS = {"camera-vit": 2, "lidar-rangevit": 3, "radar-pointnet": 6}
+DEFAULT_EPOCHS = {"camera-vit": 2, "lidar-rangevit": 3, "radar-pointnet": 4}
 #: A separate pretraining corpus (``PretrainConfig(corpus=DEFAULT_CORPUS)``): 600 drives of
 #: 2 frames, a third of them at night. The default world has thousands of short drives, so
 #: by default the encoders pretrain on its train split instead.
