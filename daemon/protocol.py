@@ -325,7 +325,8 @@ def encode_sensor_message(
     for name, array in arrays.items():
         array = np.ascontiguousarray(array)
         specs.append({"name": name, "dtype": array.dtype.str, "shape": list(array.shape)})
-        buffers.append(memoryview(array).cast("B"))
+        # (a sensor may have nothing to say: a radar without returns sends an empty buffer)
+        buffers.append(memoryview(array).cast("B") if array.size else b"")
     header: dict[str, Any] = {
         "v": PROTOCOL_VERSION, "sensor": _sensor_name(sensor), "frame_id": frame_id,
         "timestamp": timestamp, "buffers": specs,

@@ -45,6 +45,11 @@ def register_encoder(kind: str, cls: type[Encoder]) -> type[Encoder]:
     return cls
 
 
+def unregister_encoder(kind: str) -> None:
+    """Remove ``kind`` (a test that registers an encoder of its own cleans up with this)."""
+    _REGISTRY.pop(kind, None)
+
+
 def list_encoders() -> list[str]:
     """Names of every registered encoder kind, sorted."""
     return sorted(_REGISTRY)
@@ -96,4 +101,5 @@ __all__ = [
     "load_encoder",
     "register_encoder",
     "sensor_encoders",
+    "unregister_encoder",
 ]

@@ -107,15 +107,19 @@ class RadarPointEncoder(Encoder):
         super().__init__(config)
         c = config
         feats = len(FEATURES)
-        self.point_mlp = nn.Sequential(nn.Linear(feats, c.hidden), nn.GELU(),
-                                       nn.Linear(c.hidden, c.embed_dim), nn.GELU(),
-                                       nn.Linear(c.embed_dim, c.embed_dim))
-        self.count_embed = nn.Linear(1, c.embed_dim)
-        self.empty_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
-        self.cell_embed = nn.Parameter(torch.zeros(1, c.bands * c.rings, c.embed_dim))
-        self.blocks = nn.ModuleList(Block(c.embed_dim, c.num_heads, 2.0, qkv_bias=True)
-                                    for _ in range(c.depth))
-        self.norm = nn.LayerNorm(c.embed_dim)
+        # Built on the meta device (no values, so no draws from the global stream), then
+        # materialised and initialised from the private generator.
+        with torch.device("meta"):
+            self.point_mlp = nn.Sequential(nn.Linear(feats, c.hidden), nn.GELU(),
+                                           nn.Linear(c.hidden, c.embed_dim), nn.GELU(),
+                                           nn.Linear(c.embed_dim, c.embed_dim))
+            self.count_embed = nn.Linear(1, c.embed_dim)
+            self.empty_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+            self.cell_embed = nn.Parameter(torch.zeros(1, c.bands * c.rings, c.embed_dim))
+            self.blocks = nn.ModuleList(Block(c.embed_dim, c.num_heads, 2.0, qkv_bias=True)
+                                        for _ in range(c.depth))
+            self.norm = nn.LayerNorm(c.embed_dim)
+        self.to_empty(device="cpu")
         _init_from(self, torch.Generator().manual_seed(int(c.seed)))
 
     @property
