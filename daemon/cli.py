@@ -117,6 +117,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--endpoint", default=DEFAULT_INGEST, help="the daemon's ingest endpoint")
     s.add_argument("--camera-hz", type=float, default=12.0)
     s.add_argument("--lidar-hz", type=float, default=20.0)
+    s.add_argument("--sensor", action="append", default=[], metavar="NAME=HZ",
+                   help="also send another registered sensor the frames carry, e.g. radar=13")
     s.add_argument("--duration", type=float, help="seconds (default: until interrupted)")
     s.add_argument("--day", type=float, default=20.0, help="seconds of daylight")
     s.add_argument("--dusk", type=float, default=10.0, help="seconds of dusk ramp")
@@ -324,9 +326,18 @@ def format_store(store: dict[str, Any]) -> str:
 def cmd_sim_vehicle(args: argparse.Namespace) -> int:
     from daemon.sim_vehicle import SimVehicle, SimVehicleConfig, SyntheticFrameSource
 
+    sensors_hz = {}
+    for item in args.sensor:
+        name, _, hz = item.partition("=")
+        try:
+            sensors_hz[name] = float(hz)
+        except ValueError:
+            print(f"--sensor expects NAME=HZ, got {item!r}", file=sys.stderr)
+            return 2
     config = SimVehicleConfig(
         endpoint=args.endpoint, camera_hz=args.camera_hz, lidar_hz=args.lidar_hz,
-        duration_s=args.duration, day_s=args.day, dusk_s=args.dusk, night_s=args.night,
+        sensors_hz=sensors_hz, duration_s=args.duration, day_s=args.day, dusk_s=args.dusk,
+        night_s=args.night,
         loop=not args.no_loop, send_ambient=args.send_ambient,
     )
     options: dict[str, Any] = {}
@@ -340,7 +351,9 @@ def cmd_sim_vehicle(args: argparse.Namespace) -> int:
         stop.set()
         return 130
     rates = stats.rates()
+    others = "".join(f"{sent} {name} ({rates[f'{name}_hz']:.1f} Hz), "
+                     for name, sent in stats.sensors_sent.items())
     print(f"sent {stats.camera_sent} camera ({rates['camera_hz']:.1f} Hz), {stats.lidar_sent} "
-          f"lidar ({rates['lidar_hz']:.1f} Hz), {stats.dropped} dropped, "
+          f"lidar ({rates['lidar_hz']:.1f} Hz), {others}{stats.dropped} dropped, "
           f"{stats.world_frames} world frames in {stats.elapsed_s:.1f}s")
     return 0

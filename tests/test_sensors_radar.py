@@ -356,3 +356,18 @@ def test_a_sensor_registered_here_works_end_to_end(tmp_path, sonar):
     backend = tiny_backend({"sonar": sonar}, make=sonar_frame)
     _serve_adapt_answer(tmp_path, backend, "sonar", sonar_frame(11, "live-11"))
 
+
+
+def test_the_simulated_vehicle_sends_radar_when_asked(tmp_path):
+    from daemon.sim_vehicle import SimVehicle, SimVehicleConfig, SyntheticFrameSource
+
+    with pytest.raises(ValueError, match="unknown sensor 'sonar'"):
+        SimVehicleConfig(sensors_hz={"sonar": 5.0})
+    source = SyntheticFrameSource(image_height=16, image_width=24, lidar_width=64)
+    with running_daemon(test_config(tmp_path)) as daemon:
+        config = SimVehicleConfig(endpoint=daemon.endpoints["ingest"], duration_s=1.0,
+                                  sensors_hz={"radar": 10.0})
+        stats = SimVehicle(config, source).run()
+        assert stats.sensors_sent.get("radar", 0) >= 3
+        wait_for(lambda: daemon.metrics.frames_in.value(sensor="radar") >= 3)
+        assert daemon.metrics.frames_dropped.total() == 0
