@@ -1,13 +1,13 @@
 """Camera encoder: one timm ViT shared by the six views; tokens = [CLS] of the last blocks.
 
-SPEC §2.1: the [CLS] token of each of the last 4 blocks (before the final norm) of each view,
-6 views x 4 = 24 tokens. The default ViT is small because it must pretrain and run on a
-2-core CPU on the world's 64x112 views: patch 16 gives a 4x7 grid (28 patches per view; the
-linear patch embedding still sees every pixel, so a far pedestrian's colours reach a token;
-patch 8 was 3-4x slower to pretrain here), width 192 / 3 heads is ViT-Tiny's, and depth 4
-is the least that still has 4 distinct last blocks. A real timm checkpoint (e.g. vit_base)
-loads through :func:`load_timm_checkpoint` into an encoder created with its sizes.
-"""
+The encoder setup of mPnP-LLM (arXiv 2312.07886): the [CLS] token of each of the last 4 blocks
+(before the final norm) of each view, 6 views x 4 = 24 tokens. The default ViT is small because
+it must pretrain and run on a 2-core CPU on the world's 64x112 views: patch 16 gives a 4x7 grid
+(28 patches per view; the linear patch embedding still sees every pixel, so a far pedestrian's
+colours reach a token; patch 8 was 3-4x slower to pretrain here), width 192 / 3 heads is ViT-
+Tiny's, and depth 4 is the least that still has 4 distinct last blocks. A real timm checkpoint
+(e.g. vit_base) loads through :func:`load_timm_checkpoint` into an encoder created with its
+sizes. """
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """LiDAR encoder in the style of RangeViT: range image -> conv stem -> ViT -> azimuth tokens.
 
-A sweep is projected to the 5-channel spherical range image of SPEC §2.1
+A sweep is projected to the 5-channel spherical range image of RangeViT (arXiv 2301.10222)
 (:func:`scenes.range_image.points_to_range_image`). A small convolutional stem (residual
 "context" blocks at full resolution, then average pooling to patches, as RangeViT's
 ``ConvStem``) makes the patch tokens; timm ViT blocks mix them. The patch tokens of the last
