@@ -37,6 +37,7 @@ from aligners.state import StateError, load_state, save_state
 from encoders.base import Encoder
 from encoders.cache import FeatureCache
 from encoders.pretrain import PretrainConfig, ensure_pretrained
+from mpnp.files import atomic_write_text
 from mpnp.paths import model_store_dir
 from scenes.synthetic import WorldConfig, generate_world
 
@@ -204,9 +205,7 @@ def ensure_prepared(store_dir: str | os.PathLike[str] | None = None,
     record = train_day_state(config, data_dir, day_encoders, FeatureCache(store / "features"),
                              llm, tokenizer, state_dir, progress)
     record["config_digest"] = digest
-    tmp = record_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, record_path)
+    atomic_write_text(record_path, json.dumps(record, indent=2))
     return Prepared(store, data_dir, encoders, state_dir, record)
 
 

@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mpnp.files import atomic_write, atomic_write_text
 from scenes.sample import Frame
 
 log = logging.getLogger(__name__)
@@ -150,15 +151,12 @@ class Encoder(nn.Module, ABC):
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous().clone()
                    for k, v in self.state_dict().items()}
-        weights_tmp = directory / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(weights_tmp), metadata={"kind": self.kind})
         header = {"type": FORMAT_TYPE, "format_version": FORMAT_VERSION, "kind": self.kind,
                   "modality": self.modality, "sensor": self.sensor,
                   "config": self.config_dict()}
-        config_tmp = directory / (CONFIG_FILE + ".tmp")
-        config_tmp.write_text(json.dumps(header, indent=1))
-        os.replace(weights_tmp, directory / WEIGHTS_FILE)
-        os.replace(config_tmp, directory / CONFIG_FILE)
+        atomic_write(directory / WEIGHTS_FILE,
+                     lambda p: save_file(tensors, str(p), metadata={"kind": self.kind}))
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(header, indent=1))
         return directory
 
     def extra_repr(self) -> str:

@@ -27,6 +27,7 @@ from torch import nn
 
 from encoders import Encoder, EncoderFormatError, create_encoder, encoder_class, load_encoder
 from encoders.targets import TARGET_NAMES, region_counts
+from mpnp.files import atomic_write_text
 from mpnp.paths import model_store_dir
 from scenes.dataset import QADataset
 
@@ -292,7 +293,5 @@ def ensure_pretrained(kind: str, world_dir: str | os.PathLike[str],
     encoder, record = pretrain_encoder(kind, world_dir, config, progress, store_dir)
     encoder.save(directory)
     record["fingerprint"] = encoder.fingerprint()
-    tmp = directory / (RECORD_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, directory / RECORD_FILE)
+    atomic_write_text(directory / RECORD_FILE, json.dumps(record, indent=1))
     return encoder
