@@ -163,6 +163,26 @@ class Encoder(nn.Module, ABC):
         return f"kind={self.kind!r}, tokens={self.num_tokens}, dim={self.dim}"
 
 
+def init_from_generator(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Initialise every parameter and buffer of ``module`` from ``generator`` alone, in a
+    fixed order (ViT-style: weights truncated normal std 0.02, biases 0, 1-D weights 1,
+    batch-norm statistics reset). With a module built on the ``meta`` device and then
+    materialised (``to_empty``), creating an encoder neither reseeds nor advances the
+    process's global random stream: nothing in a serving process touches it."""
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, nn.modules.batchnorm._NormBase):
+                sub.reset_running_stats()
+        for name, param in module.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+            elif param.ndim == 1:
+                param.fill_(1.0)
+            else:
+                nn.init.trunc_normal_(param, std=0.02, generator=generator)
+    return module
+
+
 def read_encoder_header(directory: str | os.PathLike[str]) -> dict:
     """Read and check ``encoder.json`` of a saved encoder; errors name the path and the fix."""
     path = Path(directory) / CONFIG_FILE

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from encoders.base import Encoder, check_frames
+from encoders.base import Encoder, check_frames, init_from_generator
 from scenes.sample import CAMERA_VIEWS, Frame
 
 log = logging.getLogger(__name__)
@@ -86,13 +86,16 @@ class CameraViTEncoder(Encoder):
 
     def __init__(self, config: CameraViTConfig) -> None:
         super().__init__(config)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
+        # Built without values on the meta device, then initialised from a private generator
+        # seeded by config.seed (the process's global random stream is never touched).
+        with torch.device("meta"):
             self.vit = VisionTransformer(
                 img_size=(config.image_height, config.image_width),
                 patch_size=config.patch_size, embed_dim=config.embed_dim, depth=config.depth,
                 num_heads=config.num_heads, mlp_ratio=config.mlp_ratio, num_classes=0,
                 global_pool="token", class_token=True)
+        self.vit.to_empty(device="cpu")
+        init_from_generator(self.vit, torch.Generator().manual_seed(int(config.seed)))
         self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 1, 3, 1, 1),
                              persistent=False)
         self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 1, 3, 1, 1),

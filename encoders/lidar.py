@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from encoders.base import Encoder, check_frames
+from encoders.base import Encoder, check_frames, init_from_generator
 from scenes.range_image import points_to_range_image
 from scenes.sample import Frame
 
@@ -184,8 +184,9 @@ class LidarRangeViTEncoder(Encoder):
         super().__init__(config)
         c = config
         rows, cols = c.grid
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(c.seed)
+        # Built without values on the meta device, then initialised from a private generator
+        # seeded by c.seed (the process's global random stream is never touched).
+        with torch.device("meta"):
             self.stem = RangeStem(c)
             self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
             self.pos_embed = nn.Parameter(torch.zeros(1, 1 + rows * cols, c.embed_dim))
@@ -193,8 +194,8 @@ class LidarRangeViTEncoder(Encoder):
                 Block(c.embed_dim, c.num_heads, c.mlp_ratio, qkv_bias=True)
                 for _ in range(c.depth))
             self.norm = nn.LayerNorm(c.embed_dim)  # kept for RangeViT checkpoint parity
-            trunc_normal_(self.pos_embed, std=0.02)
-            trunc_normal_(self.cls_token, std=0.02)
+        self.to_empty(device="cpu")
+        init_from_generator(self, torch.Generator().manual_seed(int(c.seed)))
 
     @property
     def num_tokens(self) -> int:

@@ -26,7 +26,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from encoders.base import Encoder, check_frames
+from encoders.base import Encoder, check_frames, init_from_generator
 from scenes.radar import RADAR_MODEL_VERSION, RADAR_VIEWS, all_returns
 from scenes.sample import Frame
 
@@ -82,19 +82,6 @@ class RadarPointConfig:
         return self.max_range * (np.arange(1, self.rings + 1) / self.rings) ** 1.5
 
 
-def _init_from(module: nn.Module, generator: torch.Generator) -> None:
-    """Re-initialise every parameter of ``module`` from ``generator`` (ViT-style: weights
-    truncated normal std 0.02, biases 0, norms 1/0), in a fixed order."""
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if name.endswith("bias"):
-                param.zero_()
-            elif param.ndim == 1:  # LayerNorm weights
-                param.fill_(1.0)
-            else:
-                nn.init.trunc_normal_(param, std=0.02, generator=generator)
-
-
 class RadarPointEncoder(Encoder):
     """Five radars -> ``(B, bands * rings, embed_dim)`` tokens, band-major."""
 
@@ -120,7 +107,7 @@ class RadarPointEncoder(Encoder):
                                         for _ in range(c.depth))
             self.norm = nn.LayerNorm(c.embed_dim)
         self.to_empty(device="cpu")
-        _init_from(self, torch.Generator().manual_seed(int(c.seed)))
+        init_from_generator(self, torch.Generator().manual_seed(int(c.seed)))
 
     @property
     def num_tokens(self) -> int:

@@ -194,3 +194,15 @@ def test_weights_of_another_config_are_rejected(encoder, tmp_path):
 def test_config_validation(kind, field, value):
     with pytest.raises(ValueError, match=field):
         create_encoder(kind, **{**TINY[kind], field: value})
+
+
+@pytest.mark.parametrize("kind", sorted(TINY))
+def test_creating_an_encoder_leaves_the_global_random_stream_alone(kind):
+    """Initialisation draws from a private generator: nothing reseeds or advances the
+    process's global stream (a serving process creates encoders on demand)."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = create_encoder(kind, **TINY[kind])
+    assert torch.equal(before, torch.get_rng_state())
+    again = create_encoder(kind, **TINY[kind])  # still deterministic from the config's seed
+    assert first.fingerprint() == again.fingerprint()
