@@ -108,7 +108,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--model-store", default="", help="model store (default $MPNP_HOME)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--night-modalities", nargs="+", default=["lidar"],
-                   help="what the light-level policy wants at night (lidar, or camera lidar)")
+                   help="what the light-level policy wants at night (lidar, camera lidar, "
+                        "radar, ...)")
     d.add_argument("--threads", type=int, default=1,
                    help="torch threads for the model (1 leaves a core to IO on 2 cores)")
     d.set_defaults(func=cmd_demo)
