@@ -75,13 +75,12 @@ class EventType(str, Enum):
 
 
 class SensorKind(str, Enum):
-    """Names of the built-in sensors, for callers' convenience. The set of sensors is open:
+    """Names of the first two sensors, kept for callers' convenience. The set is open:
     the wire accepts every sensor registered in :mod:`scenes.sensors` (``SENSORS``), and a
     decoded message names its sensor as a plain string."""
 
     CAMERA = "camera"
     LIDAR = "lidar"
-    RADAR = "radar"
 
 
 class DropReason(str, Enum):
