@@ -59,6 +59,11 @@ class Registry(Generic[T]):
         """``@registry.decorator("name")`` registers the decorated class or function."""
         return lambda entry: self.register(name, entry)
 
+    def load(self) -> None:
+        """Import the built-in modules now (a registration that must see the built-ins first,
+        to report a clash with one, calls this)."""
+        self._load()
+
     def _load(self) -> None:
         if not self._loaded:
             self._loaded = True

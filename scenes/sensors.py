@@ -184,7 +184,7 @@ def register_sensor(spec: SensorSpec) -> SensorSpec:
     """Register ``spec`` under its name (a second sensor of one name raises ``ValueError``)."""
     if not isinstance(spec, SensorSpec):
         raise ValueError(f"expected a SensorSpec, got {type(spec).__name__}")
-    SENSORS._load()  # built-ins first, so that a clash with one is reported here
+    SENSORS.load()  # built-ins first, so that a clash with one is reported here
     return SENSORS.register(spec.name, spec)
 
 
