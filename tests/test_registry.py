@@ -46,8 +46,6 @@ def test_lazy_entries_are_listed_without_importing_them(monkeypatch):
 
 
 def test_unregister_removes_an_entry_and_ignores_unknown_names():
-    from mpnp.registry import Registry, UnknownNameError
-
     registry: Registry[int] = Registry("thing")
     registry.register("a", 1)
     registry.unregister("a")
