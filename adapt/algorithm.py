@@ -1,11 +1,13 @@
 """Algorithm 1 at runtime: Select → Reconnect → Adapt, with N from the caller or a budget.
 
 From the offline state (camera, trained on day data) a context change selects a new
-modality set — **switch** (C → L) or **add** (C → C+L) — connects it on a *fork* of the
-serving connector (the serving one keeps answering, untouched), and adapts the fork on the
-new context's training data. ``N`` is either given or solved from a FLOPs budget for the
-whole run through the analytic cost model (:mod:`mpnp.cost_model`), which is conservative for
-mPnP here: the trainer's lower-block replay makes the measured cost lower than the model's.
+modality set — **switch** (serving → new, e.g. C → L or C → R) or **add** (serving + new,
+e.g. C → C+L) — connects it on a *fork* of the serving connector (the serving one keeps
+answering, untouched), and adapts the fork on the training data the caller gives (the
+context's: which context is the context policy's word, not the modalities'). ``N`` is
+either given or solved from a FLOPs budget for the whole run through the analytic cost
+model (:mod:`mpnp.cost_model`), which is conservative for mPnP here: the trainer's
+lower-block replay makes the measured cost lower than the model's.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ from policies.budget import BudgetPlanner, PlannerConfig
 
 log = logging.getLogger(__name__)
 
-#: Runtime modes: which modality set replaces the camera.
-MODES: dict[str, tuple[str, ...]] = {"switch": ("lidar",), "add": ("camera", "lidar")}
+#: Runtime modes: ``switch`` connects the new modalities instead of the serving ones,
+#: ``add`` connects them next to the serving ones.
+MODES: tuple[str, ...] = ("switch", "add")
+#: The new modalities when a caller names none (the paper's night scenario: LiDAR).
+DEFAULT_NEW: tuple[str, ...] = ("lidar",)
 
 
 @dataclass
@@ -42,14 +47,19 @@ class BudgetDecision:
     full_step_flops: float  # analytic, full fine-tuning
 
 
-def select_modalities(mode: str, specs: dict[str, ModalitySpec]) -> list[ModalitySpec]:
-    """Select: the modality set of ``mode`` (``switch`` or ``add``)."""
+def select_modalities(mode: str, specs: dict[str, ModalitySpec],
+                      new: Sequence[str] = DEFAULT_NEW,
+                      serving: Sequence[str] = ("camera",)) -> list[ModalitySpec]:
+    """Select: ``new`` (``switch``) or ``serving`` + ``new`` (``add``), as specs."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-    missing = [m for m in MODES[mode] if m not in specs]
+    names = list(dict.fromkeys(new if mode == "switch" else [*serving, *new]))
+    if not names:
+        raise ValueError(f"mode {mode!r} selects no modality (new={list(new)})")
+    missing = [m for m in names if m not in specs]
     if missing:
         raise ValueError(f"mode {mode!r} needs modalities {missing}; have {sorted(specs)}")
-    return [specs[m] for m in MODES[mode]]
+    return [specs[m] for m in names]
 
 
 def mean_text_tokens(tokenizer, data: FeatureSet, sample: int = 64,
@@ -106,8 +116,12 @@ def runtime_adapt(
     connection_changes: dict | None = None,
     aligners_from: str | None = None,
     progress: bool = True,
+    new: Sequence[str] = DEFAULT_NEW,
 ) -> tuple[Connector, TrainReport, BudgetDecision | None]:
     """Select → Reconnect → Adapt on a fork of ``serving``; returns the adapted fork.
+
+    ``new`` are the modalities the context change brings (``switch``: they replace the
+    serving ones; ``add``: they join them); ``train``/``val`` are the new context's data.
 
     For mPnP, ``num_blocks`` (or, if ``None``, the one solved from ``budget_flops``)
     sets N of the fork, and ``connection_changes`` alter its connection config before the
@@ -116,7 +130,7 @@ def runtime_adapt(
     aligners for every modality) instead of a fresh initialisation. Other connectors have
     no N and ignore these.
     """
-    modalities = select_modalities(mode, specs)
+    modalities = select_modalities(mode, specs, new, serving.modality_names or ("camera",))
     decision = None
     if isinstance(serving, MPnPConnector) and num_blocks is None and budget_flops is not None:
         decision = plan_num_blocks(serving.model.llm, serving.tokenizer, modalities, train,

@@ -22,12 +22,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     a = sub.add_parser("adapt", help="runtime Select → Reconnect → Adapt from the day state")
     a.add_argument("--mode", choices=("switch", "add"), default="switch",
-                   help="switch: C → L; add: C → C+L")
+                   help="switch: C → NEW; add: C → C+NEW")
+    a.add_argument("--new", nargs="+", default=["lidar"], metavar="MODALITY",
+                   help="the modalities the context change brings (default: lidar)")
+    a.add_argument("--context", choices=("day", "night"), default="night",
+                   help="whose data trains, validates and tests the adapted state "
+                        "(default: night, the paper's scenario)")
     n = a.add_mutually_exclusive_group()
     n.add_argument("--num-blocks", type=int, help="N of the adapted state")
     n.add_argument("--budget-tflops", type=float,
                    help="FLOPs budget of the whole run (N solved by the cost model)")
-    a.add_argument("--samples", type=int, default=0, help="night training questions (0 = all)")
+    a.add_argument("--samples", type=int, default=0,
+                   help="training questions of the context (0 = all)")
     a.add_argument("--epochs", type=int, default=3)
     a.add_argument("--store")
     a.add_argument("--model")
@@ -77,27 +83,34 @@ def _adapt(args: argparse.Namespace) -> int:
     day = load_day_connector(prepared, model)
     splits = load_splits(prepared.data_dir, prepared.encoders, prepared.feature_cache(),
                          progress=progress)
-    train = splits.night_train
+    context = args.context
+    train = getattr(splits, f"{context}_train")
     if args.samples and args.samples < len(train):
         train = train.fraction(args.samples / len(train))
-    before = evaluate(day, splits.night_test)
+    test = getattr(splits, f"{context}_test")
+    before = evaluate(day, test)
     budget = args.budget_tflops * 1e12 if args.budget_tflops else None
+    name = f"{context}-{args.mode}" + ("" if args.new == ["lidar"] else "-" + "-".join(args.new))
     fork, report, decision = runtime_adapt(
-        day, args.mode, modality_specs(prepared.encoders), train, splits.night_val,
-        fast_train_config(epochs=args.epochs), num_blocks=args.num_blocks,
-        budget_flops=budget, name=f"night-{args.mode}", progress=progress)
-    after = evaluate(fork, splits.night_test)
-    out = prepared.store_dir / "states" / f"night-{args.mode}"
+        day, args.mode, modality_specs(prepared.encoders), train,
+        getattr(splits, f"{context}_val"), fast_train_config(epochs=args.epochs),
+        num_blocks=args.num_blocks, budget_flops=budget, name=name, progress=progress,
+        new=args.new)
+    after = evaluate(fork, test)
+    out = prepared.store_dir / "states" / name
     save_state(model, out, fork.state_name)
     summary = {
-        "mode": args.mode, "N": model.states[fork.state_name].config.num_blocks,
+        "mode": args.mode, "new": args.new, "context": context,
+        "N": model.states[fork.state_name].config.num_blocks,
         "budget": vars(decision) if decision else None,
-        "night_accuracy_before": before.accuracy, "night_accuracy_after": after.accuracy,
+        f"{context}_accuracy_before": before.accuracy,
+        f"{context}_accuracy_after": after.accuracy,
         "per_type_after": after.per_type, "train": report.to_dict(), "state_dir": str(out),
     }
     (out / "adapt.json").write_text(json.dumps(summary, indent=2))
-    print(f"adapted    {args.mode} with N={summary['N']} on {len(train)} night questions "
-          f"in {report.wall_s:.0f} s ({report.flops / 1e12:.2f} TFLOPs measured)")
-    print(f"night      {100 * before.accuracy:.1f} % → {100 * after.accuracy:.1f} %")
+    print(f"adapted    {args.mode} {'+'.join(args.new)} with N={summary['N']} on {len(train)} "
+          f"{context} questions in {report.wall_s:.0f} s ({report.flops / 1e12:.2f} TFLOPs "
+          "measured)")
+    print(f"{context:<10} {100 * before.accuracy:.1f} % → {100 * after.accuracy:.1f} %")
     print(f"saved      {Path(out)}")
     return 0

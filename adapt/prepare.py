@@ -37,6 +37,7 @@ from aligners.state import StateError, load_state, save_state
 from encoders.base import Encoder
 from encoders.cache import FeatureCache
 from encoders.pretrain import PretrainConfig, ensure_pretrained
+from mpnp.files import atomic_write_text
 from mpnp.paths import model_store_dir
 from scenes.synthetic import WorldConfig, generate_world
 
@@ -59,6 +60,20 @@ def fast_train_config(**overrides) -> TrainConfig:
     return TrainConfig(**(base | overrides))
 
 
+def default_extra_encoders(taken: tuple[str, ...] = ("camera", "lidar")) -> dict[str, str]:
+    """Sensor -> encoder kind for every registered sensor encoder whose sensor is not in
+    ``taken`` (the first kind by name per sensor): a sensor plugged in with an encoder is
+    pretrained and loaded by the offline stage without naming it here."""
+    from encoders import encoder_class, sensor_encoders
+
+    out: dict[str, str] = {}
+    for kind in sensor_encoders():
+        sensor = encoder_class(kind).sensor
+        if sensor is not None and sensor not in taken:
+            out.setdefault(sensor, kind)
+    return out
+
+
 @dataclass
 class PrepareConfig:
     """What the offline stage builds.
@@ -66,7 +81,10 @@ class PrepareConfig:
     Attributes:
         world: the synthetic world to generate (ignored when ``data_dir`` is given).
         data_dir: an existing dataset directory (generated world or nuScenes-QA) instead.
-        encoders: modality -> encoder kind.
+        encoders: modality -> encoder kind (the day state's record covers these).
+        extra_encoders: modality -> encoder kind of further sensors, pretrained and loaded
+            with the others for runtime adaptation but outside the day state's digest and
+            record: adding a sensor here never retrains the day (camera) state.
         pretrain: encoder kind -> pretraining config (``None``: the kind's defaults).
         num_blocks: N of the offline state.
         day_samples: cap on the day training questions (``None``: all) — a CPU budget.
@@ -82,6 +100,7 @@ class PrepareConfig:
     encoders: dict[str, str] = field(
         default_factory=lambda: {"camera": "camera-vit", "lidar": "lidar-rangevit"}
     )
+    extra_encoders: dict[str, str] = field(default_factory=lambda: default_extra_encoders())
     pretrain: dict[str, PretrainConfig | None] = field(default_factory=dict)
     num_blocks: int = 12
     day_samples: int | None = 1200
@@ -99,8 +118,10 @@ class PrepareConfig:
                 raise ValueError(f"PrepareConfig.{name} must be >= 1 or None")
 
     def digest(self) -> str:
-        """A short hash of everything that shapes the day state."""
-        text = json.dumps(asdict(self), sort_keys=True, default=str)
+        """A short hash of everything that shapes the day state (not ``extra_encoders``)."""
+        fields = asdict(self)
+        fields.pop("extra_encoders")
+        text = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -136,10 +157,13 @@ def ensure_world(config: WorldConfig, store: Path, progress: bool = True) -> Pat
 
 
 def ensure_encoders(config: PrepareConfig, data_dir: Path, store: Path,
-                    progress: bool = True) -> dict[str, Encoder]:
+                    progress: bool = True, extra: bool = True) -> dict[str, Encoder]:
+    """The pretrained encoders of ``config.encoders`` (and, with ``extra``, of
+    ``config.extra_encoders``) by modality, pretrained first where missing."""
+    kinds = {**config.encoders, **(config.extra_encoders if extra else {})}
     return {modality: ensure_pretrained(kind, data_dir, store, config.pretrain.get(kind),
                                         progress=progress)
-            for modality, kind in config.encoders.items()}
+            for modality, kind in kinds.items()}
 
 
 def ensure_prepared(store_dir: str | os.PathLike[str] | None = None,
@@ -168,7 +192,8 @@ def ensure_prepared(store_dir: str | os.PathLike[str] | None = None,
             record = json.loads(record_path.read_text())
         except (OSError, json.JSONDecodeError):
             record = {}
-        fingerprints = {m: e.fingerprint() for m, e in encoders.items()}
+        fingerprints = {m: e.fingerprint() for m, e in encoders.items()
+                        if m in config.encoders}
         if record.get("config_digest") == digest and record.get("encoders") == fingerprints:
             log.info("reusing the day state in %s", state_dir)
             return Prepared(store, data_dir, encoders, state_dir, record)
@@ -176,12 +201,11 @@ def ensure_prepared(store_dir: str | os.PathLike[str] | None = None,
         from mpnp.llm import load_llm
 
         llm, tokenizer = load_llm(model_path, store=store)
-    record = train_day_state(config, data_dir, encoders, FeatureCache(store / "features"),
+    day_encoders = {m: e for m, e in encoders.items() if m in config.encoders}
+    record = train_day_state(config, data_dir, day_encoders, FeatureCache(store / "features"),
                              llm, tokenizer, state_dir, progress)
     record["config_digest"] = digest
-    tmp = record_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, record_path)
+    atomic_write_text(record_path, json.dumps(record, indent=2))
     return Prepared(store, data_dir, encoders, state_dir, record)
 
 
@@ -244,7 +268,15 @@ def open_prepared(store_dir: str | os.PathLike[str] | None = None) -> Prepared:
             raise ValueError(f"{directory} changed since the day state was trained on its "
                              "tokens; run `mpnp prepare --force`")
         encoders[modality] = encoder
-    return Prepared(store, Path(record["data_dir"]), encoders, state_dir, record)
+    data_dir = Path(record["data_dir"])
+    for modality, kind in default_extra_encoders(tuple(encoders)).items():
+        # further sensors: the one in the store, else pretrained on the same world once
+        try:
+            encoders[modality] = load_encoder(encoder_dir(kind, store))
+        except (FileNotFoundError, ValueError) as exc:
+            log.info("no usable %s encoder in the store (%s): pretraining it", kind, exc)
+            encoders[modality] = ensure_pretrained(kind, data_dir, store, progress=False)
+    return Prepared(store, data_dir, encoders, state_dir, record)
 
 
 def load_day_connector(prepared: Prepared, model: MPnPModel,

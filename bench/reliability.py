@@ -483,7 +483,7 @@ class IngestFuzzer:
                 [b"0", b"2", b"1.0", b"true", b'"1"', b"null", b"[1]"]) + b",")
             return "unsupported_version", [raw, *buffers]
         if kind == 9:
-            header["sensor"] = r.choice(["radar", "CAMERA", 1, None, [], {"a": 1}])
+            header["sensor"] = r.choice(["sonar", "CAMERA", 1, None, [], {"a": 1}])
             return "unknown_sensor", [dump(header), *buffers]
         if kind == 10:
             return "buffer_mismatch", [dump(header), *buffers[:-1]]

@@ -112,6 +112,7 @@ class Table1Config:
                      "depth": 2, "num_heads": 2, "cls_blocks": 2}
         small_lidar = {"range_width": 128, "embed_dim": 48, "depth": 2, "num_heads": 2,
                        "token_blocks": 1}
+        small_radar = {"hidden": 32, "embed_dim": 48, "depth": 1, "num_heads": 2}
         return cls(
             model="tiny", ns=(2, 4, 6), offline_n=4, day_samples=64, night_samples=48,
             val_samples=16, test_samples=32, study_n=4, epochs=2, batch_size=16,
@@ -126,7 +127,9 @@ class Table1Config:
             # Pretrain on the tiny world itself, not the default pretraining corpus.
             pretrain={"camera-vit": PretrainConfig(epochs=1, corpus=None, encoder=small_cam),
                       "lidar-rangevit": PretrainConfig(epochs=1, corpus=None,
-                                                       encoder=small_lidar)},
+                                                       encoder=small_lidar),
+                      "radar-pointnet": PretrainConfig(epochs=1, corpus=None,
+                                                       encoder=small_radar)},
             store_subdir="bench-quick",
         )
 

@@ -119,7 +119,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--model-store", default="", help="model store (default $MPNP_HOME)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--night-modalities", nargs="+", default=["lidar"],
-                   help="what the light-level policy wants at night (lidar, or camera lidar)")
+                   help="what the light-level policy wants at night (lidar, camera lidar, "
+                        "radar, ...)")
     d.add_argument("--threads", type=int, default=1,
                    help="torch threads for the model (1 leaves a core to IO on 2 cores)")
     d.set_defaults(func=cmd_demo)
@@ -128,6 +129,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--endpoint", default=DEFAULT_INGEST, help="the daemon's ingest endpoint")
     s.add_argument("--camera-hz", type=float, default=12.0)
     s.add_argument("--lidar-hz", type=float, default=20.0)
+    s.add_argument("--sensor", action="append", default=[], metavar="NAME=HZ",
+                   help="also send another registered sensor the frames carry, e.g. radar=13")
     s.add_argument("--duration", type=float, help="seconds (default: until interrupted)")
     s.add_argument("--day", type=float, default=20.0, help="seconds of daylight")
     s.add_argument("--dusk", type=float, default=10.0, help="seconds of dusk ramp")
@@ -351,9 +354,18 @@ def format_store(store: dict[str, Any]) -> str:
 def cmd_sim_vehicle(args: argparse.Namespace) -> int:
     from daemon.sim_vehicle import SimVehicle, SimVehicleConfig, SyntheticFrameSource
 
+    sensors_hz = {}
+    for item in args.sensor:
+        name, _, hz = item.partition("=")
+        try:
+            sensors_hz[name] = float(hz)
+        except ValueError:
+            print(f"--sensor expects NAME=HZ, got {item!r}", file=sys.stderr)
+            return 2
     config = SimVehicleConfig(
         endpoint=args.endpoint, camera_hz=args.camera_hz, lidar_hz=args.lidar_hz,
-        duration_s=args.duration, day_s=args.day, dusk_s=args.dusk, night_s=args.night,
+        sensors_hz=sensors_hz, duration_s=args.duration, day_s=args.day, dusk_s=args.dusk,
+        night_s=args.night,
         loop=not args.no_loop, send_ambient=args.send_ambient,
     )
     options: dict[str, Any] = {}
@@ -367,7 +379,9 @@ def cmd_sim_vehicle(args: argparse.Namespace) -> int:
         stop.set()
         return 130
     rates = stats.rates()
+    others = "".join(f"{sent} {name} ({rates[f'{name}_hz']:.1f} Hz), "
+                     for name, sent in stats.sensors_sent.items())
     print(f"sent {stats.camera_sent} camera ({rates['camera_hz']:.1f} Hz), {stats.lidar_sent} "
-          f"lidar ({rates['lidar_hz']:.1f} Hz), {stats.dropped} dropped, "
+          f"lidar ({rates['lidar_hz']:.1f} Hz), {others}{stats.dropped} dropped, "
           f"{stats.world_frames} world frames ({stats.late_frames} late) in {stats.elapsed_s:.1f}s")
     return 0

@@ -18,14 +18,13 @@ import zmq
 from daemon.protocol import (
     EventType,
     MessageType,
-    SensorKind,
     decode_event,
     decode_reply,
     encode_request,
     encode_sensor_message,
 )
 from daemon.security import load_public_key, secure_client
-from scenes.sample import LIDAR, Frame
+from scenes.sample import Frame
 
 
 class DaemonError(RuntimeError):
@@ -236,20 +235,23 @@ class SensorPublisher:
         self.sent += 1
         return True
 
-    def send_camera(self, frame: Frame, timestamp: float | None = None,
+    def send_sensor(self, frame: Frame, sensor: str, timestamp: float | None = None,
                     ambient_light: float | None = None) -> bool:
+        """Send ``frame``'s payload of ``sensor`` (any registered sensor: its buffers as the
+        frame holds them, see :mod:`scenes.sensors`)."""
+        arrays = {name: np.ascontiguousarray(array)
+                  for name, array in frame.payload(sensor).items()}
         return self.send_parts(encode_sensor_message(
-            SensorKind.CAMERA, frame.frame_id,
-            frame.timestamp if timestamp is None else timestamp, dict(frame.cameras),
-            ambient_light,
+            sensor, frame.frame_id, frame.timestamp if timestamp is None else timestamp,
+            arrays, ambient_light,
         ))
 
+    def send_camera(self, frame: Frame, timestamp: float | None = None,
+                    ambient_light: float | None = None) -> bool:
+        return self.send_sensor(frame, "camera", timestamp, ambient_light)
+
     def send_lidar(self, frame: Frame, timestamp: float | None = None) -> bool:
-        points = np.ascontiguousarray(frame.lidar, dtype=np.float32)
-        return self.send_parts(encode_sensor_message(
-            SensorKind.LIDAR, frame.frame_id,
-            frame.timestamp if timestamp is None else timestamp, {LIDAR: points},
-        ))
+        return self.send_sensor(frame, "lidar", timestamp)
 
     def close(self) -> None:
         self._sock.close(linger=0)

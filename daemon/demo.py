@@ -228,9 +228,14 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict[str, Any]:
     if not daemon.ready.wait(120):
         raise RuntimeError("the daemon did not become ready")
     source = DemoFrameSource(_world_config(backend.prepared.data_dir))
+    from scenes.sensors import get_sensor
+
+    # any other sensor the policy may ask for is sent at its descriptor's nominal rate
+    others = {m: get_sensor(m).rate_hz for m in cfg.night_modalities
+              if m not in ("camera", "lidar")}
     vehicle_cfg = SimVehicleConfig(
         endpoint=daemon.endpoints["ingest"], camera_hz=cfg.camera_hz, lidar_hz=cfg.lidar_hz,
-        day_s=cfg.day_s, dusk_s=cfg.dusk_s, night_s=cfg.max_s, loop=False,
+        sensors_hz=others, day_s=cfg.day_s, dusk_s=cfg.dusk_s, night_s=cfg.max_s, loop=False,
     )
     stop_vehicle = threading.Event()
     vehicle = SimVehicle(vehicle_cfg, source)
@@ -357,7 +362,8 @@ def _report(cfg: DemoConfig, timeline, records, status, backend, result, vehicle
         "counters": status["counters"],
         "vehicle": (None if vehicle is None else
                     {"camera_sent": vehicle.camera_sent, "lidar_sent": vehicle.lidar_sent,
-                     "dropped": vehicle.dropped, "elapsed_s": vehicle.elapsed_s,
+                     "sensors_sent": dict(vehicle.sensors_sent), "dropped": vehicle.dropped,
+                     "elapsed_s": vehicle.elapsed_s,
                      **vehicle.rates()}),
         "power_modes": sorted({row["mode"] for row in timeline if row["mode"]}),
     }

@@ -40,7 +40,6 @@ from daemon.protocol import (
     MessageType,
     ProtocolError,
     ReplyStatus,
-    SensorKind,
     SensorMessage,
     WireReply,
     error_reply,
@@ -116,6 +115,11 @@ class Engine:
         self.backend = backend
         self.store = store
         self.selector = selector
+        # The context policy, not a modality's name, says which context's data trains and
+        # validates an adaptation (for backends that train on context data).
+        use_data_context = getattr(backend, "use_data_context", None)
+        if callable(use_data_context):
+            use_data_context(selector.data_context)
         self.monitor = monitor
         self.metrics = metrics or DaemonMetrics()
         self._publish_cb = publish or (lambda kind, body: None)
@@ -134,8 +138,8 @@ class Engine:
         # Policy samples only (the frames are in self.frames already): bounded, oldest out.
         self._samples: collections.deque[ContextSample] = collections.deque(
             maxlen=config.endpoints.ingest_queue)
-        self._last_sensor_ts: dict[SensorKind, float] = {}
-        self._behind: dict[SensorKind, int] = {}  # consecutive frames older than the newest
+        self._last_sensor_ts: dict[str, float] = {}
+        self._behind: dict[str, int] = {}  # consecutive frames older than the newest
         check = getattr(backend, "check_frame", None)
         self._check_frame: Callable[[str, dict[str, Any]], str | None] | None = (
             check if callable(check) else None)
@@ -189,7 +193,7 @@ class Engine:
         for the model). Returns the drop reason (counted here) when it is not accepted."""
         if self._check_frame is not None:
             try:
-                problem = self._check_frame(message.sensor.value, message.arrays)
+                problem = self._check_frame(message.sensor, message.arrays)
             except Exception:  # a backend bug must not stop ingest
                 log.exception("backend.check_frame failed; accepting the frame")
                 problem = None
@@ -208,17 +212,17 @@ class Engine:
                 # A run of frames behind the newest: the sensor clock was reset, or the
                 # newest was stamped in the future. Refusing them all would block the sensor
                 # until a restart; accept this one and re-anchor on it.
-                self.metrics.clock_resets.inc(sensor=message.sensor.value)
+                self.metrics.clock_resets.inc(sensor=message.sensor)
                 log.warning("%s: %d frames in a row older than %.17g: clock reset, re-anchored "
-                            "on frame %s at %.17g", message.sensor.value, behind - 1, last,
+                            "on frame %s at %.17g", message.sensor, behind - 1, last,
                             message.frame_id[:40], message.timestamp)
             self._behind[message.sensor] = 0
             self._last_sensor_ts[message.sensor] = message.timestamp
             self.frames.add(message)
-            cameras = message.arrays if message.sensor is SensorKind.CAMERA else None
+            cameras = message.arrays if message.sensor == "camera" else None
             self._samples.append(ContextSample(message.timestamp, cameras,
                                                message.ambient_light))
-        self.metrics.frames_in.inc(sensor=message.sensor.value)
+        self.metrics.frames_in.inc(sensor=message.sensor)
         return None
 
     def publish(self, kind: EventType, body: dict[str, Any]) -> None:

@@ -1,9 +1,10 @@
 """Sensor messages -> frames the model can answer about.
 
-Cameras (≈12 Hz) and LiDAR (≈20 Hz) arrive as separate messages. :class:`FrameBuffer` keeps
-the last few of each (bounded) and assembles a :class:`~scenes.sample.Frame` on demand: the
-requested frame id (either sensor's) or the latest, paired with the other sensor's message
-nearest in time. A modality that is not used gets an empty placeholder.
+Each sensor (cameras ≈12 Hz, LiDAR ≈20 Hz, radars ≈13 Hz, any registered one) sends separate
+messages. :class:`FrameBuffer` keeps the last few of each sensor (bounded) and assembles a
+:class:`~scenes.sample.Frame` on demand: the requested frame id (any sensor's) or the latest,
+paired with each other needed sensor's message nearest in time. A modality is a sensor's
+name (:mod:`scenes.sensors`); the frame carries the sensors the modalities need.
 
 The ingest thread adds messages while the engine assembles frames, so every method holds
 one lock (adding is O(1); assembling scans at most ``history`` messages per sensor).
@@ -15,28 +16,33 @@ import math
 import threading
 from collections import deque
 
-import numpy as np
-
-from daemon.protocol import ErrorCode, ProtocolError, SensorKind, SensorMessage
-from scenes.sample import CAMERA_VIEWS, LIDAR, Frame
-
-_MODALITY_SENSOR = {"camera": SensorKind.CAMERA, "lidar": SensorKind.LIDAR}
+from daemon.protocol import ErrorCode, ProtocolError, SensorMessage
+from scenes.sample import Frame
+from scenes.sensors import SENSORS
 
 
 class FrameBuffer:
     def __init__(self, history: int = 32) -> None:
         self._lock = threading.RLock()
-        self._messages: dict[SensorKind, deque[SensorMessage]] = {
-            kind: deque(maxlen=history) for kind in SensorKind
+        self._history = history
+        # one deque per registered sensor; a sensor registered later gets its own on first use
+        self._messages: dict[str, deque[SensorMessage]] = {
+            name: deque(maxlen=history) for name in SENSORS.names()
         }
+
+    def _queue(self, sensor: str) -> deque[SensorMessage]:
+        queue = self._messages.get(sensor)
+        if queue is None:
+            queue = self._messages[sensor] = deque(maxlen=self._history)
+        return queue
 
     def add(self, message: SensorMessage) -> None:
         with self._lock:
-            self._messages[message.sensor].append(message)
+            self._queue(message.sensor).append(message)
 
-    def latest(self, sensor: SensorKind) -> SensorMessage | None:
+    def latest(self, sensor: str) -> SensorMessage | None:
         with self._lock:
-            messages = self._messages[sensor]
+            messages = self._messages.get(sensor)
             return messages[-1] if messages else None
 
     def _find(self, frame_id: str) -> SensorMessage | None:
@@ -46,8 +52,8 @@ class FrameBuffer:
                     return message
         return None
 
-    def _nearest(self, sensor: SensorKind, anchor: SensorMessage) -> SensorMessage | None:
-        messages = self._messages[sensor]
+    def _nearest(self, sensor: str, anchor: SensorMessage) -> SensorMessage | None:
+        messages = self._messages.get(sensor) or ()
         same = [m for m in messages if m.frame_id == anchor.frame_id]
         if same:
             return same[-1]
@@ -66,7 +72,11 @@ class FrameBuffer:
             return self._frame(modalities, frame_id)
 
     def _frame(self, modalities: frozenset[str], frame_id: str | None) -> Frame:
-        needed = [_MODALITY_SENSOR[m] for m in sorted(modalities)]
+        needed = sorted(modalities)
+        unknown = [m for m in needed if m not in SENSORS]
+        if unknown:  # a modality no sensor provides (a diagnostic one): nothing to pair
+            raise ProtocolError(ErrorCode.NO_FRAME, f"no sensor provides {unknown}; known "
+                                f"sensors: {SENSORS.names()}")
         if frame_id is not None:
             anchor = self._find(frame_id)
             if anchor is None:
@@ -76,42 +86,37 @@ class FrameBuffer:
                     "frame id for the latest",
                 )
         else:
-            latest = [self.latest(kind) for kind in needed]
-            missing = [k.value for k, m in zip(needed, latest) if m is None]
+            latest = [self.latest(sensor) for sensor in needed]
+            missing = [k for k, m in zip(needed, latest) if m is None]
             if missing:
                 raise ProtocolError(ErrorCode.NO_FRAME, f"no {missing} frame received yet")
             anchor = max(latest, key=lambda m: m.timestamp)  # type: ignore[arg-type, return-value]
-        parts: dict[SensorKind, SensorMessage] = {}
-        for kind in needed:
-            message = anchor if anchor.sensor is kind else self._nearest(kind, anchor)
+        parts: dict[str, SensorMessage] = {}
+        for sensor in needed:
+            message = anchor if anchor.sensor == sensor else self._nearest(sensor, anchor)
             if message is None:
-                raise ProtocolError(ErrorCode.NO_FRAME, f"no {kind.value} frame received yet")
-            parts[kind] = message
-        camera = parts.get(SensorKind.CAMERA)
-        lidar = parts.get(SensorKind.LIDAR)
+                raise ProtocolError(ErrorCode.NO_FRAME, f"no {sensor} frame received yet")
+            parts[sensor] = message
         ambient = next((m.ambient_light for m in parts.values() if m.ambient_light is not None),
                        math.nan)
-        if camera is not None:
-            cameras = {view: camera.arrays[view] for view in CAMERA_VIEWS}
-        else:
-            cameras = {view: np.zeros((0, 0, 3), np.uint8) for view in CAMERA_VIEWS}
-        points = lidar.arrays[LIDAR] if lidar is not None else np.zeros((0, 4), np.float32)
+        sensors = {sensor: {name: message.arrays[name]
+                            for name in SENSORS.get(sensor).buffer_names}
+                   for sensor, message in parts.items()}
         return Frame(
             frame_id=anchor.frame_id,
             scene_id="live",
             timestamp=anchor.timestamp,
             light=float(ambient),
-            cameras=cameras,
-            lidar=points,
+            sensors=sensors,
         )
 
     def describe(self) -> dict:
         out = {}
         with self._lock:
-            items = [(kind, list(messages)) for kind, messages in self._messages.items()]
-        for kind, messages in items:
+            items = [(sensor, list(messages)) for sensor, messages in self._messages.items()]
+        for sensor, messages in items:
             last = messages[-1] if messages else None
-            out[kind.value] = (
+            out[sensor] = (
                 {"frame_id": last.frame_id, "timestamp": last.timestamp, "held": len(messages)}
                 if last else None
             )

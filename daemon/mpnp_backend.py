@@ -14,9 +14,11 @@ Registered as ``mpnp`` (``[model] backend = "mpnp"``). A thin adapter over three
   (:meth:`MPnPBackend.compose_candidate`), validated by the same job with no training steps.
 
 The runtime training data of each context is the offline stage's synthetic world
-(:func:`adapt.prepare.ensure_prepared`), standing in for labelled samples a vehicle collected:
-modality sets with LiDAR train and validate on the night split, camera-only sets on the day
-split; validation is on the held-out ``val`` split (never on training data). The candidate is
+(:func:`adapt.prepare.ensure_prepared`), standing in for labelled samples a vehicle collected.
+Which context's data (day or night) trains and validates a modality set is the context
+policy's word (:meth:`policies.context.ContextPolicy.data_context`, handed over by the engine
+through :meth:`MPnPBackend.use_data_context`), not something read off the modality names;
+validation is on the held-out ``val`` split (never on training data). The candidate is
 a *fork* of the serving state (same resident LLM, separate aligners/connections/LoRA), so
 serving never sees a half-trained state; :meth:`MPnPBackend.commit_adapted` swaps the pointer.
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,8 @@ class MPnPBackendConfig:
         compose_search_questions: held-out questions per candidate of DAMC's λ search
             (taken from the validation split outside the gate's ``val_questions`` where
             it has enough).
+        context: the data context (``day`` / ``night``: a split of the offline stage's
+            data) of an adaptation when the context policy has no view.
     """
 
     llm: str = "smollm2-135m-instruct"
@@ -86,6 +90,7 @@ class MPnPBackendConfig:
     learning_rates: dict[str, float] = field(default_factory=dict)
     seed: int = 0
     compose_search_questions: int = 8
+    context: str = "day"
 
     @property
     def answer_vocabulary_answers(self) -> tuple[str, ...]:
@@ -117,9 +122,12 @@ def answer_budget(tokenizer, max_new_tokens: int, vocabulary: Sequence[str]) -> 
     return max(max_new_tokens, longest + 1)
 
 
-def context_of(modalities: frozenset[str] | Sequence[str]) -> str:
-    """The driving context whose data trains a modality set: LiDAR is the night's answer."""
-    return "night" if "lidar" in modalities else "day"
+def default_data_context(modalities: frozenset[str] | Sequence[str]) -> str | None:
+    """The data context of ``modalities`` by the default context policy (light level with
+    its default day/night sets), used until the engine hands over its own policy's."""
+    from policies.context import LightLevelPolicy
+
+    return LightLevelPolicy().data_context(modalities)
 
 
 class MPnPBackend:
@@ -137,6 +145,7 @@ class MPnPBackend:
         self.splits = splits
         self.encoders = EncoderPool(prepared.encoders, config.device, config.frame_cache)
         self._job = None  # adapt.engine.AdaptationJob of the run in progress
+        self._data_context: Callable[[frozenset[str]], str | None] = default_data_context
         self._started = 0.0
         self._names = 0
         self.last_report: dict[str, Any] | None = None
@@ -196,8 +205,22 @@ class MPnPBackend:
 
     # --- adaptation -----------------------------------------------------------------------
 
+    def use_data_context(self, data_context: Callable[[frozenset[str]], str | None]) -> None:
+        """Take the context policy's word on which context's data trains and validates a
+        modality set (the engine calls this with its selector's ``data_context``)."""
+        self._data_context = data_context
+
+    def context_of(self, modalities: frozenset[str]) -> str:
+        """The data context of an adaptation for ``modalities`` (the policy's, else
+        ``config.context``)."""
+        context = self._data_context(frozenset(modalities)) or self.config.context
+        if not hasattr(self.splits, f"{context}_train"):
+            raise ValueError(f"no {context!r} training data for {sorted(modalities)} (the "
+                             "offline stage has day and night splits)")
+        return context
+
     def _data(self, modalities: frozenset[str]):
-        context = context_of(modalities)
+        context = self.context_of(modalities)
         train = getattr(self.splits, f"{context}_train")
         val = getattr(self.splits, f"{context}_val")
         if self.config.train_questions and len(train) > self.config.train_questions:
@@ -226,11 +249,11 @@ class MPnPBackend:
         if self._job is not None:
             self.discard_adapted()
         self._composition = None
+        train, val = self._data(modalities)  # the context's data (before any state is made)
         specs = [self.encoders.spec(m) for m in sorted(modalities)]  # Reconnect: load them
         config = self.train_config(batch_size)
         candidate = prepare_candidate(self.serving, specs, self._new_name("candidate"),
                                       seed=config.seed, num_blocks=n_blocks)
-        train, val = self._data(modalities)
         try:
             stepper = AdaptationStepper(candidate, config, train, total_steps=steps)
         except Exception:
@@ -240,7 +263,7 @@ class MPnPBackend:
         self._started = time.perf_counter()
         log.info("adapting %s: N=%d, %d steps of %d on %d %s questions (val %d)",
                  sorted(modalities), n_blocks, steps, batch_size, len(train),
-                 context_of(modalities), len(val))
+                 self.context_of(modalities), len(val))
 
     def set_total_steps(self, steps: int) -> None:
         if self._job is not None:
@@ -430,7 +453,7 @@ class MPnPBackend:
     def _search_questions(self, modalities: frozenset[str], gate):
         """Held-out questions for DAMC's λ search: from the context's validation split
         outside the gate's questions (``gate``) when there are any, else the gate's own."""
-        full = getattr(self.splits, f"{context_of(modalities)}_val")
+        full = getattr(self.splits, f"{self.context_of(modalities)}_val")
         taken = {id(item) for item in gate.items}
         rest = [i for i, item in enumerate(full.items) if id(item) not in taken]
         if not rest:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from daemon.config import LimitsConfig
-from scenes.sample import CAMERA_VIEWS, LIDAR
+from scenes.sensors import SENSORS, SensorSpec
 
 PROTOCOL_VERSION = 1
 PROTOCOL_TAG = b"MPNP/1"
@@ -78,6 +78,10 @@ class EventType(str, Enum):
 
 
 class SensorKind(str, Enum):
+    """Names of the first two sensors, kept for callers' convenience. The set is open:
+    the wire accepts every sensor registered in :mod:`scenes.sensors` (``SENSORS``), and a
+    decoded message names its sensor as a plain string."""
+
     CAMERA = "camera"
     LIDAR = "lidar"
 
@@ -290,9 +294,11 @@ def decode_event(frames: list[bytes]) -> tuple[EventType, dict[str, Any]]:
 
 @dataclass
 class SensorMessage:
-    """One decoded sensor message (arrays may view zmq-owned memory: read-only)."""
+    """One decoded sensor message (arrays may view zmq-owned memory: read-only).
 
-    sensor: SensorKind
+    ``sensor`` is the registered sensor's name (:mod:`scenes.sensors`)."""
+
+    sensor: str
     frame_id: str
     timestamp: float
     arrays: dict[str, np.ndarray]
@@ -304,18 +310,12 @@ class SensorMessage:
         return sum(a.nbytes for a in self.arrays.values())
 
 
-_SENSOR_BUFFERS: dict[SensorKind, tuple[str, ...]] = {
-    SensorKind.CAMERA: CAMERA_VIEWS,
-    SensorKind.LIDAR: (LIDAR,),
-}
-_SENSOR_DTYPES: dict[SensorKind, np.dtype] = {
-    SensorKind.CAMERA: np.dtype(np.uint8),
-    SensorKind.LIDAR: np.dtype(np.float32),
-}
+def _sensor_name(sensor: str | SensorKind) -> str:
+    return sensor.value if isinstance(sensor, SensorKind) else str(sensor)
 
 
 def encode_sensor_message(
-    sensor: SensorKind,
+    sensor: str | SensorKind,
     frame_id: str,
     timestamp: float,
     arrays: dict[str, np.ndarray],
@@ -327,9 +327,10 @@ def encode_sensor_message(
     for name, array in arrays.items():
         array = np.ascontiguousarray(array)
         specs.append({"name": name, "dtype": array.dtype.str, "shape": list(array.shape)})
-        buffers.append(memoryview(array).cast("B"))
+        # (a sensor may have nothing to say: a radar without returns sends an empty buffer)
+        buffers.append(memoryview(array).cast("B") if array.size else b"")
     header: dict[str, Any] = {
-        "v": PROTOCOL_VERSION, "sensor": sensor.value, "frame_id": frame_id,
+        "v": PROTOCOL_VERSION, "sensor": _sensor_name(sensor), "frame_id": frame_id,
         "timestamp": timestamp, "buffers": specs,
     }
     if ambient_light is not None:
@@ -353,17 +354,30 @@ def _as_float(value: int | float, name: str) -> float:
                           f"header.{name} does not fit a float") from None
 
 
-#: The dtype strings accepted per sensor: a whitelist, so that no wire string reaches
-#: ``numpy.dtype`` (which parses structured/sub-array specs such as ``"(-1,)f4"``).
-_DTYPE_NAMES: dict[SensorKind, frozenset[str]] = {
-    SensorKind.CAMERA: frozenset({"|u1", "u1", "<u1", ">u1", "=u1", "uint8", "B"}),
-    SensorKind.LIDAR: frozenset({"<f4" if np.little_endian else ">f4", "f4", "=f4",
-                                 "float32", "f"}),
-}
+def dtype_names(dtype: np.dtype) -> frozenset[str]:
+    """The dtype strings the wire accepts for ``dtype``: a whitelist, so that no wire string
+    reaches ``numpy.dtype`` (which parses structured/sub-array specs such as ``"(-1,)f4"``).
+    Multi-byte types in the machine's byte order only (the buffers are viewed, not swapped)."""
+    dtype = np.dtype(dtype)
+    code = f"{dtype.kind}{dtype.itemsize}"
+    names = {code, f"={code}", dtype.name, dtype.char}
+    if dtype.itemsize == 1:
+        names |= {f"|{code}", f"<{code}", f">{code}"}
+    else:
+        names.add(("<" if np.little_endian else ">") + code)
+    return frozenset(names)
+
+
+def _registered_sensor(value: Any) -> SensorSpec:
+    if not isinstance(value, str) or value not in SENSORS:
+        raise IngestError(DropReason.UNKNOWN_SENSOR,
+                          f"unknown sensor {str(value)[:40]!r}; known: {SENSORS.names()}")
+    return SENSORS.get(value)
 
 
 def decode_sensor_message(frames: list[Any], limits: LimitsConfig) -> SensorMessage:
-    """Validate and view one ingest message (``frames`` are zmq Frames or bytes)."""
+    """Validate and view one ingest message (``frames`` are zmq Frames or bytes) against the
+    registered descriptor of its sensor (:mod:`scenes.sensors`)."""
     if not frames:
         raise IngestError(DropReason.BAD_HEADER, "empty message")
     raw_header = frames[0].bytes if hasattr(frames[0], "bytes") else bytes(frames[0])
@@ -382,11 +396,7 @@ def decode_sensor_message(frames: list[Any], limits: LimitsConfig) -> SensorMess
         raise IngestError(DropReason.UNSUPPORTED_VERSION,
                           f"header.v={str(version)[:20]!r}; this daemon reads the integer "
                           f"{PROTOCOL_VERSION}")
-    try:
-        sensor = SensorKind(header.get("sensor"))
-    except (ValueError, TypeError):
-        raise IngestError(DropReason.UNKNOWN_SENSOR,
-                          f"unknown sensor {str(header.get('sensor'))[:40]!r}") from None
+    sensor = _registered_sensor(header.get("sensor"))
     frame_id = _field(header, "frame_id", str)
     if not 0 < len(frame_id) <= 128:
         raise IngestError(DropReason.BAD_HEADER, "header.frame_id must have 1..128 chars")
@@ -399,11 +409,11 @@ def decode_sensor_message(frames: list[Any], limits: LimitsConfig) -> SensorMess
     if not math.isfinite(timestamp) or (ambient is not None and not math.isfinite(ambient)):
         raise IngestError(DropReason.NON_FINITE, "header timestamp/ambient_light not finite")
     specs = _field(header, "buffers", list)
-    expected = _SENSOR_BUFFERS[sensor]
+    expected = sensor.buffer_names
     if len(specs) != len(expected) or len(frames) - 1 != len(specs):
         raise IngestError(
             DropReason.BUFFER_MISMATCH,
-            f"{sensor.value} needs {len(expected)} buffers {list(expected)}; header lists "
+            f"{sensor.name} needs {len(expected)} buffers {list(expected)}; header lists "
             f"{len(specs)}, message carries {len(frames) - 1}",
         )
     arrays: dict[str, np.ndarray] = {}
@@ -417,46 +427,43 @@ def decode_sensor_message(frames: list[Any], limits: LimitsConfig) -> SensorMess
     missing = sorted(set(expected) - set(arrays))
     if missing:
         raise IngestError(DropReason.BUFFER_MISMATCH, f"missing buffers {missing}")
-    if sensor is SensorKind.CAMERA:
+    if sensor.same_shape:
         shapes = {a.shape for a in arrays.values()}
         if len(shapes) != 1:
-            raise IngestError(DropReason.BAD_SHAPE, f"camera views differ in shape: {shapes}")
-    else:
-        if not np.isfinite(arrays[LIDAR]).all():
-            raise IngestError(DropReason.NON_FINITE, "lidar points hold NaN or inf")
-    return SensorMessage(sensor, frame_id, timestamp, arrays, ambient)
+            raise IngestError(DropReason.BAD_SHAPE,
+                              f"{sensor.name} buffers differ in shape: {shapes}")
+    if sensor.finite:
+        for name, array in arrays.items():
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise IngestError(DropReason.NON_FINITE,
+                                  f"{sensor.name} {name} holds NaN or inf")
+    return SensorMessage(sensor.name, frame_id, timestamp, arrays, ambient)
 
 
 def _view_buffer(
-    sensor: SensorKind, spec: Any, frame: Any, limits: LimitsConfig
+    sensor: SensorSpec, spec: Any, frame: Any, limits: LimitsConfig
 ) -> tuple[str, np.ndarray]:
     if not isinstance(spec, dict):
         raise IngestError(DropReason.BAD_HEADER, "each header.buffers entry must be an object")
     name = spec.get("name")
-    if name not in _SENSOR_BUFFERS[sensor]:
+    buffer_spec = sensor.buffer(name) if isinstance(name, str) else None
+    if buffer_spec is None:
         raise IngestError(DropReason.BUFFER_MISMATCH, f"unexpected buffer {str(name)[:40]!r}")
+    dtype = buffer_spec.np_dtype
+    accepted = dtype_names(dtype)
     dtype_name = spec.get("dtype")
-    if not isinstance(dtype_name, str) or dtype_name not in _DTYPE_NAMES[sensor]:
-        needed = _SENSOR_DTYPES[sensor]
-        message = (f"{name}: dtype {str(dtype_name)[:32]!r}, {sensor.value} needs {needed} "
-                   f"(one of {sorted(_DTYPE_NAMES[sensor])})")
+    if not isinstance(dtype_name, str) or dtype_name not in accepted:
+        message = (f"{name}: dtype {str(dtype_name)[:32]!r}, {sensor.name} needs {dtype} "
+                   f"(one of {sorted(accepted)})")
         raise IngestError(DropReason.BAD_DTYPE, message)
-    dtype = _SENSOR_DTYPES[sensor]
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise IngestError(DropReason.BAD_SHAPE, f"{name}: shape must be a list of ints >= 0")
-    if sensor is SensorKind.CAMERA:
-        if len(shape) != 3 or shape[2] != 3 or not all(0 < d <= limits.max_image_side
-                                                      for d in shape[:2]):
-            raise IngestError(DropReason.BAD_SHAPE,
-                              f"{name}: camera shape must be (H, W, 3) with 0 < H, W <= "
-                              f"{limits.max_image_side}, got {shape}")
-    elif len(shape) != 2 or shape[1] != 4 or shape[0] > limits.max_lidar_points:
-        raise IngestError(DropReason.BAD_SHAPE,
-                          f"{name}: lidar shape must be (N, 4) with N <= "
-                          f"{limits.max_lidar_points}, got {shape}")
+    problem = buffer_spec.shape_problem(shape, limits)
+    if problem:
+        raise IngestError(DropReason.BAD_SHAPE, f"{sensor.name} {problem}")
     buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(buffer) != expected:

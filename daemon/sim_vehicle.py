@@ -57,11 +57,14 @@ class SyntheticFrameSource:
 
 @dataclass
 class SimVehicleConfig:
-    """Rates and the light schedule (day for ``day_s``, dusk ramp, night for ``night_s``)."""
+    """Rates and the light schedule (day for ``day_s``, dusk ramp, night for ``night_s``).
+
+    ``sensors_hz`` adds any other registered sensor the frames carry (``{"radar": 13.0}``)."""
 
     endpoint: str = "tcp://127.0.0.1:5555"
     camera_hz: float = 12.0
     lidar_hz: float = 20.0
+    sensors_hz: dict[str, float] = field(default_factory=dict)
     duration_s: float | None = None
     day_s: float = 20.0
     dusk_s: float = 10.0
@@ -77,6 +80,13 @@ class SimVehicleConfig:
         for name in ("camera_hz", "lidar_hz", "world_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"sim-vehicle {name} must be > 0, got {getattr(self, name)}")
+        from scenes.sensors import get_sensor
+
+        for name, hz in self.sensors_hz.items():
+            get_sensor(name)  # an unknown sensor raises, naming the known ones
+            if name in ("camera", "lidar") or hz <= 0:
+                raise ValueError(f"sim-vehicle sensors_hz[{name!r}] must be > 0 and not camera "
+                                 f"or lidar (they have their own rates), got {hz}")
         for name in ("day_s", "dusk_s", "night_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"sim-vehicle {name} must be >= 0, got {getattr(self, name)}")
@@ -102,6 +112,7 @@ class SimVehicleConfig:
 class SimStats:
     camera_sent: int = 0
     lidar_sent: int = 0
+    sensors_sent: dict[str, int] = field(default_factory=dict)  # the other sensors
     dropped: int = 0
     world_frames: int = 0
     late_frames: int = 0  # world frames not rendered by the time they were due
@@ -110,7 +121,8 @@ class SimStats:
 
     def rates(self) -> dict[str, float]:
         t = max(self.elapsed_s, 1e-9)
-        return {"camera_hz": self.camera_sent / t, "lidar_hz": self.lidar_sent / t}
+        return {"camera_hz": self.camera_sent / t, "lidar_hz": self.lidar_sent / t,
+                **{f"{name}_hz": sent / t for name, sent in self.sensors_sent.items()}}
 
 
 def _next_tick(scheduled: float, period: float, now: float) -> float:
@@ -141,6 +153,7 @@ class SimVehicle:
             start = time.monotonic()
             wall0 = time.time()
             next_camera = next_lidar = 0.0
+            next_other = dict.fromkeys(cfg.sensors_hz, 0.0)
             next_world = cfg.world_interval_s
             late = False  # the due world frame is not rendered yet
             while not stop.is_set():
@@ -168,7 +181,16 @@ class SimVehicle:
                     self._count(stats, "camera",
                                 self.publisher.send_camera(frame, stamp, ambient))
                     next_camera = _next_tick(next_camera, 1.0 / cfg.camera_hz, t)
-                wait = min(next_lidar, next_camera, next_world) - (time.monotonic() - start)
+                for name, hz in cfg.sensors_hz.items():
+                    if t >= next_other[name] and name in frame.sensors:
+                        sent = self.publisher.send_sensor(frame, name, stamp)
+                        if sent:
+                            stats.sensors_sent[name] = stats.sensors_sent.get(name, 0) + 1
+                        else:
+                            stats.dropped += 1
+                        next_other[name] = _next_tick(next_other[name], 1.0 / hz, t)
+                wait = min(next_lidar, next_camera, next_world, *next_other.values()) - (
+                    time.monotonic() - start)
                 if wait > 0:
                     stop.wait(wait)
             stats.elapsed_s = time.monotonic() - start

@@ -153,4 +153,4 @@ def toy_frame(frame_id: str = "f0", timestamp: float = 0.0, light: float = 1.0,
     level = int(round(light * 200))
     cameras = {view: np.full((h, w, 3), level, np.uint8) for view in CAMERA_VIEWS}
     lidar = np.arange(points * 4, dtype=np.float32).reshape(points, 4)
-    return Frame(frame_id, "toy", timestamp, light, cameras, lidar)
+    return Frame.from_rig(frame_id, "toy", timestamp, light, cameras, lidar)

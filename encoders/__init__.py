@@ -1,5 +1,8 @@
-"""Frozen unimodal encoders (camera ViT, LiDAR range-image ViT) behind one interface, and the
-ground-truth ``oracle`` (a diagnostic upper bound, never served).
+"""Frozen unimodal encoders (camera ViT, LiDAR range-image ViT, radar point-set encoder) behind
+one interface, and the ground-truth ``oracle`` (a diagnostic upper bound, never served).
+
+Each encoder declares the sensor it reads (``Encoder.sensor``, a name registered in
+:mod:`scenes.sensors`); its modality is that sensor's name.
 
 Every encoder maps sensor frames to tokens ``(B, T, D)`` (see :class:`encoders.base.Encoder`)
 and is created by name through the registry here::
@@ -29,13 +32,32 @@ def register_encoder(kind: str, cls: type[Encoder]) -> type[Encoder]:
                          f"(known: {', '.join(list_encoders())})")
     if cls.kind != kind:
         raise ValueError(f"{cls.__name__}.kind is {cls.kind!r}, cannot register it as {kind!r}")
+    if cls.sensor is not None:
+        from scenes.sensors import SENSORS
+
+        if cls.sensor not in SENSORS:
+            raise ValueError(f"{cls.__name__} reads sensor {cls.sensor!r}, which is not "
+                             f"registered (known: {SENSORS.names()}; see scenes/sensors.py)")
+        if cls.modality != cls.sensor:
+            raise ValueError(f"{cls.__name__}: a sensor encoder's modality is its sensor's "
+                             f"name ({cls.sensor!r}), got {cls.modality!r}")
     _REGISTRY[kind] = cls
     return cls
+
+
+def unregister_encoder(kind: str) -> None:
+    """Remove ``kind`` (a test that registers an encoder of its own cleans up with this)."""
+    _REGISTRY.pop(kind, None)
 
 
 def list_encoders() -> list[str]:
     """Names of every registered encoder kind, sorted."""
     return sorted(_REGISTRY)
+
+
+def sensor_encoders() -> list[str]:
+    """Kinds of the registered encoders that read a sensor (not the diagnostic ones)."""
+    return [k for k in list_encoders() if _REGISTRY[k].sensor is not None]
 
 
 def encoder_class(kind: str) -> type[Encoder]:
@@ -59,9 +81,11 @@ def create_encoder(kind: str, **config) -> Encoder:
 from encoders.camera import CameraViTEncoder  # noqa: E402  (registers itself)
 from encoders.lidar import LidarRangeViTEncoder  # noqa: E402
 from encoders.oracle import OracleEncoder  # noqa: E402
+from encoders.radar import RadarPointEncoder  # noqa: E402
 
 register_encoder(CameraViTEncoder.kind, CameraViTEncoder)
 register_encoder(LidarRangeViTEncoder.kind, LidarRangeViTEncoder)
+register_encoder(RadarPointEncoder.kind, RadarPointEncoder)
 register_encoder(OracleEncoder.kind, OracleEncoder)
 
 __all__ = [
@@ -70,9 +94,12 @@ __all__ = [
     "EncoderFormatError",
     "LidarRangeViTEncoder",
     "OracleEncoder",
+    "RadarPointEncoder",
     "create_encoder",
     "encoder_class",
     "list_encoders",
     "load_encoder",
     "register_encoder",
+    "sensor_encoders",
+    "unregister_encoder",
 ]

@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mpnp.files import atomic_write, atomic_write_text
 from scenes.sample import Frame
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,9 @@ FORMAT_TYPE = "mpnp-encoder"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "encoder.safetensors"
 CONFIG_FILE = "encoder.json"
-#: Sensor modalities the encoders read, then the diagnostic ones (never served by the daemon).
-SENSOR_MODALITIES = ("camera", "lidar")
+#: Modalities that no sensor provides (never served by the daemon); every other modality is
+#: the name of the registered sensor its encoder reads (:mod:`scenes.sensors`).
 DIAGNOSTIC_MODALITIES = ("oracle",)
-MODALITIES = SENSOR_MODALITIES + DIAGNOSTIC_MODALITIES
 FIX_HINT = "run `mpnp prepare` (or `mpnp encoders pretrain --kind {kind}`) to recreate it"
 
 
@@ -50,13 +50,17 @@ class EncoderFormatError(ValueError):
 class Encoder(nn.Module, ABC):
     """Frozen unimodal encoder: frames -> tokens ``(B, T, D)``.
 
-    Subclasses set :attr:`kind` (registry name), :attr:`modality` and
-    :attr:`config_class` (a dataclass with ``to_dict``/``from_dict``), and implement
-    :meth:`preprocess`, :meth:`forward`, :meth:`example_input` and the two size properties.
+    Subclasses set :attr:`kind` (registry name), :attr:`sensor` (the registered sensor
+    it reads, :mod:`scenes.sensors`; ``None`` for a diagnostic encoder that reads no sensor),
+    :attr:`modality` (the sensor's name, or a diagnostic name) and :attr:`config_class` (a
+    dataclass), and implement :meth:`preprocess`, :meth:`forward`, :meth:`example_input` and
+    the two size properties. Pretraining and probes also use :meth:`region_layout` and
+    :meth:`augment`.
     """
 
     kind: ClassVar[str] = ""
     modality: ClassVar[str] = ""
+    sensor: ClassVar[str | None] = None
     config_class: ClassVar[type]
 
     def __init__(self, config: Any) -> None:
@@ -85,6 +89,20 @@ class Encoder(nn.Module, ABC):
     @abstractmethod
     def example_input(self, batch: int = 1) -> torch.Tensor:
         """A zero input of the right shape (for export and benchmarks)."""
+
+    # -- what pretraining and probes use (encoders/pretrain.py, encoders/probe.py) -----------
+    def region_layout(self) -> tuple[str, int]:
+        """How the tokens map to regions around the vehicle: ``("views", 6)`` (camera views)
+        or ``("bands", k)`` (azimuth bands, :func:`encoders.targets.band_of`); tokens are
+        region-major, so ``tokens.reshape(B, R, -1)`` gives each region's tokens."""
+        raise NotImplementedError(f"encoder {self.kind!r} has no region layout (it cannot be "
+                                  "pretrained on region targets)")
+
+    def augment(self, x: torch.Tensor, y: torch.Tensor,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pretraining augmentation of a batch of inputs ``x`` and region targets ``y``
+        ``(B, R, Q)`` that keeps them consistent; the default changes nothing."""
+        return x, y
 
     # -- shared behaviour -----------------------------------------------------------------
     @property
@@ -133,18 +151,36 @@ class Encoder(nn.Module, ABC):
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous().clone()
                    for k, v in self.state_dict().items()}
-        weights_tmp = directory / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(weights_tmp), metadata={"kind": self.kind})
         header = {"type": FORMAT_TYPE, "format_version": FORMAT_VERSION, "kind": self.kind,
-                  "modality": self.modality, "config": self.config_dict()}
-        config_tmp = directory / (CONFIG_FILE + ".tmp")
-        config_tmp.write_text(json.dumps(header, indent=1))
-        os.replace(weights_tmp, directory / WEIGHTS_FILE)
-        os.replace(config_tmp, directory / CONFIG_FILE)
+                  "modality": self.modality, "sensor": self.sensor,
+                  "config": self.config_dict()}
+        atomic_write(directory / WEIGHTS_FILE,
+                     lambda p: save_file(tensors, str(p), metadata={"kind": self.kind}))
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(header, indent=1))
         return directory
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, tokens={self.num_tokens}, dim={self.dim}"
+
+
+def init_from_generator(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Initialise every parameter and buffer of ``module`` from ``generator`` alone, in a
+    fixed order (ViT-style: weights truncated normal std 0.02, biases 0, 1-D weights 1,
+    batch-norm statistics reset). With a module built on the ``meta`` device and then
+    materialised (``to_empty``), creating an encoder neither reseeds nor advances the
+    process's global random stream: nothing in a serving process touches it."""
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, nn.modules.batchnorm._NormBase):
+                sub.reset_running_stats()
+        for name, param in module.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+            elif param.ndim == 1:
+                param.fill_(1.0)
+            else:
+                nn.init.trunc_normal_(param, std=0.02, generator=generator)
+    return module
 
 
 def read_encoder_header(directory: str | os.PathLike[str]) -> dict:

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from encoders.base import Encoder
+from mpnp.files import atomic_write
 from scenes.sample import Frame
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,8 @@ class FeatureCache:
         if tokens.ndim != 2:
             raise ValueError(f"cache entries are (T, D) tokens, got {tuple(tokens.shape)}")
         path = self.path(fingerprint, frame_key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"tokens": tokens.detach().to("cpu", torch.float32).contiguous()}, str(tmp))
-        os.replace(tmp, path)
+        tensors = {"tokens": tokens.detach().to("cpu", torch.float32).contiguous()}
+        atomic_write(path, lambda p: save_file(tensors, str(p)))
         return path
 
     def __contains__(self, key: tuple[str, str]) -> bool:

@@ -1,13 +1,13 @@
 """Camera encoder: one timm ViT shared by the six views; tokens = [CLS] of the last blocks.
 
-SPEC §2.1: the [CLS] token of each of the last 4 blocks (before the final norm) of each view,
-6 views x 4 = 24 tokens. The default ViT is small because it must pretrain and run on a
-2-core CPU on the world's 64x112 views: patch 16 gives a 4x7 grid (28 patches per view; the
-linear patch embedding still sees every pixel, so a far pedestrian's colours reach a token;
-patch 8 was 3-4x slower to pretrain here), width 192 / 3 heads is ViT-Tiny's, and depth 4
-is the least that still has 4 distinct last blocks. A real timm checkpoint (e.g. vit_base)
-loads through :func:`load_timm_checkpoint` into an encoder created with its sizes.
-"""
+The encoder setup of mPnP-LLM (arXiv 2312.07886): the [CLS] token of each of the last 4 blocks
+(before the final norm) of each view, 6 views x 4 = 24 tokens. The default ViT is small because
+it must pretrain and run on a 2-core CPU on the world's 64x112 views: patch 16 gives a 4x7 grid
+(28 patches per view; the linear patch embedding still sees every pixel, so a far pedestrian's
+colours reach a token; patch 8 was 3-4x slower to pretrain here), width 192 / 3 heads is ViT-
+Tiny's, and depth 4 is the least that still has 4 distinct last blocks. A real timm checkpoint
+(e.g. vit_base) loads through :func:`load_timm_checkpoint` into an encoder created with its
+sizes. """
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from encoders.base import Encoder, check_frames
+from encoders.base import Encoder, check_frames, init_from_generator
 from scenes.sample import CAMERA_VIEWS, Frame
 
 log = logging.getLogger(__name__)
@@ -81,17 +81,21 @@ class CameraViTEncoder(Encoder):
 
     kind = "camera-vit"
     modality = "camera"
+    sensor = "camera"
     config_class = CameraViTConfig
 
     def __init__(self, config: CameraViTConfig) -> None:
         super().__init__(config)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
+        # Built without values on the meta device, then initialised from a private generator
+        # seeded by config.seed (the process's global random stream is never touched).
+        with torch.device("meta"):
             self.vit = VisionTransformer(
                 img_size=(config.image_height, config.image_width),
                 patch_size=config.patch_size, embed_dim=config.embed_dim, depth=config.depth,
                 num_heads=config.num_heads, mlp_ratio=config.mlp_ratio, num_classes=0,
                 global_pool="token", class_token=True)
+        self.vit.to_empty(device="cpu")
+        init_from_generator(self.vit, torch.Generator().manual_seed(int(config.seed)))
         self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 1, 3, 1, 1),
                              persistent=False)
         self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 1, 3, 1, 1),
@@ -108,6 +112,16 @@ class CameraViTEncoder(Encoder):
     def example_input(self, batch: int = 1) -> torch.Tensor:
         c = self.config
         return torch.zeros(batch, len(CAMERA_VIEWS), 3, c.image_height, c.image_width)
+
+    def region_layout(self) -> tuple[str, int]:
+        return "views", len(CAMERA_VIEWS)
+
+    def augment(self, x: torch.Tensor, y: torch.Tensor,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random horizontal flips per view (``x: (B, 6, 3, H, W)``): counts per view
+        survive a flip."""
+        flip = torch.rand(x.shape[:2], generator=generator) < 0.5
+        return torch.where(flip[:, :, None, None, None], x.flip(-1), x), y
 
     def preprocess(self, frames: Sequence[Frame]) -> torch.Tensor:
         """Frames -> ``(B, 6, 3, H, W)`` float32 in [0, 1] (normalised in :meth:`forward`,

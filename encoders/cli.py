@@ -54,11 +54,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _kinds(kind: str) -> list[str]:
     """The kinds an action works on; "all" means every sensor encoder (the oracle has no
     weights to pretrain and its tokens are objects, not regions, so it is left out)."""
-    from encoders import encoder_class, list_encoders
-    from encoders.base import SENSOR_MODALITIES
+    from encoders import encoder_class, sensor_encoders
 
     if kind == "all":
-        return [k for k in list_encoders() if encoder_class(k).modality in SENSOR_MODALITIES]
+        return sensor_encoders()
     encoder_class(kind)  # raises ValueError listing the known kinds
     return [kind]
 

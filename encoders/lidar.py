@@ -1,6 +1,6 @@
 """LiDAR encoder in the style of RangeViT: range image -> conv stem -> ViT -> azimuth tokens.
 
-A sweep is projected to the 5-channel spherical range image of SPEC §2.1
+A sweep is projected to the 5-channel spherical range image of RangeViT (arXiv 2301.10222)
 (:func:`scenes.range_image.points_to_range_image`). A small convolutional stem (residual
 "context" blocks at full resolution, then average pooling to patches, as RangeViT's
 ``ConvStem``) makes the patch tokens; timm ViT blocks mix them. The patch tokens of the last
@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from encoders.base import Encoder, check_frames
+from encoders.base import Encoder, check_frames, init_from_generator
 from scenes.range_image import points_to_range_image
 from scenes.sample import Frame
 
@@ -177,14 +177,16 @@ class LidarRangeViTEncoder(Encoder):
 
     kind = "lidar-rangevit"
     modality = "lidar"
+    sensor = "lidar"
     config_class = LidarRangeViTConfig
 
     def __init__(self, config: LidarRangeViTConfig) -> None:
         super().__init__(config)
         c = config
         rows, cols = c.grid
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(c.seed)
+        # Built without values on the meta device, then initialised from a private generator
+        # seeded by c.seed (the process's global random stream is never touched).
+        with torch.device("meta"):
             self.stem = RangeStem(c)
             self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
             self.pos_embed = nn.Parameter(torch.zeros(1, 1 + rows * cols, c.embed_dim))
@@ -192,8 +194,8 @@ class LidarRangeViTEncoder(Encoder):
                 Block(c.embed_dim, c.num_heads, c.mlp_ratio, qkv_bias=True)
                 for _ in range(c.depth))
             self.norm = nn.LayerNorm(c.embed_dim)  # kept for RangeViT checkpoint parity
-            trunc_normal_(self.pos_embed, std=0.02)
-            trunc_normal_(self.cls_token, std=0.02)
+        self.to_empty(device="cpu")
+        init_from_generator(self, torch.Generator().manual_seed(int(c.seed)))
 
     @property
     def num_tokens(self) -> int:
@@ -205,6 +207,16 @@ class LidarRangeViTEncoder(Encoder):
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, RANGE_CHANNELS, self.config.beams, self.config.range_width)
+
+    def region_layout(self) -> tuple[str, int]:
+        return "bands", self.config.bands
+
+    def augment(self, x: torch.Tensor, y: torch.Tensor,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate the sweep by whole bands (``x: (B, 5, beams, width)``), targets with it."""
+        bands = y.shape[1]
+        shift = int(torch.randint(bands, (1,), generator=generator))
+        return torch.roll(x, shift * (x.shape[-1] // bands), dims=-1), torch.roll(y, shift, dims=1)
 
     def preprocess(self, frames: Sequence[Frame]) -> torch.Tensor:
         """Frames -> normalised range images ``(B, 5, beams, range_width)``."""

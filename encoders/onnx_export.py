@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from encoders.base import Encoder
+from mpnp.files import atomic_write
 from scenes.sample import Frame
 
 log = logging.getLogger(__name__)
@@ -71,13 +72,16 @@ def export_onnx(encoder: Encoder, path: str | os.PathLike[str], opset: int = DEF
     path.parent.mkdir(parents=True, exist_ok=True)
     encoder.eval()
     example = encoder.example_input(batch).to(encoder.device)
-    tmp = path.with_name(path.name + ".tmp")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(encoder, (example,), str(tmp), input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], opset_version=opset, dynamo=False,
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(encoder, (example,), str(tmp), input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], opset_version=opset, dynamo=False,
+                              dynamic_axes={INPUT_NAME: {0: "batch"},
+                                            OUTPUT_NAME: {0: "batch"}})
+
+    atomic_write(path, write)
     log.info("exported %s to %s", encoder.kind, path)
     return path
 

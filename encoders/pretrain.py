@@ -27,6 +27,7 @@ from torch import nn
 
 from encoders import Encoder, EncoderFormatError, create_encoder, encoder_class, load_encoder
 from encoders.targets import TARGET_NAMES, region_counts
+from mpnp.files import atomic_write_text
 from mpnp.paths import model_store_dir
 from scenes.dataset import QADataset
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 RECORD_FILE = "pretrain.json"
 #: Epochs over the default world's train split (5,200 frames of 2,600 drives).
-DEFAULT_EPOCHS = {"camera-vit": 2, "lidar-rangevit": 3}
+DEFAULT_EPOCHS = {"camera-vit": 2, "lidar-rangevit": 3, "radar-pointnet": 4}
 #: A separate pretraining corpus (``PretrainConfig(corpus=DEFAULT_CORPUS)``): 600 drives of
 #: 2 frames, a third of them at night. The default world has thousands of short drives, so
 #: by default the encoders pretrain on its train split instead.
@@ -50,8 +51,9 @@ class PretrainConfig:
         epochs: passes over the train split (``None``: the kind's default).
         batch_size / lr / weight_decay / warmup_fraction: AdamW with a cosine schedule.
         max_count: counts are clipped to this and predicted as classes 0..max_count.
-        augment: camera: random horizontal flips per view; LiDAR: random rotations by whole
-            azimuth bands (targets rotated with them).
+        augment: the encoder's :meth:`~encoders.base.Encoder.augment` (camera: random
+            horizontal flips per view; LiDAR and radar: random rotations by whole azimuth
+            bands, targets rotated with them).
         split: the world split trained on (``val`` is used for the record's accuracy).
         seed: data order, augmentation and head initialisation.
         encoder: overrides of the encoder's config (e.g. ``{"depth": 6}``).
@@ -99,11 +101,9 @@ def default_world_dir(store_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def region_layout(encoder: Encoder) -> tuple[str, int]:
-    """How an encoder's tokens map to regions: ("views", 6) or ("bands", bands); tokens are
-    region-major, so ``tokens.reshape(B, R, -1)`` gives each region's tokens."""
-    if encoder.modality == "camera":
-        return "views", 6
-    return "bands", encoder.config.bands
+    """How an encoder's tokens map to regions (:meth:`Encoder.region_layout`): ("views", 6)
+    or ("bands", bands); tokens are region-major."""
+    return encoder.region_layout()
 
 
 def load_split(world_dir: str | os.PathLike[str], split: str) -> QADataset:
@@ -149,16 +149,6 @@ def encode_inputs(encoder: Encoder, data: QADataset, max_count: int, chunk: int 
         targets.append(torch.from_numpy(region_counts(frames, regions, n_regions, max_count)))
         night.extend(f.is_night for f in frames)
     return torch.cat(inputs), torch.cat(targets), torch.tensor(night)
-
-
-def _augment(encoder: Encoder, x: torch.Tensor, y: torch.Tensor,
-             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    if encoder.modality == "camera":  # x: (B, 6, 3, H, W); counts per view survive a flip
-        flip = torch.rand(x.shape[:2], generator=gen) < 0.5
-        return torch.where(flip[:, :, None, None, None], x.flip(-1), x), y
-    bands = y.shape[1]  # x: (B, 5, beams, width): rotate the sweep by whole bands
-    shift = int(torch.randint(bands, (1,), generator=gen))
-    return torch.roll(x, shift * (x.shape[-1] // bands), dims=-1), torch.roll(y, shift, dims=1)
 
 
 class RegionHead(nn.Module):
@@ -221,7 +211,7 @@ def pretrain_encoder(kind: str, world_dir: str | os.PathLike[str],
             index = order[start:start + config.batch_size]
             x, y = x_all[index], y_all[index]
             if config.augment:
-                x, y = _augment(encoder, x, y, gen)
+                x, y = encoder.augment(x, y, gen)
             logits = head(encoder(x), n_regions)  # (B, R, Q, max_count+1)
             loss = loss_fn(logits.flatten(0, 2), y.flatten())
             optimizer.zero_grad(set_to_none=True)
@@ -303,7 +293,5 @@ def ensure_pretrained(kind: str, world_dir: str | os.PathLike[str],
     encoder, record = pretrain_encoder(kind, world_dir, config, progress, store_dir)
     encoder.save(directory)
     record["fingerprint"] = encoder.fingerprint()
-    tmp = directory / (RECORD_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, directory / RECORD_FILE)
+    atomic_write_text(directory / RECORD_FILE, json.dumps(record, indent=1))
     return encoder

@@ -59,6 +59,11 @@ def atomic_write(target: str | os.PathLike[str],
     return digest, size
 
 
+def atomic_write_text(target: str | os.PathLike[str], text: str) -> tuple[str, int]:
+    """:func:`atomic_write` of ``text`` (UTF-8)."""
+    return atomic_write(target, lambda p: p.write_text(text, encoding="utf-8"))
+
+
 def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> tuple[str, int]:
     """:func:`atomic_write` of ``data``."""
     return atomic_write(target, lambda p: p.write_bytes(data))

@@ -50,9 +50,19 @@ class Registry(Generic[T]):
         self._entries[name] = entry
         return entry
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a test that registers an entry of its own cleans up with this);
+        an unknown name is ignored."""
+        self._entries.pop(name, None)
+
     def decorator(self, name: str) -> Callable[[T], T]:
         """``@registry.decorator("name")`` registers the decorated class or function."""
         return lambda entry: self.register(name, entry)
+
+    def load(self) -> None:
+        """Import the built-in modules now (a registration that must see the built-ins first,
+        to report a clash with one, calls this)."""
+        self._load()
 
     def _load(self) -> None:
         if not self._loaded:

@@ -26,8 +26,11 @@ from mpnp.registry import Registry
 
 log = logging.getLogger(__name__)
 
-#: Modalities the project knows.
-KNOWN_MODALITIES: frozenset[str] = frozenset({"camera", "lidar"})
+def known_modalities() -> frozenset[str]:
+    """The modalities a policy may ask for: the registered sensors (:mod:`scenes.sensors`)."""
+    from scenes.sensors import sensor_names
+
+    return frozenset(sensor_names())
 
 
 def modality_set(names: Iterable[str], where: str = "modalities") -> frozenset[str]:
@@ -35,11 +38,10 @@ def modality_set(names: Iterable[str], where: str = "modalities") -> frozenset[s
     if isinstance(names, str):
         raise ValueError(f"{where} must be a list of modality names, got the string {names!r}")
     result = frozenset(str(n) for n in names)
-    unknown = sorted(result - KNOWN_MODALITIES)
+    known = known_modalities()
+    unknown = sorted(result - known)
     if unknown:
-        raise ValueError(
-            f"{where}: unknown modalities {unknown}; known: {sorted(KNOWN_MODALITIES)}"
-        )
+        raise ValueError(f"{where}: unknown modalities {unknown}; known: {sorted(known)}")
     if not result:
         raise ValueError(f"{where} must name at least one modality")
     return result
@@ -84,6 +86,13 @@ class ContextPolicy(ABC):
     @abstractmethod
     def desired(self) -> frozenset[str]:
         """The modality set this policy wants now."""
+
+    def data_context(self, modalities: Iterable[str]) -> str | None:
+        """The context (a data split such as ``"day"`` / ``"night"``) whose labelled samples
+        train and validate a state for ``modalities``; ``None``: the policy has no view (the
+        backend then uses its configured default). This, not a modality's name, decides
+        which data an adaptation runs on."""
+        return None
 
     def describe(self) -> dict:
         """A JSON-able summary for ``status``."""
@@ -212,6 +221,15 @@ class LightLevelPolicy(ContextPolicy):
         names = self.config.day_modalities if self.state == "day" else self.config.night_modalities
         return frozenset(names)
 
+    def data_context(self, modalities: Iterable[str]) -> str:
+        """``night`` for the night set, ``day`` for the day set, else the current state."""
+        wanted = frozenset(modalities)
+        if wanted == frozenset(self.config.night_modalities):
+            return "night"
+        if wanted == frozenset(self.config.day_modalities):
+            return "day"
+        return self.state
+
     def describe(self) -> dict:
         return {
             "policy": self.name,
@@ -227,11 +245,16 @@ class LightLevelPolicy(ContextPolicy):
 class FixedPolicy(ContextPolicy):
     """Always the same set (a development machine without a context signal)."""
 
-    def __init__(self, modalities: Iterable[str] = ("camera",)) -> None:
+    def __init__(self, modalities: Iterable[str] = ("camera",), context: str | None = None
+                 ) -> None:
         self.modalities = modality_set(modalities, "fixed policy modalities")
+        self.context = context  # the data context of every adaptation (None: the backend's)
 
     def observe(self, sample: ContextSample) -> None:
         return None
+
+    def data_context(self, modalities: Iterable[str]) -> str | None:
+        return self.context
 
     def desired(self) -> frozenset[str]:
         return self.modalities
@@ -261,6 +284,11 @@ class ModalitySelector:
 
     def desired(self) -> frozenset[str]:
         return self.forced if self.forced is not None else self.policy.desired()
+
+    def data_context(self, modalities: Iterable[str]) -> str | None:
+        """The policy's word on which context's data trains ``modalities`` (a forced set
+        too: the operator picks the sensors, the context is still the policy's)."""
+        return self.policy.data_context(modalities)
 
     def describe(self) -> dict:
         info = self.policy.describe()

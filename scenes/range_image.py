@@ -1,4 +1,5 @@
-"""Spherical projection of a LiDAR sweep into the 5-channel range image (SPEC §2.1)."""
+"""Spherical projection of a LiDAR sweep into the 5-channel range image of RangeViT (Ando et
+al., CVPR 2023, arXiv 2301.10222), the LiDAR encoder mPnP-LLM (arXiv 2312.07886) uses."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The sample types every data source yields and every consumer reads.
 
-A :class:`Frame` is one synchronized sensor snapshot (six camera views + one LiDAR sweep);
+A :class:`Frame` is one synchronized sensor snapshot (sensors by name: six camera views, one
+LiDAR sweep, five radars, ... — see :mod:`scenes.sensors`);
 a :class:`QAItem` is one question about a frame. Several questions refer to the same frame,
 which is why they are separate: encoders run once per frame, not once per question.
 """
@@ -49,8 +50,11 @@ class Frame:
         timestamp: seconds.
         light: ambient light, 1.0 day .. 0.0 night (real data: 1.0 or 0.0 from the scene
             description).
-        cameras: view name -> ``uint8`` array ``(H, W, 3)``, all six of :data:`CAMERA_VIEWS`.
-        lidar: ``float32`` array ``(N, 4)``: x, y, z, intensity (ego/sensor frame).
+        sensors: sensor name -> its payload (buffer name -> array), each as its descriptor
+            in :mod:`scenes.sensors` says: ``sensors["camera"]`` holds the six views of
+            :data:`CAMERA_VIEWS` (``uint8 (H, W, 3)``), ``sensors["lidar"][LIDAR]`` the sweep
+            (``float32 (N, 4)``: x, y, z, intensity), ``sensors["radar"]`` five radars'
+            returns (``scenes/radar.py``). A frame carries the sensors its source has.
         objects: ground truth when the source knows it (synthetic world, nuScenes boxes).
     """
 
@@ -58,50 +62,67 @@ class Frame:
     scene_id: str
     timestamp: float
     light: float
-    cameras: dict[str, np.ndarray]
-    lidar: np.ndarray
+    sensors: dict[str, dict[str, np.ndarray]]
     objects: list[ObjectAnnotation] | None = None
+
+    @classmethod
+    def from_rig(cls, frame_id: str, scene_id: str, timestamp: float, light: float,
+                 cameras: dict[str, np.ndarray], lidar: np.ndarray,
+                 objects: list[ObjectAnnotation] | None = None,
+                 **others: dict[str, np.ndarray]) -> Frame:
+        """A frame of the camera + LiDAR rig (and any ``others`` sensors by name)."""
+        return cls(frame_id, scene_id, timestamp, light,
+                   {"camera": dict(cameras), "lidar": {LIDAR: lidar}, **others}, objects)
 
     @property
     def is_night(self) -> bool:
         return self.light < NIGHT_BELOW
 
+    def payload(self, sensor: str) -> dict[str, np.ndarray]:
+        """``sensor``'s payload, or its empty placeholder when the frame lacks it."""
+        if sensor in self.sensors:
+            return self.sensors[sensor]
+        from scenes.sensors import get_sensor
+
+        return get_sensor(sensor).empty()
+
+    @property
+    def cameras(self) -> dict[str, np.ndarray]:
+        """The camera views (read-only shorthand for ``payload("camera")``)."""
+        return self.payload("camera")
+
+    @property
+    def lidar(self) -> np.ndarray:
+        """The LiDAR sweep (read-only shorthand for ``payload("lidar")[LIDAR]``)."""
+        return self.payload("lidar")[LIDAR]
+
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first malformed field."""
-        missing = [v for v in CAMERA_VIEWS if v not in self.cameras]
-        if missing:
-            raise ValueError(f"frame {self.frame_id}: missing camera views {missing}")
-        shape = None
-        for view in CAMERA_VIEWS:
-            img = self.cameras[view]
-            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-                raise ValueError(
-                    f"frame {self.frame_id}: {view} must be uint8 (H, W, 3), "
-                    f"got {img.dtype} {img.shape}"
-                )
-            if shape is not None and img.shape != shape:
-                raise ValueError(f"frame {self.frame_id}: camera views differ in shape")
-            shape = img.shape
-        if self.lidar.dtype != np.float32 or self.lidar.ndim != 2 or self.lidar.shape[1] != 4:
-            raise ValueError(
-                f"frame {self.frame_id}: lidar must be float32 (N, 4), "
-                f"got {self.lidar.dtype} {self.lidar.shape}"
-            )
-        if not np.isfinite(self.lidar).all():
-            raise ValueError(f"frame {self.frame_id}: lidar holds NaN or inf")
+        """Raise ``ValueError`` naming the first malformed sensor payload (every sensor must
+        be registered in :mod:`scenes.sensors` and follow its descriptor; sizes of 0 are
+        allowed: the empty placeholder of an unused sensor)."""
+        from scenes.sensors import SENSORS
+
+        for name, payload in self.sensors.items():
+            if name not in SENSORS:
+                raise ValueError(f"frame {self.frame_id}: unknown sensor {name!r}; known: "
+                                 f"{SENSORS.names()}")
+            problem = SENSORS.get(name).payload_problem(payload, check_min=False)
+            if problem:
+                raise ValueError(f"frame {self.frame_id}: {problem}")
 
     def content_digest(self) -> str:
         """sha256 of what the frame holds (sensors, light, ground truth), not of its id:
         frame ids repeat across worlds, contents do not."""
         digest = hashlib.sha256()
         digest.update(repr(float(self.light)).encode())
-        for view in sorted(self.cameras):
-            image = np.ascontiguousarray(self.cameras[view])
-            digest.update(f"{view}|{image.dtype}|{image.shape}".encode())
-            digest.update(image.tobytes())
-        lidar = np.ascontiguousarray(self.lidar)
-        digest.update(f"lidar|{lidar.dtype}|{lidar.shape}".encode())
-        digest.update(lidar.tobytes())
+        for sensor in sorted(self.sensors):
+            for name in sorted(self.sensors[sensor]):
+                array = np.ascontiguousarray(self.sensors[sensor][name])
+                # camera views and the LiDAR keep their earlier labels (same digests)
+                label = name if sensor == "camera" else "lidar" if sensor == "lidar" \
+                    else f"{sensor}/{name}"
+                digest.update(f"{label}|{array.dtype}|{array.shape}".encode())
+                digest.update(array.tobytes())
         objects = None if self.objects is None else [asdict(o) for o in self.objects]
         digest.update(json.dumps(objects, sort_keys=True).encode())
         return digest.hexdigest()

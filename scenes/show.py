@@ -46,10 +46,21 @@ def render_frame_png(frame: Frame, questions: list[QAItem], out: str | Path,
                vmin=0, vmax=0.6)
     for obj in frame.objects or []:
         _draw_box(ax, obj)
+    if "radar" in frame.sensors:  # returns as magenta dots, radial velocity as arrows
+        from scenes.radar import all_returns
+
+        ret = all_returns(frame.sensors["radar"])
+        if len(ret):
+            rng = np.maximum(np.hypot(ret[:, 0], ret[:, 1]), 1e-6)
+            ax.scatter(-ret[:, 1], ret[:, 0], s=6, c="magenta", marker="o")
+            ax.quiver(-ret[:, 1], ret[:, 0], -ret[:, 1] / rng * ret[:, 3],
+                      ret[:, 0] / rng * ret[:, 3], color="magenta", angles="xy",
+                      scale_units="xy", scale=1.0, width=0.003)
     ax.set_xlim(-bev_range, bev_range)
     ax.set_ylim(-bev_range, bev_range)
     ax.set_aspect("equal")
-    ax.set_title("LiDAR bird's-eye view (up = front, colour = intensity)", fontsize=8)
+    ax.set_title("LiDAR bird's-eye view (up = front, colour = intensity); radar in magenta, "
+                 "arrows = radial velocity", fontsize=8)
     ax.tick_params(labelsize=6)
     ax = fig.add_subplot(grid[3, 2:])
     ax.axis("off")

@@ -5,6 +5,8 @@ Layout::
     DIR/manifest.json               format, version, world config, splits, sha256 of every file
     DIR/<split>/questions.json      {"info": ..., "frames": [...], "questions": [...]}
     DIR/<split>/frames/<id>.npz     one frame: six uint8 views, float32 lidar, JSON metadata
+                                    (and ``<sensor>.<buffer>`` arrays of other stored sensors;
+                                    derived sensors such as the radar are not stored)
 
 Every read checks what it reads and names the path in its error; frame files are checked
 against their sha256 from the manifest when loaded.
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mpnp.files import sha256_file as sha256_of
-from scenes.sample import CAMERA_VIEWS, Frame, ObjectAnnotation, QAItem
+from scenes.sample import CAMERA_VIEWS, LIDAR, Frame, ObjectAnnotation, QAItem
 
 FORMAT_NAME = "mpnp-scenes"
 FORMAT_VERSION = 1
@@ -58,20 +60,49 @@ def qa_from_json(data: dict, where: str) -> QAItem:
         raise DatasetFormatError(f"{where}: malformed question {data!r} ({exc})") from exc
 
 
+def _file_key(sensor: str, buffer: str) -> str:
+    """The ``.npz`` member of one sensor buffer: camera views and the LiDAR keep the names
+    of the first worlds (``CAM_FRONT``, ..., ``lidar``); any other sensor's buffers are
+    ``<sensor>.<buffer>``."""
+    if sensor == "camera":
+        return buffer
+    if sensor == "lidar":
+        return "lidar"
+    return f"{sensor}.{buffer}"
+
+
+def _sensor_of_key(key: str) -> tuple[str, str]:
+    if key in CAMERA_VIEWS:
+        return "camera", key
+    if key == "lidar":
+        return "lidar", LIDAR
+    sensor, _, buffer = key.partition(".")
+    return sensor, buffer
+
+
 def save_frame(frame: Frame, path: Path) -> None:
-    """Write one frame as a compressed ``.npz`` (no pickles: metadata is a JSON string)."""
+    """Write one frame as a compressed ``.npz`` (no pickles: metadata is a JSON string).
+
+    Sensors whose descriptor says ``stored=False`` (derived from the ground truth, e.g. the
+    radar) are not written: :func:`load_frame` derives them again."""
+    from scenes.sensors import get_sensor
+
     frame.validate()
     meta = {"frame_id": frame.frame_id, "scene_id": frame.scene_id,
             "timestamp": frame.timestamp, "light": frame.light,
             "objects": None if frame.objects is None else
             [_object_to_json(o) for o in frame.objects]}
-    arrays = {view: frame.cameras[view] for view in CAMERA_VIEWS}
+    arrays = {_file_key(sensor, buffer): array
+              for sensor, payload in frame.sensors.items() if get_sensor(sensor).stored
+              for buffer, array in payload.items()}
     with open(path, "wb") as fh:
-        np.savez_compressed(fh, lidar=frame.lidar, meta=np.array(json.dumps(meta)), **arrays)
+        np.savez_compressed(fh, meta=np.array(json.dumps(meta)), **arrays)
 
 
 def load_frame(path: Path, expected_sha256: str | None = None) -> Frame:
     """Read a frame written by :func:`save_frame`; errors name the file and the problem."""
+    from scenes.sensors import SENSORS, derive_sensors
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"frame file {path} is missing (regenerate the dataset with "
@@ -79,23 +110,33 @@ def load_frame(path: Path, expected_sha256: str | None = None) -> Frame:
     if expected_sha256 is not None and sha256_of(path) != expected_sha256:
         raise DatasetFormatError(f"frame file {path} is corrupt: its sha256 does not match the "
                                  "manifest (regenerate the dataset)")
+    sensors: dict[str, dict[str, np.ndarray]] = {}
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
-            cameras = {view: np.array(data[view]) for view in CAMERA_VIEWS}
-            lidar = np.array(data["lidar"])
+            for key in data.files:
+                if key == "meta":
+                    continue
+                sensor, buffer = _sensor_of_key(key)
+                if sensor not in SENSORS:
+                    continue  # a sensor this installation does not know: not read
+                sensors.setdefault(sensor, {})[buffer] = np.array(data[key])
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
         raise DatasetFormatError(f"frame file {path} is corrupt or not a frame ({exc})") from exc
+    for required in ("camera", "lidar"):  # every generated world has both
+        if required not in sensors:
+            raise DatasetFormatError(f"frame file {path} is corrupt or not a frame (no "
+                                     f"{required} data)")
     objects = meta.get("objects")
     frame = Frame(frame_id=meta["frame_id"], scene_id=meta["scene_id"],
                   timestamp=float(meta["timestamp"]), light=float(meta["light"]),
-                  cameras=cameras, lidar=lidar,
+                  sensors=sensors,
                   objects=None if objects is None else [_object_from_json(o) for o in objects])
     try:
         frame.validate()
     except ValueError as exc:
         raise DatasetFormatError(f"frame file {path}: {exc}") from exc
-    return frame
+    return derive_sensors(frame)
 
 
 def read_json(path: Path, what: str) -> dict:

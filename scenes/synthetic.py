@@ -32,6 +32,7 @@ from scenes.questions import (
     to_qa_items,
 )
 from scenes.sample import Frame, QAItem
+from scenes.sensors import derive_sensors
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +210,10 @@ class SyntheticWorld:
             if math.hypot(ann.center[0], ann.center[1]) <= cfg.max_object_distance
             and hits >= cfg.min_lidar_points
         ]
-        frame = Frame(frame_id=frame_id_of(scene_id, index), scene_id=scene_id,
-                      timestamp=round(t, 3), light=float(light), cameras=cameras,
-                      lidar=sweep.points, objects=objects)
-        return frame, candidate_pool(objects)
+        frame = Frame.from_rig(frame_id_of(scene_id, index), scene_id, round(t, 3),
+                               float(light), cameras, sweep.points, objects)
+        # sensors derived from the ground truth (the radar), as when a stored frame is read
+        return derive_sensors(frame), candidate_pool(objects)
 
     def make_frame(self, scene_id: str, index: int, light: float) -> tuple[Frame, list[QAItem]]:
         """One frame of ``scene_id`` at ``light`` with its questions (balanced within it).

@@ -65,7 +65,11 @@ def test_open_prepared_finds_what_prepare_left(prepared, tmp_path):
     store, _, _, _, first = prepared
     opened = open_prepared(store)
     assert opened.record == first.record and opened.data_dir == first.data_dir
-    assert {m: e.fingerprint() for m, e in opened.encoders.items()} == first.record["encoders"]
+    assert {m: e.fingerprint() for m, e in opened.encoders.items()
+            if m in first.record["encoders"]} == first.record["encoders"]
+    # a sensor outside the day state's record (the radar) is pretrained and loaded too
+    assert set(opened.encoders) == {"camera", "lidar", "radar"} == set(first.encoders)
+    assert opened.encoders["radar"].fingerprint() == first.encoders["radar"].fingerprint()
     with pytest.raises(FileNotFoundError, match="mpnp prepare"):
         open_prepared(tmp_path)
 

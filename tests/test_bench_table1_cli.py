@@ -55,3 +55,22 @@ def test_targets_use_the_strongest_question_only_row():
     assert oracle["value"] == pytest.approx(26.0) and oracle["met"]  # against 0.44, not 0.30
     assert checks["mPnP Day (C) − question-only"]["met"]  # +11
     assert checks["mPnP Night (C) − Day (C)"]["met"]  # -10
+
+
+def test_modality_benchmark_has_the_radar_sets_and_skips_sets_without_encoders():
+    from bench.modalities import SETS, select_sets, to_markdown
+
+    assert {"R", "C+R", "L+R", "C+L+R"} <= set(SETS)
+    run, skipped = select_sets(None, {"camera", "lidar"})
+    assert list(run) == ["C", "L", "C+L"] and skipped == ["R", "C+R", "L+R", "C+L+R"]
+    run, skipped = select_sets(["R", "C+R"], {"camera", "lidar", "radar"})
+    assert run == {"R": ("radar",), "C+R": ("camera", "radar")} and skipped == []
+    with pytest.raises(ValueError, match="unknown modality sets"):
+        select_sets(["S"], {"camera"})
+    rows = [{"modalities": m, "light": light, "accuracy": 0.5}
+            for m in ("R", "C+R", "majority") for light in ("day", "night")]
+    meta = {"N": 4, "llm": {"model_type": "llama", "num_layers": 4, "name": "tiny"},
+            "sizes": {"day_train": 8, "day_test": 4, "night_test": 4},
+            "sets": {"R": ["radar"], "C+R": ["camera", "radar"]}, "skipped_sets": ["L"]}
+    md = to_markdown({"meta": meta, "rows": rows})
+    assert "| R | 50.0 | 50.0 |" in md and "| C+R |" in md and "Skipped" in md

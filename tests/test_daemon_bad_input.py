@@ -136,7 +136,7 @@ def test_oversized_buffer_is_dropped(live, caplog):
 
 
 def test_unknown_sensor_is_dropped(live, caplog):
-    header = {"v": 1, "sensor": "radar", "frame_id": "x", "timestamp": 1.0, "buffers": []}
+    header = {"v": 1, "sensor": "sonar", "frame_id": "x", "timestamp": 1.0, "buffers": []}
     _send_bad(live, [json.dumps(header).encode()], "unknown_sensor", caplog)
 
 

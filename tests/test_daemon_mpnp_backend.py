@@ -19,7 +19,7 @@ from aligners.model import MPnPModel
 from daemon.backend import BACKEND_METHODS, ModelBackend
 from daemon.client import Client, DaemonError, EventSubscriber, SensorPublisher
 from daemon.encoder_pool import encoder_spec
-from daemon.mpnp_backend import MPnPBackend, MPnPBackendConfig, context_of
+from daemon.mpnp_backend import MPnPBackend, MPnPBackendConfig
 from daemon.store import ModelStore
 from encoders import create_encoder
 from mpnp.tiny import tiny_llm
@@ -40,7 +40,7 @@ def _frame(seed: int, frame_id: str | None = None) -> Frame:
     az, dist = rng.uniform(-np.pi, np.pi, 200), rng.uniform(2, 30, 200)
     lidar = np.stack([dist * np.cos(az), dist * np.sin(az), rng.uniform(-1.8, 1.0, 200),
                       rng.uniform(0, 1, 200)], axis=1).astype(np.float32)
-    return Frame(frame_id or f"f{seed}", "s", float(seed), 1.0, cameras, lidar)
+    return Frame.from_rig(frame_id or f"f{seed}", "s", float(seed), 1.0, cameras, lidar)
 
 
 def _featureset(encoders, seeds, prefix: str) -> FeatureSet:
@@ -135,7 +135,25 @@ def test_adapting_in_the_backend_leaves_the_global_rng_alone(backend, tmp_path):
 def test_backend_implements_the_protocol(backend):
     assert isinstance(backend, ModelBackend)
     assert all(callable(getattr(backend, name)) for name in BACKEND_METHODS)
-    assert context_of(frozenset({"lidar"})) == "night" and context_of(["camera"]) == "day"
+    # the default light-level policy: its night set trains on night data, its day set on day
+    assert backend.context_of(frozenset({"lidar"})) == "night"
+    assert backend.context_of(frozenset({"camera"})) == "day"
+
+
+def test_the_context_policy_not_the_modality_name_picks_the_data(backend):
+    from policies.context import LightLevelPolicy, ModalitySelector
+
+    selector = ModalitySelector(LightLevelPolicy(night_modalities=("camera",),
+                                                 day_modalities=("lidar",)))
+    backend.use_data_context(selector.data_context)
+    assert backend.context_of(frozenset({"camera"})) == "night"
+    assert backend.context_of(frozenset({"lidar"})) == "day"
+    backend.use_data_context(lambda modalities: None)  # no view: the configured default
+    assert backend.context_of(frozenset({"lidar"})) == backend.config.context == "day"
+    backend.use_data_context(lambda modalities: "dusk")
+    with pytest.raises(ValueError, match="no 'dusk' training data"):
+        backend.start_adaptation(frozenset({"lidar"}), n_blocks=2, steps=1, batch_size=1)
+    assert list(backend.model.states) == ["day"]  # no candidate was left behind
 
 
 def test_serving_stops_on_closed_vocabulary_answers(backend):
@@ -318,8 +336,9 @@ def test_frames_the_encoder_cannot_take_are_dropped_at_ingest(backend, tmp_path)
         good = _frame(3, "good")
         wait_for(lambda: publisher.send_camera(good) and publisher.send_lidar(good)
                  and daemon.metrics.frames_in.total() >= 2)
-        odd = Frame("odd", "s", 4.0, 1.0,
-                    {v: np.zeros((24, 40, 3), np.uint8) for v in CAMERA_VIEWS}, good.lidar)
+        odd = Frame.from_rig("odd", "s", 4.0, 1.0,
+                             {v: np.zeros((24, 40, 3), np.uint8) for v in CAMERA_VIEWS},
+                             good.lidar)
         assert publisher.send_camera(odd)
         wait_for(lambda: daemon.metrics.frames_dropped.value(reason="unsupported_frame") == 1)
         assert client.ask("is there a car?")["frame_id"] == "good"  # the last good frame

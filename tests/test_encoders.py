@@ -16,8 +16,9 @@ from encoders import (
     load_encoder,
     register_encoder,
 )
-from encoders.base import CONFIG_FILE, MODALITIES, WEIGHTS_FILE
+from encoders.base import CONFIG_FILE, DIAGNOSTIC_MODALITIES, WEIGHTS_FILE
 from scenes.sample import CAMERA_VIEWS, Frame, ObjectAnnotation
+from scenes.sensors import derive_sensors
 
 #: Tiny configs so the suite runs in seconds on a 2-core CPU.
 TINY = {
@@ -26,6 +27,8 @@ TINY = {
     "lidar-rangevit": dict(beams=8, range_width=64, stem_channels=4, stem_hidden=8,
                            stem_context_blocks=1, patch_stride=(4, 16), embed_dim=32, depth=2,
                            num_heads=2, bands=4, token_blocks=2),
+    "radar-pointnet": dict(max_points=32, hidden=16, embed_dim=16, depth=1, num_heads=2,
+                           bands=4),
     "oracle": dict(max_objects=4),
 }
 
@@ -43,8 +46,9 @@ def make_frame(seed: int, height: int = 16, width: int = 32, frame_id: str | Non
                                 (float(rng.uniform(-30, 30)), float(rng.uniform(-10, 10)), 0.8),
                                 (1.8, 4.5, 1.5), float(rng.uniform(-3, 3)), "parked")
                for _ in range(int(rng.integers(1, 6)))]
-    return Frame(frame_id or f"f{seed}", "s0", 0.0, 1.0, cameras, lidar.astype(np.float32),
-                 objects)
+    frame = Frame.from_rig(frame_id or f"f{seed}", "s0", 0.0, 1.0, cameras,
+                           lidar.astype(np.float32), objects)
+    return derive_sensors(frame)  # the radar's returns from the objects
 
 
 def _needs_weights(encoder: Encoder) -> None:
@@ -58,9 +62,9 @@ def encoder(request) -> Encoder:
 
 
 def test_registry_lists_both_kinds_and_rejects_bad_names():
-    assert {"camera-vit", "lidar-rangevit"} <= set(list_encoders())
+    assert {"camera-vit", "lidar-rangevit", "radar-pointnet"} <= set(list_encoders())
     with pytest.raises(ValueError, match="known: camera-vit"):
-        create_encoder("radar-pointnet")
+        create_encoder("sonar-pointnet")
     with pytest.raises(ValueError, match="already registered"):
         register_encoder("camera-vit", type(create_encoder("camera-vit", **TINY["camera-vit"])))
     with pytest.raises(ValueError, match="no config fields"):
@@ -77,7 +81,8 @@ def test_shapes_and_dtype(encoder):
     assert tokens.shape == (3, encoder.num_tokens, encoder.dim)
     assert tokens.dtype == torch.float32
     assert torch.isfinite(tokens).all()
-    assert encoder.modality in MODALITIES
+    assert encoder.modality == encoder.sensor or encoder.sensor is None and \
+        encoder.modality in DIAGNOSTIC_MODALITIES
     x = encoder.preprocess(frames)
     assert x.shape[1:] == encoder.example_input(1).shape[1:]
 
@@ -141,8 +146,8 @@ def test_bad_input_errors(encoder):
     with pytest.raises(ValueError, match="single Frame"):
         encoder.preprocess(make_frame(0))
     broken = make_frame(0)
-    broken.lidar = broken.lidar[:, :3]
-    with pytest.raises(ValueError, match="lidar must be float32"):
+    broken.sensors["lidar"]["LIDAR_TOP"] = broken.lidar[:, :3]
+    with pytest.raises(ValueError, match="lidar: LIDAR_TOP: shape must be"):
         encoder.encode([broken])
     with pytest.raises(ValueError, match="expects"):
         encoder(torch.zeros(2, 3))
@@ -189,3 +194,15 @@ def test_weights_of_another_config_are_rejected(encoder, tmp_path):
 def test_config_validation(kind, field, value):
     with pytest.raises(ValueError, match=field):
         create_encoder(kind, **{**TINY[kind], field: value})
+
+
+@pytest.mark.parametrize("kind", sorted(TINY))
+def test_creating_an_encoder_leaves_the_global_random_stream_alone(kind):
+    """Initialisation draws from a private generator: nothing reseeds or advances the
+    process's global stream (a serving process creates encoders on demand)."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = create_encoder(kind, **TINY[kind])
+    assert torch.equal(before, torch.get_rng_state())
+    again = create_encoder(kind, **TINY[kind])  # still deterministic from the config's seed
+    assert first.fingerprint() == again.fingerprint()

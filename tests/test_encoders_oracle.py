@@ -9,7 +9,7 @@ from test_encoders import make_frame
 
 from encoders import create_encoder
 from encoders.oracle import FEATURE_NAMES
-from policies.context import KNOWN_MODALITIES
+from policies.context import known_modalities
 from scenes.sample import ObjectAnnotation
 
 
@@ -67,4 +67,4 @@ def test_frames_without_ground_truth_are_refused():
 
 def test_the_daemon_never_serves_the_oracle():
     assert create_encoder("oracle").modality == "oracle"
-    assert "oracle" not in KNOWN_MODALITIES
+    assert "oracle" not in known_modalities()

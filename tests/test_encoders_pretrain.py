@@ -37,7 +37,7 @@ def tiny_pretrain(kind: str) -> PretrainConfig:
 
 def _frame_with(objects: list[ObjectAnnotation]) -> Frame:
     cams = {v: np.zeros((4, 4, 3), np.uint8) for v in CAMERA_VIEWS}
-    return Frame("f", "s", 0.0, 1.0, cams, np.zeros((0, 4), np.float32), objects)
+    return Frame.from_rig("f", "s", 0.0, 1.0, cams, np.zeros((0, 4), np.float32), objects)
 
 
 def test_region_targets_follow_object_positions():

@@ -43,3 +43,14 @@ def test_lazy_entries_are_listed_without_importing_them(monkeypatch):
     with pytest.raises(ModuleNotFoundError):
         registry.get("heavy")  # named, so its module is imported now
     assert "mpnp" in list_backends()
+
+
+def test_unregister_removes_an_entry_and_ignores_unknown_names():
+    registry: Registry[int] = Registry("thing")
+    registry.register("a", 1)
+    registry.unregister("a")
+    registry.unregister("never-there")
+    with pytest.raises(UnknownNameError):
+        registry.get("a")
+    registry.register("a", 2)  # the name is free again
+    assert registry.get("a") == 2
