@@ -143,7 +143,7 @@ def _quantile(values: list[float], q: float) -> float | None:
 
 
 def _ms(value: float | None) -> str:
-    return "n/a" if value is None else f"{value * 1000:.0f} ms"
+    return "n/a" if value is None else f"{value * 1000:.1f} ms"
 
 
 def report_markdown(drive: Drive, png: str | None) -> str:

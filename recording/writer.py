@@ -319,8 +319,9 @@ class Recorder:
         elif item.kind == "request":
             self.files.write(fmt.TOPIC_REQUESTS, "json", fmt.json_bytes(item.payload), t)
         elif item.kind == "event":
-            topic, body = item.payload
-            self.files.write(fmt.EVENT_PREFIX + topic, "json", fmt.json_bytes(body), t)
+            topic, body = item.payload  # as on the wire: the body names its event
+            self.files.write(fmt.EVENT_PREFIX + topic, "json",
+                             fmt.json_bytes({**body, "event": topic}), t)
         elif item.kind == "status":
             self.files.write(fmt.TOPIC_STATUS, "json", fmt.json_bytes(item.payload), t)
         self.files.rotate_if_full()
