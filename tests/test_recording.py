@@ -149,7 +149,8 @@ def test_replay_paces_at_the_requested_rate():
     sent: list[float] = []
     start = time.monotonic()
     replay(items, lambda parts: sent.append(time.monotonic() - start) or True, rate=2.0)
-    assert sent[-1] == pytest.approx(0.3, abs=0.1)
+    assert 0.28 <= sent[-1] < 0.6  # 0.6 s of recording at 2x (a loaded CPU sleeps longer)
+    assert sent[0] < 0.1
     assert parse_rate("max") is None and parse_rate("4x") == 4.0
     with pytest.raises(ValueError, match="--rate"):
         parse_rate("fast-ish")
@@ -192,7 +193,7 @@ def test_rotation_by_size_keeps_max_files_each_readable(tmp_path):
     assert len(files) == 3 and files[-1].name != "recording-0001.mcap"
     assert len(recorder.files.files_written) > 3  # older files were deleted
     for path in files:
-        assert path.stat().st_size < 100_000 + 2 * 16_384 + 8_192
+        assert path.stat().st_size < 100_000 + len(b"".join(messages[0])) + 16_384
     remaining = [item.parts for path in files for item in RecordingReader(path)
                  if item.kind == "sensor"]
     assert remaining == messages[-len(remaining):]  # the newest, complete and in order
@@ -205,10 +206,15 @@ def test_rotation_by_size_keeps_max_files_each_readable(tmp_path):
 
 
 def test_a_full_queue_drops_and_counts_instead_of_waiting(tmp_path):
-    recorder = Recorder(RecordingSettings(path=str(tmp_path), queue_bytes=40_000))
+    # a bound smaller than one sensor message (32 KB): each is dropped at once, whatever the
+    # writer thread is doing; small JSON items still fit
+    recorder = Recorder(RecordingSettings(path=str(tmp_path), queue_bytes=20_000))
+    start = time.monotonic()
     accepted = [recorder.sensor(_random_lidar(i)) for i in range(4)]
+    assert time.monotonic() - start < 0.5
+    assert recorder.event("power.mode", {"mode": "MODE_15W"})
     recorder.close()
-    assert False in accepted and recorder.dropped["sensor"] == accepted.count(False)
+    assert accepted == [False] * 4 and recorder.dropped == {"sensor": 4}
     items = list(RecordingReader(tmp_path))
     assert next(i.body for i in items if i.kind == "recorder")["dropped"] == recorder.dropped
 
