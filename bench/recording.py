@@ -88,13 +88,11 @@ def drive_size(seconds: float) -> dict[str, Any]:
         counters = recorder.counters()
         files = recording_files(tmp / "rec")
         on_disk = sum(f.stat().st_size for f in files)
-    per_camera = 6 * 64 * 112 * 3
-    raw = stats.camera_sent * per_camera
     return {"seconds": stats.elapsed_s, "camera_sent": stats.camera_sent,
             "lidar_sent": stats.lidar_sent, "received": received,
             "written": counters["written"], "dropped": counters["dropped"],
             "bytes_on_disk": on_disk, "mb_per_minute": on_disk / 1e6 * 60 / stats.elapsed_s,
-            "camera_raw_mb_per_minute": raw / 1e6 * 60 / stats.elapsed_s,
+            "received_mb_per_minute": counters["sensor_bytes"] / 1e6 * 60 / stats.elapsed_s,
             "world_frames": stats.world_frames}
 
 
@@ -165,9 +163,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{size['written']} recording messages written, dropped "
         f"{json.dumps(size['dropped']) if size['dropped'] else 'none'}.", "",
         f"- on disk: {size['bytes_on_disk'] / 1e6:.1f} MB = **{size['mb_per_minute']:.1f} MB "
-        f"per minute** (camera pixels alone, uncompressed: "
-        f"{size['camera_raw_mb_per_minute']:.0f} MB per minute; the simulated vehicle re-sends "
-        "each world frame until the next one, which compression removes)",
+        f"per minute** for {size['received_mb_per_minute']:.1f} MB per minute of sensor "
+        "messages received (zstd chunks of 1 MiB; LiDAR float32 points compress little)",
         f"- ingest as fast as the daemon takes it ({cost['messages']} messages, median of "
         f"{cost['rounds']} interleaved rounds): {cost['ingest_msgs_per_s_off']:.0f} msg/s "
         f"without recording, {cost['ingest_msgs_per_s_on']:.0f} msg/s with "

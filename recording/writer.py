@@ -227,6 +227,7 @@ class Recorder:
         self.dropped: dict[str, int] = {}
         self.written = 0
         self.errors = 0
+        self.sensor_bytes = 0  # wire bytes of the sensor messages queued
         self._sequence = 0
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="mpnp-recorder", daemon=True)
@@ -252,7 +253,10 @@ class Recorder:
     def sensor(self, frames: list[Any]) -> bool:
         """An ingest message the daemon accepted: header + buffers (as received)."""
         size = sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames)
-        return self._put("sensor", frames, size)
+        accepted = self._put("sensor", frames, size)
+        if accepted:
+            self.sensor_bytes += size
+        return accepted
 
     def request(self, kind: str, request: dict[str, Any], status: str, reply: dict[str, Any],
                 latency_s: float | None = None) -> bool:
@@ -310,6 +314,7 @@ class Recorder:
 
     def counters(self) -> dict[str, Any]:
         return {"written": self.written, "dropped": dict(self.dropped), "errors": self.errors,
+                "sensor_bytes": self.sensor_bytes,
                 "files": [p.name for p in self.files.files_written]}
 
     def _write(self, item: _Item) -> None:

@@ -518,3 +518,57 @@ def test_unreadable_input_is_one_line_from_the_commands(tmp_path, capsys):
     assert err.startswith("mpnp: error:") and "not an MCAP file" in err and "\n" not in err
     assert main(["report", str(junk)]) == 1
     assert "not an MCAP file" in capsys.readouterr().err
+
+
+KILLED_WRITER = """
+import sys, time
+import numpy as np
+from daemon.protocol import SensorKind, encode_sensor_message
+from recording.writer import Recorder, RecordingSettings
+recorder = Recorder(RecordingSettings(path=sys.argv[1], flush_interval_s=0.1,
+                                      chunk_bytes=1 << 20))
+for i in range(100000):
+    points = np.random.default_rng(i).standard_normal((500, 4)).astype(np.float32)
+    recorder.sensor([bytes(p) for p in encode_sensor_message(
+        SensorKind.LIDAR, f"r{i:04d}", float(i), {"LIDAR_TOP": points})])
+    print(i, flush=True)
+    time.sleep(0.01)
+"""
+
+
+def test_a_killed_recorder_leaves_a_readable_file(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path)], env=env,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "0"
+    time.sleep(1.0)
+    child.send_signal(signal.SIGKILL)
+    out, _ = child.communicate(timeout=10)
+    queued = 1 + len(out.split())
+    notices: list[str] = []
+    got = [i.parts for i in RecordingReader(tmp_path, notice=notices.append)]
+    expected = [_wire(encode_sensor_message(
+        SensorKind.LIDAR, f"r{i:04d}", float(i),
+        {LIDAR: np.random.default_rng(i).standard_normal((500, 4)).astype(np.float32)}))
+        for i in range(len(got))]
+    assert got == expected  # what was flushed reads back whole and in order
+    assert len(got) >= queued // 3, (len(got), queued)  # ~ the last flush interval lost
+    assert all("\n" not in n for n in notices)
+
+
+def test_recording_config_is_validated(tmp_path):
+    from daemon.config import DaemonConfig
+
+    assert DaemonConfig().recording.path == ""  # off by default
+    for bad, message in (({"max_bytes": 0}, "max_bytes"), ({"max_files": -1}, "max_files"),
+                         ({"chunk_bytes": 2**30}, "chunk_bytes"), ({"rotate": 3}, "unknown"),
+                         ({"status_interval_s": 0}, "status_interval_s")):
+        with pytest.raises(ValueError, match=message) as err:
+            test_config(tmp_path, recording=bad)
+        assert "[recording]" in str(err.value)
