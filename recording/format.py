@@ -97,7 +97,8 @@ def encode_buffer(sensor: str, spec: dict[str, Any], data: memoryview | bytes,
     name, shape = str(spec["name"]), list(spec["shape"])
     topic = buffer_topic(sensor, name)
     kind = buffer_kind(str(spec["dtype"]), shape)
-    stamp = Timestamp(seconds=int(timestamp // 1), nanos=int(round((timestamp % 1) * 1e9)) % 10**9)
+    seconds, nanos = divmod(int(round(timestamp * 1e9)), 10**9)
+    stamp = Timestamp(seconds=seconds, nanos=nanos)
     if kind == RAW_IMAGE:
         height, width = shape[0], shape[1]
         channels = shape[2] if len(shape) == 3 else 1

@@ -160,7 +160,8 @@ class RecordingReader:
 
         schemas: dict[int, str] = {}
         channels: dict[int, tuple[str, str | None]] = {}
-        pending: tuple[Item, int, list[dict[str, Any]], int] | None = None  # item, seq, specs
+        # a sensor message waiting for its buffers: (item, MCAP sequence, buffer specs)
+        pending: tuple[Item, int, list[dict[str, Any]]] | None = None
         count = 0
         with open(path, "rb") as fh:
             records = StreamReader(fh).records
@@ -187,7 +188,7 @@ class RecordingReader:
                     if pending is not None and topic != fmt.TOPIC_INGEST \
                             and topic.startswith(fmt.SENSOR_PREFIX) \
                             and record.sequence == pending[1]:
-                        item, _, specs, _ = pending
+                        item, _, specs = pending
                         assert item.parts is not None
                         item.parts.append(fmt.decode_buffer(schema, record.data))
                         if len(item.parts) == len(specs) + 1:
@@ -207,7 +208,7 @@ class RecordingReader:
                         if not specs:
                             yield item
                         else:
-                            pending = (item, record.sequence, specs, count)
+                            pending = (item, record.sequence, specs)
                         continue
                     yield item
         if pending is not None:

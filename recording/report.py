@@ -166,13 +166,15 @@ def report_markdown(drive: Drive, png: str | None) -> str:
     interesting = ("context.changed", "modality.switched", "adaptation.started",
                    "adaptation.result", "compose.started", "compose.finished", "power.mode",
                    "budget.plan", "daemon.lifecycle")
-    shown = [e for e in drive.events if e.get("event") in interesting]
-    for event in shown:
-        lines.append(f"- t = {event['t']:7.1f} s `{event.get('event')}`: {_describe(event)}")
+    shown = [(e["t"], f"`{e.get('event')}`: {_describe(e)}") for e in drive.events
+             if e.get("event") in interesting]
     for control in drive.controls:
-        lines.append(f"- t = {control['t']:7.1f} s operator `{control['type']}` "
-                     f"{json.dumps(control['request'], default=str)[:120]}")
-    if not shown and not drive.controls:
+        request = {k: v for k, v in (control["request"] or {}).items() if k != "id"}
+        shown.append((control["t"], f"operator `{control['type']}` "
+                                    f"{json.dumps(request, default=str)[:120]}"))
+    for t, text in sorted(shown, key=lambda entry: entry[0]):
+        lines.append(f"- t = {t:7.1f} s {text}")
+    if not shown:
         lines.append("No events recorded.")
     lines += ["", "## Questions", ""]
     latencies = [r["latency_s"] for r in drive.records if r["latency_s"] is not None]
