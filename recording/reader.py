@@ -155,7 +155,7 @@ class RecordingReader:
                 yield Item("sensor", log_time, topic, parts=parts)
 
     def _read_mpnp(self, path: Path) -> Iterator[Item]:
-        from mcap.records import Channel, Message, Schema
+        from mcap.records import Channel, Message, Metadata, Schema
         from mcap.stream_reader import StreamReader
 
         schemas: dict[int, str] = {}
@@ -177,7 +177,13 @@ class RecordingReader:
                                f"{str(exc)[:80] or 'end of file'}); the messages before the "
                                "cut are used")
                     return
-                if isinstance(record, Schema):
+                if isinstance(record, Metadata) and record.name == fmt.METADATA_NAME:
+                    version = record.metadata.get("version")
+                    if version != fmt.FORMAT_VERSION:
+                        self._note("format version", f"{path}: recording format version "
+                                   f"{version!r}; this version reads {fmt.FORMAT_VERSION!r} "
+                                   "(unknown channels are skipped)")
+                elif isinstance(record, Schema):
                     schemas[record.id] = record.name
                 elif isinstance(record, Channel):
                     schema = schemas.get(record.schema_id) if record.schema_id else None
