@@ -75,8 +75,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _endpoint_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="take endpoints, limits and CURVE from a daemon "
-                                         "config")
+    parser.add_argument("--config", help="take the endpoints and limits from a daemon config "
+                                         "(CURVE: --server-key, --client-cert)")
     parser.add_argument("--endpoint", help=f"query endpoint (default {DEFAULT_QUERY})")
     parser.add_argument("--events-endpoint", help=f"events endpoint (default {DEFAULT_EVENTS})")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
