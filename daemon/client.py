@@ -226,9 +226,15 @@ class SensorPublisher:
         self.sent = 0
         self.dropped = 0
 
-    def send_parts(self, parts: list[Any]) -> bool:
+    def send_parts(self, parts: list[Any], timeout_s: float | None = None) -> bool:
+        """Send one message; with ``timeout_s`` wait up to that long for room in the queue
+        (a replay that must lose nothing) instead of dropping at once."""
         try:
-            self._sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+            if timeout_s is None:
+                self._sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+            else:
+                self._sock.sndtimeo = max(1, int(timeout_s * 1000))
+                self._sock.send_multipart(parts, copy=False)
         except zmq.Again:
             self.dropped += 1
             return False

@@ -18,6 +18,7 @@ from typing import Any
 from mpnp.paths import model_store_dir
 from policies.budget import PlannerConfig
 from policies.context import create_policy, modality_set
+from recording.writer import RecordingSettings
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
@@ -315,6 +316,8 @@ class DaemonConfig:
     power: PowerConfig = field(default_factory=PowerConfig)
     adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    # [recording]: path = "" records nothing (recording.writer.RecordingSettings)
+    recording: RecordingSettings = field(default_factory=RecordingSettings)
     log_format: str = "text"
 
     def __post_init__(self) -> None:
@@ -368,6 +371,7 @@ _SECTION_TYPES: dict[str, type] = {
     "power": PowerConfig,
     "adaptation": AdaptationConfig,
     "limits": LimitsConfig,
+    "recording": RecordingSettings,
 }
 
 

@@ -298,7 +298,10 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict[str, Any]:
                      time.monotonic() - wall0)
     (out / "demo_report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "demo_report.md").write_text(report_markdown(report))
-    plot_timeline(timeline, querier.records, report, out / "demo_timeline.png")
+    ad = report["adaptation"]
+    plot_timeline(timeline, querier.records, out / "demo_timeline.png",
+                  f"mPnP daemon demo: {ad['modalities']} adapted with N={ad['n_blocks']}, "
+                  f"{ad['steps']} steps")
     progress(f"[demo] done in {report['wall_s']:.0f}s: {out / 'demo_report.md'}, "
              f"{out / 'demo_timeline.png'}")
     return report
@@ -413,7 +416,15 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_timeline(timeline, records, report, path: Path) -> None:
+def plot_timeline(timeline: list[dict[str, Any]], records: list[dict[str, Any]], path: Path,
+                  title: str) -> None:
+    """The drive's timeline PNG (the demo's and ``mpnp report``'s).
+
+    ``timeline`` rows: ``t``, ``light`` (vehicle), ``policy_light`` (the policy's estimate),
+    ``serving`` / ``desired`` (modality lists), ``adapting``, ``mode`` (power mode name),
+    ``watts``; ``records`` (answered questions): ``t``, ``correct`` (``None`` where the
+    ground truth is unknown: left out of the accuracy panel), ``latency_s``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -421,11 +432,13 @@ def plot_timeline(timeline, records, report, path: Path) -> None:
 
     if not timeline:
         return
+    nan = float("nan")
     t = [row["t"] for row in timeline]
-    fig, axes = plt.subplots(4, 1, figsize=(11, 9), sharex=True)
+    fig, axes = plt.subplots(5, 1, figsize=(11, 11), sharex=True)
     ax = axes[0]
-    ax.plot(t, [row["light"] for row in timeline], label="vehicle light")
-    ax.plot(t, [row["policy_light"] if row["policy_light"] is not None else float("nan")
+    ax.plot(t, [row["light"] if row["light"] is not None else nan for row in timeline],
+            label="vehicle light")
+    ax.plot(t, [row["policy_light"] if row["policy_light"] is not None else nan
                 for row in timeline], "--", label="policy estimate (luminance)")
     ax.set_ylabel("light level")
     ax.legend(loc="upper right")
@@ -441,35 +454,43 @@ def plot_timeline(timeline, records, report, path: Path) -> None:
     ax.set_ylabel("modality set")
     ax.legend(loc="upper right")
     ax = axes[2]
-    if records:
-        xs = [r["t"] for r in records]
-        ys = [1.0 if r["correct"] else 0.0 for r in records]
+    scored = [r for r in records if r.get("correct") is not None]
+    if scored:
+        xs = [r["t"] for r in scored]
+        ys = [1.0 if r["correct"] else 0.0 for r in scored]
         window = 5
         rolling = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1])
                    for i in range(len(ys))]
         ax.scatter(xs, ys, s=8, alpha=0.4, label="query correct")
         ax.plot(xs, rolling, label=f"rolling accuracy ({window})")
+        ax.legend(loc="upper right")
+    else:
+        ax.text(0.5, 0.5, "no ground truth", transform=ax.transAxes, ha="center",
+                va="center", color="tab:gray")
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.05, 1.05)
-    ax.legend(loc="upper right")
     ax = axes[3]
+    timed = [r for r in records if r.get("latency_s") is not None]
+    if timed:
+        ax.scatter([r["t"] for r in timed], [r["latency_s"] for r in timed], s=8,
+                   color="tab:purple")
+    ax.set_ylabel("answer latency (s)")
+    ax = axes[4]
     modes = sorted({row["mode"] for row in timeline if row["mode"]})
-    ax.step(t, [modes.index(row["mode"]) if row["mode"] else float("nan") for row in timeline],
+    ax.step(t, [modes.index(row["mode"]) if row["mode"] else nan for row in timeline],
             where="post", color="tab:red")
     ax.set_yticks(range(len(modes)), modes)
     ax.set_ylabel("power mode")
     twin = ax.twinx()
-    twin.plot(t, [row["watts"] if row["watts"] is not None else float("nan")
+    twin.plot(t, [row["watts"] if row["watts"] is not None else nan
                   for row in timeline], color="tab:gray", alpha=0.6)
-    twin.set_ylabel("W (simulated)")
+    twin.set_ylabel("W")
     spans = [row["t"] for row in timeline if row["adapting"]]
     for axis in axes:
         if spans:
             axis.axvspan(min(spans), max(spans), color="tab:orange", alpha=0.12)
     axes[-1].set_xlabel("seconds into the drive (shaded: adapting)")
-    ad = report["adaptation"]
-    fig.suptitle(f"mPnP daemon demo: {ad['modalities']} adapted with N={ad['n_blocks']}, "
-                 f"{ad['steps']} steps")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -44,6 +44,7 @@ from daemon.protocol import (
     ErrorCode,
     EventType,
     IngestError,
+    MessageType,
     ProtocolError,
     WireReply,
     decode_request,
@@ -59,6 +60,10 @@ from policies.context import ModalitySelector, create_policy
 from policies.power import PowerMonitor, create_power_monitor
 
 log = logging.getLogger(__name__)
+
+
+#: Read-only requests the recording leaves out (it samples ``status`` itself).
+_NOT_RECORDED = frozenset({MessageType.PING, MessageType.STATUS, MessageType.LIST_STORE})
 
 
 class Outbox:
@@ -137,6 +142,8 @@ class Daemon:
         self._metrics_server: MetricsServer | None = None
         self._store: ModelStore | None = None
         self._heartbeat: float | None = None  # the engine loop's last completed step
+        self._recorder: Any = None  # recording.writer.Recorder when [recording] has a path
+        self._next_status_sample = 0.0
 
     # --- public -------------------------------------------------------------------------
 
@@ -188,6 +195,8 @@ class Daemon:
             while not self._stop.is_set():
                 self.engine.step(timeout=0.05)
                 self._heartbeat = time.monotonic()
+                if self._recorder is not None and self._heartbeat >= self._next_status_sample:
+                    self._record_status()
                 if interval and time.monotonic() >= next_watchdog:
                     self.notifier.watchdog()
                     next_watchdog = time.monotonic() + interval / 2
@@ -218,8 +227,13 @@ class Daemon:
         self._store = ModelStore(cfg.store.directory, int(cfg.store.memory_budget_mb * 2**20),
                                  cfg.store.keep_states)
         selector = ModalitySelector(create_policy(cfg.policy.name, **cfg.policy.options))
+        if cfg.recording.path:
+            from mpnp import __version__
+            from recording.writer import Recorder
+
+            self._recorder = Recorder(cfg.recording, library=f"mpnp {__version__}")
         self.engine = Engine(cfg, backend, self._store, selector, monitor, self.metrics,
-                             publish=lambda kind, body: self._outbox.put("event", kind, body))
+                             publish=self._publish)
         self.engine.start()
         self._context = zmq.Context()
         if cfg.security.curve:
@@ -235,6 +249,20 @@ class Daemon:
             self._metrics_server = MetricsServer(self.metrics, host, int(port), self.health)
             self._metrics_server.start()
             self.metrics_address = self._metrics_server.address
+
+    def _publish(self, kind: EventType, body: dict[str, Any]) -> None:
+        self._outbox.put("event", kind, body)
+        if self._recorder is not None:
+            self._recorder.event(kind.value, body)
+
+    def _record_status(self) -> None:
+        """A ``status`` sample into the recording (engine thread: status reads its state)."""
+        assert self.engine is not None
+        self._next_status_sample = time.monotonic() + self.config.recording.status_interval_s
+        try:
+            self._recorder.status(self.engine.status())
+        except Exception:  # the recording is best effort; serving goes on
+            log.exception("recording: status sample failed")
 
     def _spawn(self, name: str, target: Any) -> None:
         self._bound[name] = threading.Event()
@@ -294,6 +322,8 @@ class Daemon:
                 try:
                     message = decode_sensor_message(frames, cfg.limits)
                     reason = engine.ingest(message)
+                    if reason is None and self._recorder is not None:
+                        self._recorder.sensor(frames)  # holds the frames, never waits
                 except IngestError as exc:
                     self.metrics.frames_dropped.inc(reason=exc.reason.value)
                     self._drop_log.warn(exc.reason.value, str(exc))
@@ -355,6 +385,8 @@ class Daemon:
 
         try:
             wire = decode_request(parts, self.config.limits.max_request_bytes)
+            if self._recorder is not None and wire.type not in _NOT_RECORDED:
+                reply = self._recording_reply(wire, reply)
         except ProtocolError as exc:
             self.metrics.errors.inc(code=exc.code.value)
             self._drop_log.warn(f"request {exc.code.value}",
@@ -380,6 +412,19 @@ class Daemon:
             reply(error_reply(ErrorCode.BUSY, (
                 f"request queue full (at most {limits.max_pending_requests} pending, "
                 f"{limits.max_pending_per_client} per client); retry later"), wire.id))
+
+    def _recording_reply(self, wire: Any, reply: Any) -> Any:
+        """``reply`` that also records the request and its reply (and the latency)."""
+        received = time.monotonic()
+        recorder = self._recorder
+
+        def recorded(response: WireReply) -> None:
+            reply(response)
+            recorder.request(wire.type.value, {**wire.body, "id": wire.id},
+                             response.status.value, response.body,
+                             time.monotonic() - received)
+
+        return recorded
 
     def _flush_outbox(self, router: zmq.Socket, pub: zmq.Socket) -> None:
         while True:
@@ -428,10 +473,15 @@ class Daemon:
                 self.engine.drain()
             except Exception:
                 log.exception("drain failed; stopping anyway")
+            if self._recorder is not None:
+                self._record_status()
         time.sleep(0 if self._force.is_set() else 0.05)  # let the IO thread send the last replies
         self._io_stop.set()
         for thread in self._threads:
             thread.join(timeout=2)
+        if self._recorder is not None:
+            self._recorder.close()
+            log.info("recording closed: %s", self._recorder.counters())
         if self._metrics_server is not None:
             self._metrics_server.close()
         if self._curve is not None:

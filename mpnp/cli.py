@@ -31,6 +31,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "adapt.compose_cli",
     "bench.cli",
     "daemon.cli",
+    "recording.cli",
 )
 
 log = logging.getLogger("mpnp")

@@ -69,7 +69,7 @@ def test_report_scores_phases_and_integrates_energy(tmp_path):
     assert "0.35416" not in text  # no raw float reprs in the human report
 
     png = tmp_path / "timeline.png"
-    plot_timeline(_timeline(), records, report, png)
+    plot_timeline(_timeline(), records, png, "demo")
     assert png.stat().st_size > 10_000
 
 

@@ -150,4 +150,5 @@ def test_the_base_install_is_torch_free_and_ships_mpnp_client():
     assert "torch" not in base and "prometheus-client" in base and "pyzmq" in base
     assert "torch" in cfg["options.extras_require"]["model"]
     assert "mpnp-client = daemon.cli:client_main" in cfg["options.entry_points"]["console_scripts"]
-    assert '".[model,dev]"' in (ROOT / "tools" / "dev.sh").read_text()
+    assert '".[model,dev,record]"' in (ROOT / "tools" / "dev.sh").read_text()
+    assert "torch" not in cfg["options.extras_require"]["record"]

@@ -19,7 +19,7 @@ ensure_env() {
     echo "[dev] building the environment in $venv (first run: several minutes)" >&2
     "$python" -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
-    "$venv/bin/python" -m pip install --quiet -e ".[model,dev]"
+    "$venv/bin/python" -m pip install --quiet -e ".[model,dev,record]"
     echo "$deps_key" > "$venv/.mpnp-deps"
   else
     # Point the (possibly shared, cached) environment at this checkout; no downloads.
