@@ -206,7 +206,8 @@ class Ros2Converter:
         """The wire parts of a sensor message once ``topic``'s sensor has all its buffers;
         ``None`` until then. Raises :class:`ConvertError` for a message that cannot be
         converted."""
-        from daemon.protocol import SensorKind, encode_sensor_message
+        from daemon.protocol import encode_sensor_message
+        from scenes.sensors import SENSORS
 
         target = self.map.topics[topic]
         converter = _CONVERTERS.get(msgtype)
@@ -222,10 +223,8 @@ class Ros2Converter:
         timestamp = max(stamp for _, stamp in pending.values())
         arrays = {name: pending[name][0] for name in wanted}
         self._pending[target.sensor] = {}
-        try:
-            kind = SensorKind(target.sensor)
-        except ValueError:
+        if target.sensor not in SENSORS.names():
             raise ConvertError(f"{topic}: sensor {target.sensor!r} (from {self.map.source}) is "
-                               "not a sensor of the protocol") from None
+                               f"not a registered sensor ({', '.join(SENSORS.names())})")
         frame_id = f"ros-{int(round(timestamp * 1e9))}"
-        return encode_sensor_message(kind, frame_id, timestamp, arrays)
+        return encode_sensor_message(target.sensor, frame_id, timestamp, arrays)

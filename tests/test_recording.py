@@ -380,8 +380,8 @@ def test_a_ros2_bag_converts_exactly_and_the_daemon_accepts_it(tmp_path, storage
         reader = RecordingReader(source, topic_map)
         assert reader.kind == ("rosbag2" if source == bag else "ros2-mcap")
         messages = [decode_sensor_message(i.parts, LimitsConfig()) for i in reader]
-        cameras = [m for m in messages if m.sensor is SensorKind.CAMERA]
-        lidars = [m for m in messages if m.sensor is SensorKind.LIDAR]
+        cameras = [m for m in messages if m.sensor == "camera"]
+        lidars = [m for m in messages if m.sensor == "lidar"]
         assert len(cameras) == len(lidars) == 3 and reader.skipped == {}
         for index, (camera, lidar) in enumerate(zip(cameras, lidars)):
             for view, pixels in _views(index).items():
