@@ -20,7 +20,7 @@ import torch
 
 from adapt.connectors.base import ConnectorConfig
 from adapt.connectors.mpnp import MPnPConnector
-from adapt.evaluate import evaluate, majority_baseline
+from adapt.evaluate import evaluate, majority_baseline, wilson_interval
 from adapt.trainer import Trainer
 from aligners.config import ConnectionConfig
 from aligners.model import MPnPModel
@@ -65,12 +65,13 @@ def run(cfg: Table1Config, n: int, store_dir: str | None = None, progress: bool 
         for light, test in (("day", d.day_test), ("night", d.night_test)):
             res = evaluate(conn, test)
             rows.append({"modalities": label, "light": light, "accuracy": res.accuracy,
-                         "per_type": res.per_type, "train_samples": report.samples,
-                         "wall_s": report.wall_s})
+                         "count": res.count, "ci95": list(res.ci95), "per_type": res.per_type,
+                         "train_samples": report.samples, "wall_s": report.wall_s})
         model.remove_state(conn.state_name)
     for light, test in (("day", d.day_test), ("night", d.night_test)):
-        rows.append({"modalities": "majority", "light": light,
-                     "accuracy": majority_baseline(d.day_train.items, test.items).accuracy})
+        res = majority_baseline(d.day_train.items, test.items)
+        rows.append({"modalities": "majority", "light": light, "accuracy": res.accuracy,
+                     "count": res.count, "ci95": list(res.ci95)})
     meta = {"benchmark": "modalities", "N": n, "llm": llm_fingerprint(llm),
             "sets": {k: list(v) for k, v in chosen.items()}, "skipped_sets": skipped,
             "encoders": {m: e.fingerprint() for m, e in bench.encoders.items()},
@@ -83,16 +84,24 @@ def run(cfg: Table1Config, n: int, store_dir: str | None = None, progress: bool 
 
 def to_markdown(result: dict) -> str:
     meta = result["meta"]
-    acc = {(r["modalities"], r["light"]): r["accuracy"] for r in result["rows"]}
+    rows = {(r["modalities"], r["light"]): r for r in result["rows"]}
+
+    def cell(label: str, light: str) -> str:
+        row = rows[(label, light)]
+        if "count" not in row:  # results written before intervals were recorded
+            return f"{100 * row['accuracy']:.1f}"
+        lo, hi = wilson_interval(row["accuracy"], row["count"])
+        return f"{100 * row['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
     out = [f"# mpnp bench modalities — mPnP N={meta['N']} on {_llm_name(meta)}", "",
            f"Each set trained on the same {meta['sizes']['day_train']} day questions; "
            f"tested on {meta['sizes']['day_test']} day / {meta['sizes']['night_test']} night "
-           "questions (exact match, %).", "", "| modalities | day | night |", "|---|---|---|"]
+           "questions (exact match, %, 95 % Wilson interval).", "", "| modalities | day | night |",
+           "|---|---|---|"]
     skipped = meta.get("skipped_sets") or []
     labels = list(meta.get("sets") or ("C", "L", "C+L"))
     for label in (*labels, "majority"):
-        out.append(f"| {label} | {100 * acc[(label, 'day')]:.1f} | "
-                   f"{100 * acc[(label, 'night')]:.1f} |")
+        out.append(f"| {label} | {cell(label, 'day')} | {cell(label, 'night')} |")
     if skipped:
         out += ["", f"Skipped (no encoder in the store): {', '.join(skipped)}."]
     return "\n".join(out) + "\n"
