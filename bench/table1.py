@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from adapt.algorithm import runtime_adapt
+from adapt.composition import validation_evaluator
 from adapt.connectors import create_connector
 from adapt.connectors.base import Connector, ConnectorConfig
 from adapt.connectors.mpnp import MPnPConnector
@@ -50,8 +51,10 @@ from adapt.evaluate import EvalResult, evaluate, majority_baseline, score, wilso
 from adapt.features import FeatureSet
 from adapt.prepare import FAST_LEARNING_RATES, PrepareConfig, ensure_encoders, ensure_world
 from adapt.trainer import TrainConfig, Trainer, TrainReport
+from aligners.compose import compose_states
 from aligners.config import ConnectionConfig
 from aligners.model import MPnPModel
+from aligners.state import install_state, snapshot_state
 from encoders import create_encoder
 from encoders.cache import FeatureCache
 from encoders.pretrain import PretrainConfig
@@ -70,6 +73,8 @@ SCENARIOS = {
     "night_c_to_l": "Night (C → L)",
 }
 MODE_SCENARIO = {"add": "night_c_to_cl", "switch": "night_c_to_l"}
+#: Training-free Night (C → C+L): the day camera state composed with the adapted LiDAR one.
+COMPOSE_METHODS = ("naive", "damc")
 BASELINES = ("full_llm", "promptfuse", "epalm", "question_only")
 ABLATIONS: dict[str, dict] = {
     "lora_off": {"lora": False},
@@ -95,6 +100,8 @@ class Table1Config:
     val_samples: int = 40  # early-stopping validation (only used with epochs > 1)
     test_samples: int | None = 800  # per context; None: the whole test split
     oracle: bool = True  # the mpnp_oracle row (ground-truth object tokens)
+    compose: bool = True  # the composed Night (C → C+L) rows (NaiveMC, DAMC)
+    compose_max_evals: int = 4  # DAMC's λ search: candidates scored on night validation
     fractions: tuple[float, ...] = (0.6, 0.8)
     study_n: int | None = 12  # N of the data-efficiency and ablation runs
     epochs: int = 1
@@ -245,12 +252,50 @@ class Table1:
                 progress=self.progress)
         return fork, report, int(mem.peak_bytes)
 
-    def _night_rows(self, method: str, day: Connector, n: int | None, **extra) -> None:
+    def _night_rows(self, method: str, day: Connector, n: int | None, *,
+                    lidar_state=None, **extra) -> None:
+        """The adapted night rows; ``lidar_state(fork)`` sees the switched (LiDAR) state
+        before it is dropped."""
         for mode, scenario in MODE_SCENARIO.items():
             fork, report, peak = self._adapt(day, mode, n)
             self._row(method, n, scenario, evaluate(fork, self.data.night_test), report, peak,
                       table="main", **extra)
+            if mode == "switch" and lidar_state is not None:
+                lidar_state(fork)
             _drop(fork)
+
+    def run_composed(self, day: MPnPConnector, lidar: MPnPConnector, n: int) -> None:
+        """Night (C → C+L) without training: the day camera state and the adapted LiDAR
+        state composed (:mod:`aligners.compose`), NaiveMC and DAMC — λ searched on the night
+        *validation* questions, its inference cost recorded beside the 0 training FLOPs."""
+        model = day.model
+        inputs = [snapshot_state(model, day.state_name), snapshot_state(model, lidar.state_name)]
+        for method in COMPOSE_METHODS:
+            extra = {}
+            if method == "damc":
+                extra = {"evaluate": validation_evaluator(
+                    model, self.data.night_val, max_new_tokens=self.cfg.max_new_tokens),
+                    "max_evals": self.cfg.compose_max_evals}
+            started = time.perf_counter()
+            composed = compose_states(inputs, method, name=f"composed-{method}-{n}", **extra)
+            compose_s = time.perf_counter() - started
+            name = install_state(model, composed, name=f"composed-{method}-{n}", activate=True)
+            try:
+                state = model.states[name]
+                conn = MPnPConnector(model.llm, model.tokenizer,
+                                     [s for s in state.modalities if s.name in state.connected],
+                                     self._connector_config(state.config.num_blocks),
+                                     model=model, state_name=name)
+                result = evaluate(conn, self.data.night_test)
+            finally:
+                model.remove_state(name)
+            search = composed.config["composition"].get("search") or {}
+            self._row(f"mpnp_{method}", n, "night_c_to_cl", result, None, table="main",
+                      composed_N=state.config.num_blocks, compose_s=compose_s,
+                      lambdas=composed.config["composition"].get("lambdas"),
+                      search_evaluations=search.get("evaluations", 0),
+                      search_questions=search.get("questions", 0),
+                      search_flops=search.get("inference_flops") or 0.0)
 
     # ------------------------------------------------------------------ methods
 
@@ -316,7 +361,9 @@ class Table1:
             shared = {"offline_N": cfg.offline_n, "table": "main"}
             self._row("mpnp", n, "day_c", day_res, report, **shared)
             self._row("mpnp", n, "night_c", night_res, None, **shared)
-            self._night_rows("mpnp", day, n)
+            compose = (lambda lidar, n=n: self.run_composed(day, lidar, n)) \
+                if cfg.compose else None
+            self._night_rows("mpnp", day, n, lidar_state=compose)
         return day
 
     def run_studies(self, day: MPnPConnector) -> None:
@@ -483,6 +530,17 @@ def check_targets(result: dict) -> list[dict]:
     if switch and add_:
         d = 100 * (add_["accuracy"] - switch["accuracy"])
         add("best mPnP Night (C → C+L) − Night (C → L)", d, ">= −2", d >= -2)
+    damc = _best(rows, "night_c_to_cl", lambda m: m == "mpnp_damc")
+    if damc:
+        n = damc["N"]
+        adapted, lidar = mpnp("night_c_to_cl", n), mpnp("night_c_to_l", n)
+        if adapted:
+            d = 100 * (damc["accuracy"] - adapted["accuracy"])
+            add(f"DAMC Night (C → C+L) − adapted C+L (N={n})", d, ">= −3", d >= -3)
+        singles = [r for r in (night, lidar) if r]
+        if singles:
+            d = 100 * (damc["accuracy"] - max(r["accuracy"] for r in singles))
+            add(f"DAMC Night (C → C+L) − the better single modality (N={n})", d, "> 0", d > 0)
     base = _best(rows, "night_c_to_l", lambda m: m in BASELINES and "question" not in m)
     full = _cell(rows, "full_llm", None, "night_c_to_l")
     if switch and base and full and full["adapt_flops"] and full["peak_mem_bytes"]:
@@ -494,6 +552,30 @@ def check_targets(result: dict) -> list[dict]:
         add("its adaptation FLOPs / Full LLM's", rf, "<= 0.33", rf <= 1 / 3, unit="ratio")
         add("its peak memory / Full LLM's", rm, "<= 0.6", rm <= 0.6, unit="ratio")
     return checks
+
+
+def composition_section(rows: list[dict]) -> list[str]:
+    """The composed Night (C → C+L) rows beside the adapted ones, with what composing cost."""
+    composed = [r for r in rows if r.get("table") == "main"
+                and r["method"] in {f"mpnp_{m}" for m in COMPOSE_METHODS}]
+    if not composed:
+        return []
+    out = ["## Composition: Night (C → C+L) without training", "",
+           "The day camera state composed with the adapted LiDAR state of the same N "
+           "(NaiveMC: mean ΔW; DAMC: Σ λ_m ΔW_m, λ searched on night validation questions). "
+           "0 training FLOPs; the search's inference cost is listed.", "",
+           "| N | method | accuracy | λ | search: candidates / questions / TFLOPs | compose s "
+           "| adapted C+L | C → L |", "|---|---|---|---|---|---|---|---|"]
+    for r in composed:
+        adapted = _cell(rows, "mpnp", r["N"], "night_c_to_cl")
+        lidar = _cell(rows, "mpnp", r["N"], "night_c_to_l")
+        lams = ", ".join(f"{x:g}" for x in r.get("lambdas") or []) or "–"
+        search = (f"{r['search_evaluations']} / {r['search_questions']} / "
+                  f"{r['search_flops'] / 1e12:.3f}" if r.get("search_evaluations") else "–")
+        out.append(f"| {r['N']} | {r['method'][len('mpnp_'):]} | {_acc(r)} | {lams} | {search} "
+                   f"| {r['compose_s']:.2f} | {_acc(adapted) if adapted else '–'} | "
+                   f"{_acc(lidar) if lidar else '–'} |")
+    return out + [""]
 
 
 def targets_section(result: dict) -> list[str]:
@@ -550,6 +632,7 @@ def to_markdown(result: dict) -> str:
             f"Night (C): the one offline state (N={meta['config']['offline_n']}) — runtime N is "
             "elastic. `question_only_nb` is the naive-Bayes question-only model, "
             "`mpnp_oracle` mPnP on ground-truth object tokens (the ceiling).", ""]
+    out += composition_section(rows)
     out += per_type_tables(rows)
     out += targets_section(result)
     de = [r for r in rows if r.get("table") == "data_efficiency"]

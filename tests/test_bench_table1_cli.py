@@ -74,3 +74,29 @@ def test_modality_benchmark_has_the_radar_sets_and_skips_sets_without_encoders()
             "sets": {"R": ["radar"], "C+R": ["camera", "radar"]}, "skipped_sets": ["L"]}
     md = to_markdown({"meta": meta, "rows": rows})
     assert "| R | 50.0 | 50.0 |" in md and "| C+R |" in md and "Skipped" in md
+
+
+def test_composed_rows_are_checked_against_adapted_c_plus_l_and_each_single_modality():
+    from bench.table1 import check_targets, composition_section
+
+    def row(method, scenario, acc, n=4, **extra):
+        return {"method": method, "N": n, "scenario": scenario, "accuracy": acc,
+                "ci95": [acc - 0.05, acc + 0.05], "table": "main", "adapt_flops": 0.0,
+                "peak_mem_bytes": 0, **extra}
+
+    composed = {"compose_s": 0.01, "search_evaluations": 0, "search_questions": 0,
+                "search_flops": 0.0, "lambdas": None}
+    rows = [row("mpnp", "night_c", 0.40), row("mpnp", "night_c_to_l", 0.50),
+            row("mpnp", "night_c_to_cl", 0.53),
+            row("mpnp_naive", "night_c_to_cl", 0.45, **composed),
+            row("mpnp_damc", "night_c_to_cl", 0.51,
+                **{**composed, "lambdas": [0.5, 1.0], "search_evaluations": 4,
+                   "search_questions": 160, "search_flops": 2e12})]
+    checks = {c["target"]: c for c in check_targets({"rows": rows})}
+    within = checks["DAMC Night (C → C+L) − adapted C+L (N=4)"]
+    assert within["value"] == pytest.approx(-2.0) and within["met"]
+    above = checks["DAMC Night (C → C+L) − the better single modality (N=4)"]
+    assert above["value"] == pytest.approx(1.0) and above["met"]  # vs L's 0.50, not C's 0.40
+    text = "\n".join(composition_section(rows))
+    assert "| 4 | damc | 51.0" in text and "0.5, 1" in text and "4 / 160 / 2.000" in text
+    assert "| 4 | naive | 45.0" in text
