@@ -17,17 +17,21 @@ from __future__ import annotations
 from dataclasses import fields
 
 from encoders.base import Encoder, EncoderFormatError, load_encoder
+from mpnp.registry import Registry
 
-_REGISTRY: dict[str, type[Encoder]] = {}
+#: Encoder kind -> class: the one registry type of the project (:mod:`mpnp.registry`), so an
+#: unknown kind raises :class:`~mpnp.registry.UnknownNameError` like every other registry.
+ENCODERS: Registry[type[Encoder]] = Registry("encoder kind")
 
 
 def register_encoder(kind: str, cls: type[Encoder]) -> type[Encoder]:
-    """Register ``cls`` under ``kind``; raises ``ValueError`` if the name is taken."""
+    """Register ``cls`` under ``kind``; raises ``ValueError`` if the name is taken, the
+    class is not an :class:`Encoder` of that kind, or it reads an unregistered sensor."""
     if not isinstance(kind, str) or not kind:
         raise ValueError(f"encoder kind must be a non-empty string, got {kind!r}")
     if not (isinstance(cls, type) and issubclass(cls, Encoder)):
         raise ValueError(f"{cls!r} is not an Encoder subclass")
-    if kind in _REGISTRY:
+    if kind in ENCODERS:
         raise ValueError(f"encoder kind {kind!r} is already registered "
                          f"(known: {', '.join(list_encoders())})")
     if cls.kind != kind:
@@ -41,29 +45,27 @@ def register_encoder(kind: str, cls: type[Encoder]) -> type[Encoder]:
         if cls.modality != cls.sensor:
             raise ValueError(f"{cls.__name__}: a sensor encoder's modality is its sensor's "
                              f"name ({cls.sensor!r}), got {cls.modality!r}")
-    _REGISTRY[kind] = cls
-    return cls
+    return ENCODERS.register(kind, cls)
 
 
 def unregister_encoder(kind: str) -> None:
     """Remove ``kind`` (a test that registers an encoder of its own cleans up with this)."""
-    _REGISTRY.pop(kind, None)
+    ENCODERS.unregister(kind)
 
 
 def list_encoders() -> list[str]:
     """Names of every registered encoder kind, sorted."""
-    return sorted(_REGISTRY)
+    return ENCODERS.names()
 
 
 def sensor_encoders() -> list[str]:
     """Kinds of the registered encoders that read a sensor (not the diagnostic ones)."""
-    return [k for k in list_encoders() if _REGISTRY[k].sensor is not None]
+    return [k for k in list_encoders() if ENCODERS.get(k).sensor is not None]
 
 
 def encoder_class(kind: str) -> type[Encoder]:
-    if kind not in _REGISTRY:
-        raise ValueError(f"unknown encoder kind {kind!r}; known: {', '.join(list_encoders())}")
-    return _REGISTRY[kind]
+    """The class registered as ``kind`` (:class:`~mpnp.registry.UnknownNameError` if none)."""
+    return ENCODERS.get(kind)
 
 
 def create_encoder(kind: str, **config) -> Encoder:
@@ -89,6 +91,7 @@ register_encoder(RadarPointEncoder.kind, RadarPointEncoder)
 register_encoder(OracleEncoder.kind, OracleEncoder)
 
 __all__ = [
+    "ENCODERS",
     "CameraViTEncoder",
     "Encoder",
     "EncoderFormatError",

@@ -1,4 +1,5 @@
-"""One registry type for every pluggable kind (connectors, policies, power monitors, backends).
+"""One registry type for every pluggable kind (sensors, encoders, connectors, context policies,
+power monitors, model backends).
 
 A :class:`Registry` maps names to factories; built-in entries may live in modules that are
 imported only when a name is first looked up or listed (heavy ones import torch). Every

@@ -8,9 +8,11 @@ import pytest
 
 from adapt.connectors import CONNECTORS, create_connector, list_connectors
 from daemon.backend import BACKENDS, create_backend, list_backends
+from encoders import ENCODERS, create_encoder, list_encoders
 from mpnp.registry import Registry, UnknownNameError
 from policies.context import POLICIES, create_policy, list_policies
 from policies.power import MONITORS, create_power_monitor, list_power_monitors
+from scenes.sensors import SENSORS
 
 
 @pytest.mark.parametrize("create, listing, what", [
@@ -18,6 +20,7 @@ from policies.power import MONITORS, create_power_monitor, list_power_monitors
     (lambda: create_policy("nope"), list_policies, "context policy"),
     (lambda: create_power_monitor("nope"), list_power_monitors, "power monitor"),
     (lambda: create_backend("nope"), list_backends, "model backend"),
+    (lambda: create_encoder("nope"), list_encoders, "encoder kind"),
 ])
 def test_unknown_names_raise_one_error_naming_the_known_ones(create, listing, what):
     with pytest.raises(UnknownNameError) as info:
@@ -27,7 +30,8 @@ def test_unknown_names_raise_one_error_naming_the_known_ones(create, listing, wh
     assert listing() and all(name in str(info.value) for name in listing())
 
 
-@pytest.mark.parametrize("registry", [CONNECTORS, POLICIES, MONITORS, BACKENDS])
+@pytest.mark.parametrize("registry", [CONNECTORS, POLICIES, MONITORS, BACKENDS, ENCODERS,
+                                      SENSORS])
 def test_registering_a_name_twice_is_refused(registry):
     taken = registry.names()[0]
     registry.get(taken)  # a lazy entry registers itself now
