@@ -261,9 +261,11 @@ class MPnPBackend:
         if split is not None:
             from adapt.features import FeatureSet
 
-            live_train, live_val = self._live_features(split, modalities)
+            # The gate validates the serving state on the same questions: its sensors too.
+            encoded = frozenset(modalities) | frozenset(self.serving.modality_names)
+            live_train, live_val = self._live_features(split, encoded)
             if self._live.mode == "live+world":
-                names = sorted(modalities)
+                names = sorted(encoded)
                 train = FeatureSet(train.items + live_train.items,
                                    {m: {**train.tokens[m], **live_train.tokens[m]}
                                     for m in names})
