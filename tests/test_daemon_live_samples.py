@@ -159,3 +159,14 @@ def test_world_stays_the_default(tmp_path):
         wait_for(lambda: client.status()["last_adaptation"] is not None, timeout=10)
         assert backend.data["source"] == "world"
         assert client.status()["samples"]["contexts"]["night"]["samples"] > 2
+
+
+def test_the_benchmarks_object_lists_round_trip_through_the_wire_schema():
+    from bench.live_samples import wire_objects
+    from daemon.teaching import parse_objects
+    from scenes.sample import ObjectAnnotation
+
+    frame = toy_frame("g")
+    frame.objects = [ObjectAnnotation("bus", (10.0, -3.0, 0.2), (2.7, 11.0, 3.3), 0.4, "stopped"),
+                     ObjectAnnotation("barrier", (4.0, 5.0, 0.0), (0.5, 0.5, 0.9), 0.0, None)]
+    assert parse_objects(wire_objects(frame), 10) == frame.objects
