@@ -70,3 +70,35 @@ def test_teacher_confidence_is_the_first_token_probability():
     with pytest.raises(RuntimeError):
         backend.answer_with_confidence(questions, frames, frozenset({"lidar"}))
     assert torch.is_grad_enabled()
+
+
+def test_the_daemon_adapts_the_real_backend_on_object_lists_it_was_sent(tmp_path):
+    from test_daemon_support import running_daemon, test_config, wait_for
+
+    from daemon.client import Client, SensorPublisher
+
+    backend = make_backend()
+    config = test_config(tmp_path, adaptation={"auto": False, "target_steps": 2,
+                                               "batch_size": 1, "min_steps": 1,
+                                               "data": "live", "min_samples": 6},
+                         samples={"questions_per_frame": 3})
+    boxes = [{"class": "car", "status": "parked", "x": 6.0, "y": 2.0, "z": 0.0,
+              "length": 4.5, "width": 1.9, "height": 1.5, "yaw": 0.0}]
+    with running_daemon(config, backend) as daemon, \
+            Client(daemon.endpoints["query"], timeout_s=30) as client, \
+            SensorPublisher(daemon.endpoints["ingest"], hwm=50) as publisher:
+        for seed in range(3):
+            frame = _frame(50 + seed, f"drive-{seed}")
+            publisher.send_camera(frame)
+            publisher.send_lidar(frame)
+        wait_for(lambda: daemon.metrics.frames_in.total() >= 6)
+        for seed in range(3):
+            reply = client.objects(f"drive-{seed}", boxes[: seed % 2 + 1] if seed else [],
+                                   context="night")
+            assert reply["stored"] == 3
+        client.adapt("start", ["lidar"], force_commit=True)
+        wait_for(lambda: client.status()["serving"]["modalities"] == ["lidar"], timeout=60)
+        data = client.status()["adaptation_cost"]["data"]
+        assert data["source"] == "live" and data["context"] == "night"
+        assert data["live_train"] == 6 and data["live_val"] == 3 and data["frames"] == 3
+        assert data["sample_sources"] == {"objects": 9}
