@@ -299,6 +299,13 @@ class SamplesConfig:
             ``pseudo_label`` when the request does not say (at most ``max_questions``).
         max_questions: most questions one request may generate or carry.
         seed: the answer balancer's and the question picker's random stream.
+        pseudo_label_every_s: ``> 0``: every this many seconds, when no request waits and
+            no adaptation runs, the serving state pseudo-labels the newest frame (once per
+            frame; ``questions_per_frame`` questions) into ``pseudo_label_context`` — e.g.
+            the camera state at dusk filling the night buffer for the LiDAR student.
+            ``0`` (default): only the ``pseudo_label`` command does.
+        pseudo_label_context: the context automatic pseudo-labels go to.
+        pseudo_label_min_confidence: answers below this confidence are not stored.
     """
 
     path: str = ""
@@ -308,8 +315,20 @@ class SamplesConfig:
     questions_per_frame: int = 24
     max_questions: int = 64
     seed: int = 0
+    pseudo_label_every_s: float = 0.0
+    pseudo_label_context: str = "night"
+    pseudo_label_min_confidence: float = 0.0
 
     def __post_init__(self) -> None:
+        import re
+
+        if self.pseudo_label_every_s < 0:
+            raise ValueError("samples.pseudo_label_every_s must be >= 0 (0: off)")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", str(self.pseudo_label_context)):
+            raise ValueError(f"samples.pseudo_label_context {self.pseudo_label_context!r} must "
+                             "match [a-z0-9][a-z0-9_-]{0,31}")
+        if not 0.0 <= self.pseudo_label_min_confidence <= 1.0:
+            raise ValueError("samples.pseudo_label_min_confidence must be in 0..1")
         if self.max_mb <= 0:
             raise ValueError(f"samples.max_mb must be > 0, got {self.max_mb}")
         for name in ("max_samples", "max_objects", "questions_per_frame", "max_questions"):

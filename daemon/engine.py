@@ -142,6 +142,8 @@ class Engine:
             config.adaptation.val_fraction, config.adaptation.data)
         self._balancer = AnswerBalancer(np.random.default_rng(settings.seed))
         self._question_rng = np.random.default_rng(settings.seed + 1)
+        self._next_pseudo = 0.0
+        self._last_pseudo: tuple[str, float] | None = None
         use_live = getattr(backend, "use_live_samples", None)
         if callable(use_live):
             use_live(self.samples)
@@ -307,7 +309,7 @@ class Engine:
         block = not self.adaptation.active
         requests = self._take_requests(timeout if block else 0.0)
         self._serve(requests)
-        for part in (self._poll_power, self._update_policy):
+        for part in (self._poll_power, self._update_policy, self._auto_pseudo_label):
             try:
                 part()
             except Exception:  # a monitor/policy fault must not stop the serving loop
@@ -632,11 +634,22 @@ class Engine:
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 "field 'min_confidence' must be a number in 0..1")
         frame = self._sample_frame(body)
+        context = self._sample_context(body, frame)
+        samples, dropped, measured = self._teacher_samples(frame, count, float(floor))
+        self._store_samples(request, context, frame, samples,
+                            teacher={"modalities": sorted(self.serving),
+                                     "generation": self.serving_generation},
+                            dropped=dropped, confidence_measured=measured)
+
+    def _teacher_samples(self, frame, count: int, floor: float
+                         ) -> tuple[list[LiveSample], int, bool]:
+        """The serving state's answers to ``count`` scene-free template questions about
+        ``frame`` as ``pseudo`` samples: (kept samples, dropped under ``floor``, whether the
+        confidences were measured)."""
         missing = sorted(self.serving - set(frame.sensors))
         if missing:
             raise ProtocolError(ErrorCode.NO_FRAME, f"frame {frame.frame_id!r} lacks the "
                                 f"serving state's sensors {missing}")
-        context = self._sample_context(body, frame)
         questions = scene_free_questions(self._question_rng, count)
         texts = [c.question for c in questions]
         with_confidence = getattr(self.backend, "answer_with_confidence", None)
@@ -658,10 +671,36 @@ class Engine:
         samples = samples_from_candidates(frame, [labelled[i] for i in kept], "pseudo",
                                           [min(max(float(confidences[i]), 0.0), 1.0)
                                            for i in kept])
-        self._store_samples(request, context, frame, samples,
-                            teacher={"modalities": sorted(self.serving),
-                                     "generation": self.serving_generation},
-                            dropped=len(texts) - len(kept), confidence_measured=measured)
+        return samples, len(texts) - len(kept), measured
+
+    def _auto_pseudo_label(self) -> None:
+        """``[samples] pseudo_label_every_s``: the serving state labels the newest frame
+        (once per frame) into ``pseudo_label_context``, when nothing else waits."""
+        settings = self.config.samples
+        now = time.monotonic()
+        if (settings.pseudo_label_every_s <= 0 or now < self._next_pseudo
+                or self.adaptation.active or not self._inbox.empty()):
+            return
+        self._next_pseudo = now + settings.pseudo_label_every_s
+        held = self.frames.sensors_held()
+        if not self.serving <= held:
+            return
+        frame = self.frames.frame(held)
+        key = (frame.frame_id, frame.timestamp)
+        if key == self._last_pseudo:
+            return
+        self._last_pseudo = key
+        try:
+            samples, dropped, _ = self._teacher_samples(frame, settings.questions_per_frame,
+                                                        settings.pseudo_label_min_confidence)
+            if samples:
+                self.samples.add(settings.pseudo_label_context, frame, samples)
+        except (ProtocolError, OSError) as exc:
+            log.warning("pseudo-labelling frame %s failed: %s", frame.frame_id,
+                        getattr(exc, "message", exc))
+            return
+        log.debug("pseudo-labelled frame %s: %d samples into %r, %d under the confidence "
+                  "floor", frame.frame_id, len(samples), settings.pseudo_label_context, dropped)
 
     # --- power --------------------------------------------------------------------------
 

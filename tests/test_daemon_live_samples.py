@@ -4,6 +4,8 @@ adaptation that trains on it with ``[adaptation] data = "live"``."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from test_daemon_support import ToyBackend, running_daemon, test_config, toy_frame, wait_for
 
@@ -170,3 +172,32 @@ def test_the_benchmarks_object_lists_round_trip_through_the_wire_schema():
     frame.objects = [ObjectAnnotation("bus", (10.0, -3.0, 0.2), (2.7, 11.0, 3.3), 0.4, "stopped"),
                      ObjectAnnotation("barrier", (4.0, 5.0, 0.0), (0.5, 0.5, 0.9), 0.0, None)]
     assert parse_objects(wire_objects(frame), 10) == frame.objects
+
+
+def test_the_serving_state_pseudo_labels_new_frames_when_configured(tmp_path):
+    config = test_config(tmp_path, adaptation={"auto": False},
+                         samples={"pseudo_label_every_s": 0.01, "questions_per_frame": 3,
+                                  "pseudo_label_context": "night"})
+    with running_daemon(config, ToyBackend()) as daemon, \
+            Client(daemon.endpoints["query"]) as client, \
+            SensorPublisher(daemon.endpoints["ingest"], hwm=50) as publisher:
+        _feed(publisher, "p0", 0.0)
+        wait_for(lambda: client.status()["samples"]["contexts"].get("night", {}).get(
+            "samples") == 3)
+        _feed(publisher, "p1", 1.0)
+        wait_for(lambda: client.status()["samples"]["contexts"]["night"]["samples"] == 6)
+        time.sleep(0.1)  # the same newest frame is not labelled twice
+        assert client.status()["samples"]["contexts"]["night"]["samples"] == 6
+        items = list(daemon.engine.samples.buffer("night").items())
+        assert [f.frame_id for f, _ in items] == ["p0", "p1"]
+        assert {s.source for _, samples in items for s in samples} == {"pseudo"}
+
+
+def test_pseudo_label_settings_are_checked():
+    from daemon.config import SamplesConfig
+
+    for bad in ({"pseudo_label_every_s": -1}, {"pseudo_label_context": "Night!"},
+                {"pseudo_label_min_confidence": 2.0}, {"questions_per_frame": 0},
+                {"max_mb": 0}):
+        with pytest.raises(ValueError):
+            SamplesConfig(**bad)
