@@ -77,6 +77,24 @@ def add_client_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
                       help="fine-tune from the composed state when the budget allows")
     tune.add_argument("--no-finetune", dest="finetune", action="store_false")
     co.add_argument("--force-commit", action="store_true")
+    te = cs.add_parser("teach", help="store a question/answer pair about a held frame "
+                       "(a live sample)", parents=[common])
+    te.add_argument("frame_id")
+    te.add_argument("question")
+    te.add_argument("answer")
+    te.add_argument("--context", help="data context (default: the policy's)")
+    ob = cs.add_parser("objects", help="send a frame's object list (JSON file, '-' for "
+                       "stdin; schema: PROTOCOL.md, Live samples)", parents=[common])
+    ob.add_argument("frame_id")
+    ob.add_argument("file")
+    ob.add_argument("--questions-per-frame", type=int)
+    ob.add_argument("--context")
+    pl = cs.add_parser("pseudo-label", help="the serving state labels a held frame (live "
+                       "samples)", parents=[common])
+    pl.add_argument("frame_id")
+    pl.add_argument("--questions-per-frame", type=int)
+    pl.add_argument("--min-confidence", type=float)
+    pl.add_argument("--context")
     cs.add_parser("store", help="list the store", parents=[common])
     ev = cs.add_parser("events", help="print events", parents=[common])
     ev.add_argument("--count", type=int, default=0, help="stop after N events (0: forever)")
@@ -270,6 +288,22 @@ def _client_action(args: argparse.Namespace, client: Any) -> int:
                             + (f" (λ {', '.join(f'{x:g}' for x in lambdas)})" if lambdas else "")
                             + f" in {_seconds(info.get('compose_wall_s'))}; validating (see "
                               "status / compose.finished)")
+    elif action in ("teach", "objects", "pseudo-label"):
+        if action == "teach":
+            reply = client.teach(args.frame_id, args.question, args.answer, args.context)
+        elif action == "objects":
+            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+            try:
+                objects = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{args.file}: not JSON: {exc}") from None
+            reply = client.objects(args.frame_id, objects, args.questions_per_frame,
+                                   args.context)
+        else:
+            reply = client.pseudo_label(args.frame_id, args.questions_per_frame,
+                                        args.min_confidence, args.context)
+        _print(args, reply, f"stored {reply['stored']} samples of frame {reply['frame_id']} "
+                            f"in {reply['context']!r} ({reply['buffered']} buffered)")
     elif action == "store":
         store = client.list_store()
         _print(args, store, format_store(store))
