@@ -45,6 +45,7 @@ from bench.table1 import Table1, Table1Config, _llm_name, _load_llm
 from daemon.samples import LiveSamples, LiveSplit
 from daemon.teaching import (
     object_samples,
+    objects_to_wire,
     parse_objects,
     samples_from_candidates,
     scene_free_questions,
@@ -57,17 +58,6 @@ from scenes.sample import Frame
 log = logging.getLogger(__name__)
 
 CONTEXT = "night"
-
-
-def wire_objects(frame: Frame) -> list[dict]:
-    """A frame's ground-truth objects in the ``objects`` command's schema (PROTOCOL.md)."""
-    out = []
-    for o in frame.objects or []:
-        width, length, height = o.size
-        out.append({"class": o.category, "status": o.status, "x": o.center[0],
-                    "y": o.center[1], "z": o.center[2], "length": length, "width": width,
-                    "height": height, "yaw": o.yaw})
-    return out
 
 
 def drive_frames(world: Path, frames: int) -> list[Frame]:
@@ -128,7 +118,7 @@ def run(cfg: Table1Config, n: int, frames: int, per_frame: int, store_dir: str |
         balancer = AnswerBalancer(np.random.default_rng(cfg.seed))
         t0 = time.perf_counter()
         for frame in drive:
-            objects = parse_objects(wire_objects(frame), max_objects=10_000)
+            objects = parse_objects(objects_to_wire(frame.objects), max_objects=10_000)
             samples = object_samples(frame, objects, balancer, per_frame)
             if samples:
                 live.add(CONTEXT, frame, samples)

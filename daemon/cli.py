@@ -158,6 +158,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="put the light level in the camera header (ambient light sensor)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"))
+    s.add_argument("--objects-every", type=int, default=0, metavar="K",
+                   help="also send every K-th world frame's ground-truth object list as an "
+                        "`objects` request (live samples; 0: never)")
+    s.add_argument("--query-endpoint", default="tcp://127.0.0.1:5556",
+                   help="the daemon's query endpoint (for --objects-every)")
+    s.add_argument("--objects-context", help="data context of those samples (default: the "
+                   "daemon's policy)")
     s.set_defaults(func=cmd_sim_vehicle)
 
 
@@ -401,6 +408,8 @@ def cmd_sim_vehicle(args: argparse.Namespace) -> int:
         sensors_hz=sensors_hz, duration_s=args.duration, day_s=args.day, dusk_s=args.dusk,
         night_s=args.night,
         loop=not args.no_loop, send_ambient=args.send_ambient,
+        objects_every=args.objects_every, query_endpoint=args.query_endpoint,
+        objects_context=args.objects_context,
     )
     options: dict[str, Any] = {}
     if args.image_size:
@@ -418,4 +427,7 @@ def cmd_sim_vehicle(args: argparse.Namespace) -> int:
     print(f"sent {stats.camera_sent} camera ({rates['camera_hz']:.1f} Hz), {stats.lidar_sent} "
           f"lidar ({rates['lidar_hz']:.1f} Hz), {others}{stats.dropped} dropped, "
           f"{stats.world_frames} world frames ({stats.late_frames} late) in {stats.elapsed_s:.1f}s")
+    if config.objects_every:
+        print(f"sent {stats.objects_sent} object lists ({stats.samples_stored} live samples "
+              f"stored), {stats.objects_failed} refused or dropped")
     return 0

@@ -365,10 +365,11 @@ class SampleBuffer:
                 for sample in samples:
                     by_frame.setdefault(sample.frame_key, []).append(sample)
                 frames.setdefault(frame_key(frame.frame_id, frame.timestamp), frame)
-        else:
+        else:  # the records only: the segments' metadata, not their tensors
             for info in self.segments():
                 try:
-                    _, samples = self.read(info)
+                    meta = self._read_meta(self.root / info.file)
+                    samples = [LiveSample(**r) for r in json.loads(meta["samples"])]
                 except Exception as exc:  # damaged since open: skip it, keep the others
                     log.warning("samples %s: skipping %s: %s", self.root, info.file, exc)
                     continue

@@ -98,6 +98,18 @@ def parse_objects(value: Any, max_objects: int) -> list[ObjectAnnotation]:
     return out
 
 
+def objects_to_wire(objects: Sequence[ObjectAnnotation] | None) -> list[dict[str, Any]]:
+    """Objects in the ``objects`` command's schema (the inverse of :func:`parse_objects`):
+    what a simulated perception stack with the world's ground truth sends."""
+    out = []
+    for o in objects or []:
+        width, length, height = o.size
+        out.append({"class": o.category, "status": o.status, "x": float(o.center[0]),
+                    "y": float(o.center[1]), "z": float(o.center[2]), "length": float(length),
+                    "width": float(width), "height": float(height), "yaw": float(o.yaw)})
+    return out
+
+
 def question_count(body: dict[str, Any], default: int, maximum: int) -> int:
     """The optional ``questions_per_frame`` field."""
     value = body.get("questions_per_frame", default)

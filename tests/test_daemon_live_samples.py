@@ -163,15 +163,14 @@ def test_world_stays_the_default(tmp_path):
         assert client.status()["samples"]["contexts"]["night"]["samples"] > 2
 
 
-def test_the_benchmarks_object_lists_round_trip_through_the_wire_schema():
-    from bench.live_samples import wire_objects
-    from daemon.teaching import parse_objects
+def test_object_lists_round_trip_through_the_wire_schema():
+    from daemon.teaching import objects_to_wire, parse_objects
     from scenes.sample import ObjectAnnotation
 
     frame = toy_frame("g")
     frame.objects = [ObjectAnnotation("bus", (10.0, -3.0, 0.2), (2.7, 11.0, 3.3), 0.4, "stopped"),
                      ObjectAnnotation("barrier", (4.0, 5.0, 0.0), (0.5, 0.5, 0.9), 0.0, None)]
-    assert parse_objects(wire_objects(frame), 10) == frame.objects
+    assert parse_objects(objects_to_wire(frame.objects), 10) == frame.objects
 
 
 def test_the_serving_state_pseudo_labels_new_frames_when_configured(tmp_path):
@@ -201,3 +200,35 @@ def test_pseudo_label_settings_are_checked():
                 {"max_mb": 0}):
         with pytest.raises(ValueError):
             SamplesConfig(**bad)
+
+
+class _DriveWithObjects:
+    def frame(self, index, light):
+        from scenes.sample import ObjectAnnotation
+
+        frame = toy_frame(f"w{index}", light=light)
+        frame.objects = [ObjectAnnotation("car", (5.0 + index, 1.0, 0.0), (1.9, 4.5, 1.5), 0.0,
+                                          "moving")]
+        return frame
+
+
+def test_the_simulated_vehicle_sends_its_object_lists(tmp_path):
+    from daemon.sim_vehicle import SimVehicle, SimVehicleConfig
+
+    config = test_config(tmp_path, adaptation={"auto": False},
+                         samples={"questions_per_frame": 2})
+    with running_daemon(config, ToyBackend()) as daemon:
+        vehicle = SimVehicleConfig(endpoint=daemon.endpoints["ingest"], camera_hz=40.0,
+                                   lidar_hz=40.0, world_interval_s=0.1, duration_s=0.75,
+                                   objects_every=2, hwm=50,
+                                   query_endpoint=daemon.endpoints["query"],
+                                   objects_context="night")
+        stats = SimVehicle(vehicle, _DriveWithObjects()).run()
+        assert stats.objects_sent >= 2 and stats.objects_failed == 0
+        assert stats.samples_stored == 2 * stats.objects_sent
+        buffer = daemon.engine.samples.buffer("night")
+        assert len(buffer) == stats.samples_stored
+        ids = [s.frame_id for s in buffer.segments()]
+        assert ids[:2] == ["w0", "w2"]
+    with pytest.raises(ValueError):
+        SimVehicleConfig(objects_every=-1)
