@@ -17,8 +17,8 @@ questions:
   stored camera views), each answer stored with its first-token confidence.
 
 The JSON's top-level ``ratio`` is live-objects ÷ labelled accuracy (the issue's target is
-≥ 0.9). The live samples' frames are encoded from their *stored* sensor buffers, as the
-daemon's backend does, not from the world's feature cache.
+≥ 0.9). The live samples' frames are encoded from their *stored* sensor buffers with the daemon
+backend's own function (:func:`adapt.data.live_features`), not from the world's feature cache.
 """
 
 from __future__ import annotations
@@ -36,13 +36,14 @@ import torch
 
 from adapt.connectors.base import ConnectorConfig
 from adapt.connectors.mpnp import MPnPConnector
+from adapt.data import live_features
 from adapt.evaluate import evaluate, majority_baseline, wilson_interval
 from adapt.features import FeatureSet
 from adapt.trainer import Trainer
 from aligners.config import ConnectionConfig
 from aligners.model import MPnPModel
 from bench.table1 import Table1, Table1Config, _llm_name, _load_llm
-from daemon.samples import LiveSamples, LiveSplit
+from daemon.samples import LiveSamples
 from daemon.teaching import (
     object_samples,
     objects_to_wire,
@@ -50,6 +51,7 @@ from daemon.teaching import (
     samples_from_candidates,
     scene_free_questions,
 )
+from mpnp.generation import first_token_confidence
 from mpnp.llm import llm_fingerprint
 from scenes.dataset import QADataset
 from scenes.questions import AnswerBalancer, Candidate, candidate_pool
@@ -66,21 +68,6 @@ def drive_frames(world: Path, frames: int) -> list[Frame]:
     ids = sorted(night.frame_ids)[:frames]
     return [dataclasses.replace(night.frame(fid), timestamp=0.5 * k) for k, fid in
             enumerate(ids)]
-
-
-def encode_split(split: LiveSplit, encoders: dict, modalities: list[str]
-                 ) -> tuple[FeatureSet, FeatureSet]:
-    """A live split's frames (stored buffers) encoded as the daemon's backend does."""
-    keys = sorted(split.frames)
-    tokens = {}
-    for modality in modalities:
-        per_frame = {}
-        for start in range(0, len(keys), 16):
-            chunk = keys[start:start + 16]
-            encoded = encoders[modality].encode([split.frames[k] for k in chunk])
-            per_frame.update({k: encoded[i].clone() for i, k in enumerate(chunk)})
-        tokens[modality] = per_frame
-    return FeatureSet(split.train, tokens), FeatureSet(split.val, tokens)
 
 
 def run(cfg: Table1Config, n: int, frames: int, per_frame: int, store_dir: str | None = None,
@@ -127,7 +114,7 @@ def run(cfg: Table1Config, n: int, frames: int, per_frame: int, store_dir: str |
         if split is None:
             raise RuntimeError("the drive gave no held-out frame; use more --frames")
         buffer = live.buffer(CONTEXT).describe()
-        live_train, live_val = encode_split(split, bench.encoders, ["lidar"])
+        live_train, live_val = live_features(split, bench.encoders.__getitem__, ["lidar"])
 
         # --- the labelled arm: the same number of the world's night questions --------
         labelled = d.night_train.at_most(len(live_train), cfg.seed)
@@ -156,7 +143,7 @@ def run(cfg: Table1Config, n: int, frames: int, per_frame: int, store_dir: str |
                 len(questions), -1, -1)}
             with torch.inference_mode():
                 out = teacher.generate([c.question for c in questions], tokens)
-                conf = torch.softmax(out.scores[:, 0, :].float(), -1).max(-1).values.tolist()
+            conf = first_token_confidence(out)
             truth = {c.question: c.answer for c in candidate_pool(frame.objects or [])}
             labelled_cands = [Candidate(c.question, a, c.template_type, c.num_hop)
                               for c, a in zip(questions, out.answers)]
@@ -169,7 +156,7 @@ def run(cfg: Table1Config, n: int, frames: int, per_frame: int, store_dir: str |
                                                                "pseudo", conf))
         model.remove_state(teacher.state_name)
         pseudo_split = pseudo.training_split(CONTEXT)
-        p_train, p_val = encode_split(pseudo_split, bench.encoders, ["lidar"])
+        p_train, p_val = live_features(pseudo_split, bench.encoders.__getitem__, ["lidar"])
         conn, report = train("pseudo", "lidar", p_train, p_val)
         rows.append(row("pseudo (camera teacher)", conn, report, p_train,
                         teacher_day_trained_night_test_accuracy=teacher_night,

@@ -224,10 +224,11 @@ class MPnPBackend:
         if set(modalities) != set(connected):
             raise RuntimeError(f"the engine serves {sorted(modalities)} but the serving state "
                                f"connects {connected}")
+        from mpnp.generation import first_token_confidence
+
         with torch.inference_mode():
             out = self.serving.generate(questions, self.encoders.tokens(frames, connected))
-            confidence = torch.softmax(out.scores[:, 0, :].float(), dim=-1).max(dim=-1).values
-        return out.answers, [float(c) for c in confidence]
+        return out.answers, first_token_confidence(out)
 
     # --- adaptation -----------------------------------------------------------------------
 
@@ -259,11 +260,12 @@ class MPnPBackend:
         split = self._live.training_split(context) if self._live is not None else None
         self.data_info = {"source": "world", "context": context}
         if split is not None:
+            from adapt.data import live_features
             from adapt.features import FeatureSet
 
             # The gate validates the serving state on the same questions: its sensors too.
             encoded = frozenset(modalities) | frozenset(self.serving.modality_names)
-            live_train, live_val = self._live_features(split, encoded)
+            live_train, live_val = live_features(split, self.encoders.encoder, encoded)
             if self._live.mode == "live+world":
                 names = sorted(encoded)
                 train = FeatureSet(train.items + live_train.items,
@@ -282,24 +284,6 @@ class MPnPBackend:
             val = val.fraction(self.config.val_questions / len(val), self.config.seed)
         self.data_info.update(train=len(train), val=len(val))
         return train, val
-
-    def _live_features(self, split, modalities: frozenset[str]):
-        """Train and validation :class:`FeatureSet` s of a live split: its frames' stored
-        sensor buffers encoded by the frozen encoders of ``modalities`` (in batches)."""
-        from adapt.features import FeatureSet
-
-        keys = sorted(split.frames)
-        tokens: dict[str, dict[str, Any]] = {}
-        # (Encoder.encode runs under no_grad; not inference_mode: these tensors feed training.)
-        for modality in sorted(modalities):
-            encoder = self.encoders.encoder(modality)
-            per_frame: dict[str, Any] = {}
-            for start in range(0, len(keys), 16):
-                chunk = keys[start:start + 16]
-                encoded = encoder.encode([split.frames[k] for k in chunk])
-                per_frame.update({k: encoded[i].clone() for i, k in enumerate(chunk)})
-            tokens[modality] = per_frame
-        return FeatureSet(split.train, tokens), FeatureSet(split.val, tokens)
 
     def _new_name(self, prefix: str) -> str:
         self._names += 1
