@@ -8,9 +8,11 @@ changed encoder) do the right thing without re-encoding by hand.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from adapt.features import FeatureSet
 from aligners.config import ModalitySpec
@@ -51,6 +53,27 @@ def dataset_features(data: QADataset, encoders: Mapping[str, Encoder],
         for modality, encoder in encoders.items()
     }
     return FeatureSet(data.items, tokens)
+
+
+def live_features(split, encoder_of: Callable[[str], Encoder], modalities: Iterable[str],
+                  batch_size: int = 16) -> tuple[FeatureSet, FeatureSet]:
+    """Train and validation :class:`FeatureSet` s of a live split
+    (:class:`daemon.samples.LiveSplit`): its frames' *stored* sensor buffers encoded by the
+    frozen encoder of each modality (``encoder_of(modality)``), in batches.
+
+    Tokens come from :meth:`Encoder.encode` (``no_grad``, not ``inference_mode``: they feed
+    training)."""
+    keys = sorted(split.frames)
+    tokens: dict[str, dict[str, torch.Tensor]] = {}
+    for modality in sorted(set(modalities)):
+        encoder = encoder_of(modality)
+        per_frame: dict[str, torch.Tensor] = {}
+        for start in range(0, len(keys), batch_size):
+            chunk = keys[start:start + batch_size]
+            encoded = encoder.encode([split.frames[k] for k in chunk])
+            per_frame.update({k: encoded[i].clone() for i, k in enumerate(chunk)})
+        tokens[modality] = per_frame
+    return FeatureSet(split.train, tokens), FeatureSet(split.val, tokens)
 
 
 def load_splits(root: str | Path, encoders: Mapping[str, Encoder],

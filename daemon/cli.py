@@ -77,6 +77,24 @@ def add_client_command(subparsers: argparse._SubParsersAction) -> argparse.Argum
                       help="fine-tune from the composed state when the budget allows")
     tune.add_argument("--no-finetune", dest="finetune", action="store_false")
     co.add_argument("--force-commit", action="store_true")
+    te = cs.add_parser("teach", help="store a question/answer pair about a held frame "
+                       "(a live sample)", parents=[common])
+    te.add_argument("frame_id")
+    te.add_argument("question")
+    te.add_argument("answer")
+    te.add_argument("--context", help="data context (default: the policy's)")
+    ob = cs.add_parser("objects", help="send a frame's object list (JSON file, '-' for "
+                       "stdin; schema: PROTOCOL.md, Live samples)", parents=[common])
+    ob.add_argument("frame_id")
+    ob.add_argument("file")
+    ob.add_argument("--questions-per-frame", type=int)
+    ob.add_argument("--context")
+    pl = cs.add_parser("pseudo-label", help="the serving state labels a held frame (live "
+                       "samples)", parents=[common])
+    pl.add_argument("frame_id")
+    pl.add_argument("--questions-per-frame", type=int)
+    pl.add_argument("--min-confidence", type=float)
+    pl.add_argument("--context")
     cs.add_parser("store", help="list the store", parents=[common])
     ev = cs.add_parser("events", help="print events", parents=[common])
     ev.add_argument("--count", type=int, default=0, help="stop after N events (0: forever)")
@@ -140,6 +158,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="put the light level in the camera header (ambient light sensor)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"))
+    s.add_argument("--objects-every", type=int, default=0, metavar="K",
+                   help="also send every K-th world frame's ground-truth object list as an "
+                        "`objects` request (live samples; 0: never)")
+    s.add_argument("--query-endpoint", default="tcp://127.0.0.1:5556",
+                   help="the daemon's query endpoint (for --objects-every)")
+    s.add_argument("--objects-context", help="data context of those samples (default: the "
+                   "daemon's policy)")
     s.set_defaults(func=cmd_sim_vehicle)
 
 
@@ -270,6 +295,22 @@ def _client_action(args: argparse.Namespace, client: Any) -> int:
                             + (f" (λ {', '.join(f'{x:g}' for x in lambdas)})" if lambdas else "")
                             + f" in {_seconds(info.get('compose_wall_s'))}; validating (see "
                               "status / compose.finished)")
+    elif action in ("teach", "objects", "pseudo-label"):
+        if action == "teach":
+            reply = client.teach(args.frame_id, args.question, args.answer, args.context)
+        elif action == "objects":
+            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+            try:
+                objects = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{args.file}: not JSON: {exc}") from None
+            reply = client.objects(args.frame_id, objects, args.questions_per_frame,
+                                   args.context)
+        else:
+            reply = client.pseudo_label(args.frame_id, args.questions_per_frame,
+                                        args.min_confidence, args.context)
+        _print(args, reply, f"stored {reply['stored']} samples of frame {reply['frame_id']} "
+                            f"in {reply['context']!r} ({reply['buffered']} buffered)")
     elif action == "store":
         store = client.list_store()
         _print(args, store, format_store(store))
@@ -367,6 +408,8 @@ def cmd_sim_vehicle(args: argparse.Namespace) -> int:
         sensors_hz=sensors_hz, duration_s=args.duration, day_s=args.day, dusk_s=args.dusk,
         night_s=args.night,
         loop=not args.no_loop, send_ambient=args.send_ambient,
+        objects_every=args.objects_every, query_endpoint=args.query_endpoint,
+        objects_context=args.objects_context,
     )
     options: dict[str, Any] = {}
     if args.image_size:
@@ -384,4 +427,7 @@ def cmd_sim_vehicle(args: argparse.Namespace) -> int:
     print(f"sent {stats.camera_sent} camera ({rates['camera_hz']:.1f} Hz), {stats.lidar_sent} "
           f"lidar ({rates['lidar_hz']:.1f} Hz), {others}{stats.dropped} dropped, "
           f"{stats.world_frames} world frames ({stats.late_frames} late) in {stats.elapsed_s:.1f}s")
+    if config.objects_every:
+        print(f"sent {stats.objects_sent} object lists ({stats.samples_stored} live samples "
+              f"stored), {stats.objects_failed} refused or dropped")
     return 0

@@ -156,6 +156,38 @@ class Client:
     def list_store(self) -> dict[str, Any]:
         return self.request(MessageType.LIST_STORE)
 
+    def teach(self, frame_id: str, question: str, answer: str,
+              context: str | None = None) -> dict[str, Any]:
+        """Store an operator's question/answer pair about a frame the daemon holds."""
+        body: dict[str, Any] = {"frame_id": frame_id, "question": question, "answer": answer}
+        if context is not None:
+            body["context"] = context
+        return self.request(MessageType.TEACH, **body)
+
+    def objects(self, frame_id: str, objects: list[dict[str, Any]],
+                questions_per_frame: int | None = None,
+                context: str | None = None) -> dict[str, Any]:
+        """Send the perception stack's object list for a held frame (schema: PROTOCOL.md,
+        Live samples); the daemon stores template questions answered from it."""
+        body: dict[str, Any] = {"frame_id": frame_id, "objects": list(objects)}
+        for name, value in (("questions_per_frame", questions_per_frame),
+                            ("context", context)):
+            if value is not None:
+                body[name] = value
+        return self.request(MessageType.OBJECTS, **body)
+
+    def pseudo_label(self, frame_id: str, questions_per_frame: int | None = None,
+                     min_confidence: float | None = None,
+                     context: str | None = None) -> dict[str, Any]:
+        """Have the serving state answer template questions about a held frame and store
+        its answers as ``pseudo`` samples of ``context``."""
+        body: dict[str, Any] = {"frame_id": frame_id}
+        for name, value in (("questions_per_frame", questions_per_frame),
+                            ("min_confidence", min_confidence), ("context", context)):
+            if value is not None:
+                body[name] = value
+        return self.request(MessageType.PSEUDO_LABEL, **body)
+
     def close(self) -> None:
         self._sock.close(linger=0)
         if self._own_context:

@@ -193,6 +193,8 @@ COMPOSE_MODES = ("off", "serve", "finetune")
 #: ``adaptation.compose_method``: ``auto`` is ``damc`` where the backend can search λ on
 #: held-out questions, else ``naive`` (see :class:`AdaptationConfig`).
 COMPOSE_METHODS = ("auto", "naive", "naive-ab", "damc")
+#: ``adaptation.data``: which samples train an adaptation (see :class:`AdaptationConfig`).
+DATA_SOURCES = ("world", "live", "live+world")
 
 
 @dataclass
@@ -217,6 +219,15 @@ class AdaptationConfig:
             evaluations of the backend's search subset (``mpnp``:
             ``model.options.compose_search_questions``).
         compose_search_evals: most λ candidates DAMC's search evaluates (>= 1).
+        data: what an adaptation trains on: ``world`` — the offline stage's labelled
+            splits of the context (the default; nothing live is used); ``live`` — the live
+            sample buffer of the context (:mod:`daemon.samples`: object lists, taught pairs,
+            pseudo-labels) once it holds ``min_samples``, validated on its newest frames;
+            ``live+world`` — both for training, validated on the live held-out slice. With
+            too few live samples the run falls back to the world's data (logged).
+        min_samples: live samples a context needs before ``live`` / ``live+world`` use them.
+        val_fraction: share of the buffered frames (the newest, by frame timestamp) held out
+            for validation.
     """
 
     auto: bool = True
@@ -232,9 +243,21 @@ class AdaptationConfig:
     compose: str = "finetune"
     compose_method: str = "auto"
     compose_search_evals: int = 4
+    data: str = "world"
+    min_samples: int = 32
+    val_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         modality_set(self.initial_modalities, "adaptation.initial_modalities")
+        if self.data not in DATA_SOURCES:
+            raise ValueError(f"adaptation.data must be one of {DATA_SOURCES}, got {self.data!r}")
+        if isinstance(self.min_samples, bool) or not isinstance(self.min_samples, int) \
+                or self.min_samples < 2:
+            raise ValueError(f"adaptation.min_samples must be an integer >= 2, got "
+                             f"{self.min_samples!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"adaptation.val_fraction must be in (0, 1), got "
+                             f"{self.val_fraction!r}")
         if self.compose not in COMPOSE_MODES:
             raise ValueError(f"adaptation.compose must be one of {COMPOSE_MODES}, got "
                              f"{self.compose!r}")
@@ -259,6 +282,64 @@ class AdaptationConfig:
             batch_size=self.batch_size, target_steps=self.target_steps, min_steps=self.min_steps,
             n_min=self.n_min, n_max=self.n_max, utilization=self.utilization,
         )
+
+
+@dataclass
+class SamplesConfig:
+    """The live sample buffer (:mod:`daemon.samples`; the ``teach``, ``objects`` and
+    ``pseudo_label`` commands fill it, ``adaptation.data`` says whether adaptation uses it).
+
+    Attributes:
+        path: its directory (``""``: ``samples/`` next to the store's directory; not inside
+            the store, whose recovery removes files it does not know).
+        max_mb / max_samples: bounds per context; the oldest segments (one frame and the
+            samples added with it) are evicted first.
+        max_objects: objects one ``objects`` request may list.
+        questions_per_frame: questions generated per frame by ``objects`` and
+            ``pseudo_label`` when the request does not say (at most ``max_questions``).
+        max_questions: most questions one request may generate or carry.
+        seed: the answer balancer's and the question picker's random stream.
+        pseudo_label_every_s: ``> 0``: every this many seconds, when no request waits and
+            no adaptation runs, the serving state pseudo-labels the newest frame (once per
+            frame; ``questions_per_frame`` questions) into ``pseudo_label_context`` — e.g.
+            the camera state at dusk filling the night buffer for the LiDAR student.
+            ``0`` (default): only the ``pseudo_label`` command does.
+        pseudo_label_context: the context automatic pseudo-labels go to.
+        pseudo_label_min_confidence: answers below this confidence are not stored.
+    """
+
+    path: str = ""
+    max_mb: float = 512.0
+    max_samples: int = 20000
+    max_objects: int = 256
+    questions_per_frame: int = 24
+    max_questions: int = 64
+    seed: int = 0
+    pseudo_label_every_s: float = 0.0
+    pseudo_label_context: str = "night"
+    pseudo_label_min_confidence: float = 0.0
+
+    def __post_init__(self) -> None:
+        import re
+
+        if self.pseudo_label_every_s < 0:
+            raise ValueError("samples.pseudo_label_every_s must be >= 0 (0: off)")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", str(self.pseudo_label_context)):
+            raise ValueError(f"samples.pseudo_label_context {self.pseudo_label_context!r} must "
+                             "match [a-z0-9][a-z0-9_-]{0,31}")
+        if not 0.0 <= self.pseudo_label_min_confidence <= 1.0:
+            raise ValueError("samples.pseudo_label_min_confidence must be in 0..1")
+        if self.max_mb <= 0:
+            raise ValueError(f"samples.max_mb must be > 0, got {self.max_mb}")
+        for name in ("max_samples", "max_objects", "questions_per_frame", "max_questions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"samples.{name} must be an integer >= 1, got {value!r}")
+        if self.questions_per_frame > self.max_questions:
+            raise ValueError("samples.questions_per_frame must be <= samples.max_questions")
+
+    def directory(self, store_directory: Path) -> Path:
+        return Path(self.path).expanduser() if self.path else store_directory.parent / "samples"
 
 
 @dataclass
@@ -316,6 +397,7 @@ class DaemonConfig:
     power: PowerConfig = field(default_factory=PowerConfig)
     adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
     # [recording]: path = "" records nothing (recording.writer.RecordingSettings)
     recording: RecordingSettings = field(default_factory=RecordingSettings)
     log_format: str = "text"
@@ -371,6 +453,7 @@ _SECTION_TYPES: dict[str, type] = {
     "power": PowerConfig,
     "adaptation": AdaptationConfig,
     "limits": LimitsConfig,
+    "samples": SamplesConfig,
     "recording": RecordingSettings,
 }
 

@@ -25,7 +25,10 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from daemon.adaptation import AdaptationController, Publish
 from daemon.backend import ComposeError, ComposeInput, ModelBackend, can_compose
@@ -45,10 +48,20 @@ from daemon.protocol import (
     error_reply,
 )
 from daemon.queues import FairQueue
+from daemon.samples import LiveSample, LiveSamples
 from daemon.store import ModelStore, StoreError
+from daemon.teaching import (
+    object_samples,
+    parse_objects,
+    question_count,
+    samples_from_candidates,
+    scene_free_questions,
+    taught_pair,
+)
 from policies.budget import BudgetPlanner
 from policies.context import ContextSample, ModalitySelector, modality_set
 from policies.power import ModeChange, ModeChangeStatus, PowerMonitor
+from scenes.questions import AnswerBalancer, Candidate
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +133,24 @@ class Engine:
         use_data_context = getattr(backend, "use_data_context", None)
         if callable(use_data_context):
             use_data_context(selector.data_context)
+        # Live samples (teach / objects / pseudo_label) by data context, on disk; whether
+        # an adaptation trains on them is ``adaptation.data`` (backends that can).
+        settings = config.samples
+        self.samples = LiveSamples(
+            settings.directory(Path(store.root)), int(settings.max_mb * 1024 * 1024),
+            settings.max_samples, config.adaptation.min_samples,
+            config.adaptation.val_fraction, config.adaptation.data)
+        self._balancer = AnswerBalancer(np.random.default_rng(settings.seed))
+        self._question_rng = np.random.default_rng(settings.seed + 1)
+        self._next_pseudo = 0.0
+        self._last_pseudo: tuple[str, float] | None = None
+        use_live = getattr(backend, "use_live_samples", None)
+        if callable(use_live):
+            use_live(self.samples)
+        elif config.adaptation.data != "world":
+            log.warning("adaptation.data = %r, but the backend %s cannot train on live "
+                        "samples: it adapts on its own data", config.adaptation.data,
+                        type(backend).__name__)
         self.monitor = monitor
         self.metrics = metrics or DaemonMetrics()
         self._publish_cb = publish or (lambda kind, body: None)
@@ -278,7 +309,7 @@ class Engine:
         block = not self.adaptation.active
         requests = self._take_requests(timeout if block else 0.0)
         self._serve(requests)
-        for part in (self._poll_power, self._update_policy):
+        for part in (self._poll_power, self._update_policy, self._auto_pseudo_label):
             try:
                 part()
             except Exception:  # a monitor/policy fault must not stop the serving loop
@@ -430,6 +461,12 @@ class Engine:
             self._set_power_mode(request)
         elif kind is MessageType.COMPOSE:
             self._compose_command(request)
+        elif kind is MessageType.TEACH:
+            self._teach(request)
+        elif kind is MessageType.OBJECTS:
+            self._objects(request)
+        elif kind is MessageType.PSEUDO_LABEL:
+            self._pseudo_label(request)
         else:
             raise ProtocolError(ErrorCode.UNKNOWN_COMMAND, f"{kind.value} is not handled")
 
@@ -519,6 +556,151 @@ class Engine:
             raise ProtocolError(ErrorCode.BACKEND_ERROR,
                                 f"composition failed: {type(exc).__name__}: {exc}") from None
         _ok(request, started=True, composition=run.composition)
+
+    # --- live samples -------------------------------------------------------------------
+
+    def _sample_frame(self, body: dict[str, Any]):
+        """The frame a sample command names, with every sensor the buffer holds (stored
+        whole, so that any encoder can train on it later)."""
+        frame_id = _string(body, "frame_id", 128)
+        held = self.frames.sensors_held()
+        if not held:
+            raise ProtocolError(ErrorCode.NO_FRAME, "no sensor frame received yet")
+        return self.frames.frame(held, frame_id)
+
+    def _sample_context(self, body: dict[str, Any], frame) -> str:
+        """The data context the samples go to: the request's ``context``, else the policy's
+        for the set it wants now, else the frame's light (night below the threshold)."""
+        context = body.get("context")
+        if context is None:
+            context = self.selector.data_context(self.selector.desired())
+        if context is None:
+            context = "night" if frame.is_night else "day"
+        try:
+            self.samples.buffer(context)
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"field 'context': {exc}") from None
+        return context
+
+    def _store_samples(self, request: Request, context: str, frame,
+                       samples: list[LiveSample], **extra: Any) -> None:
+        stored = None
+        if samples:
+            try:
+                stored = self.samples.add(context, frame, samples)
+            except OSError as exc:
+                raise ProtocolError(ErrorCode.STORE_ERROR,
+                                    f"cannot store the samples: {exc}") from None
+        buffer = self.samples.buffer(context)
+        _ok(request, context=context, frame_id=frame.frame_id, stored=len(samples),
+            segment=stored.file if stored else None, buffered=len(buffer),
+            samples=[{"question": s.question, "answer": s.answer, "source": s.source,
+                      "confidence": s.confidence} for s in samples], **extra)
+
+    def _teach(self, request: Request) -> None:
+        """``teach``: an operator's question/answer pair about a held frame."""
+        body = request.body
+        _fields(body, {"frame_id", "question", "answer", "context"})
+        question, answer = taught_pair(body, self.config.limits.max_question_chars)
+        frame = self._sample_frame(body)
+        context = self._sample_context(body, frame)
+        sample = LiveSample(frame.frame_id, frame.timestamp, question, answer, "taught")
+        self._store_samples(request, context, frame, [sample])
+
+    def _objects(self, request: Request) -> None:
+        """``objects``: the perception stack's object list for a held frame, turned into
+        template questions answered from it."""
+        body = request.body
+        settings = self.config.samples
+        _fields(body, {"frame_id", "objects", "questions_per_frame", "context"})
+        objects = parse_objects(body.get("objects"), settings.max_objects)
+        count = question_count(body, settings.questions_per_frame, settings.max_questions)
+        frame = self._sample_frame(body)
+        context = self._sample_context(body, frame)
+        samples = object_samples(frame, objects, self._balancer, count)
+        self._store_samples(request, context, frame, samples, objects=len(objects))
+
+    def _pseudo_label(self, request: Request) -> None:
+        """``pseudo_label``: the serving state answers template questions about a held frame;
+        the answers are stored (with their confidence) as samples of ``context`` — e.g. the
+        camera state at dusk teaching the LiDAR student of the night."""
+        body = request.body
+        settings = self.config.samples
+        _fields(body, {"frame_id", "questions_per_frame", "min_confidence", "context"})
+        count = question_count(body, settings.questions_per_frame, settings.max_questions)
+        floor = body.get("min_confidence", 0.0)
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) \
+                or not 0.0 <= floor <= 1.0:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                "field 'min_confidence' must be a number in 0..1")
+        frame = self._sample_frame(body)
+        context = self._sample_context(body, frame)
+        samples, dropped, measured = self._teacher_samples(frame, count, float(floor))
+        self._store_samples(request, context, frame, samples,
+                            teacher={"modalities": sorted(self.serving),
+                                     "generation": self.serving_generation},
+                            dropped=dropped, confidence_measured=measured)
+
+    def _teacher_samples(self, frame, count: int, floor: float
+                         ) -> tuple[list[LiveSample], int, bool]:
+        """The serving state's answers to ``count`` scene-free template questions about
+        ``frame`` as ``pseudo`` samples: (kept samples, dropped under ``floor``, whether the
+        confidences were measured)."""
+        missing = sorted(self.serving - set(frame.sensors))
+        if missing:
+            raise ProtocolError(ErrorCode.NO_FRAME, f"frame {frame.frame_id!r} lacks the "
+                                f"serving state's sensors {missing}")
+        questions = scene_free_questions(self._question_rng, count)
+        texts = [c.question for c in questions]
+        with_confidence = getattr(self.backend, "answer_with_confidence", None)
+        try:
+            if callable(with_confidence):
+                answers, confidences = with_confidence(texts, [frame] * len(texts),
+                                                       self.serving)
+                measured = True
+            else:
+                answers = self.backend.answer(texts, [frame] * len(texts), self.serving)
+                confidences, measured = [1.0] * len(texts), False
+        except Exception as exc:
+            raise ProtocolError(ErrorCode.BACKEND_ERROR,
+                                f"the teacher could not answer: {type(exc).__name__}: {exc}"
+                                ) from None
+        labelled = [Candidate(c.question, str(a).strip().lower(), c.template_type, c.num_hop)
+                    for c, a in zip(questions, answers)]
+        kept = [i for i, conf in enumerate(confidences) if conf >= floor]
+        samples = samples_from_candidates(frame, [labelled[i] for i in kept], "pseudo",
+                                          [min(max(float(confidences[i]), 0.0), 1.0)
+                                           for i in kept])
+        return samples, len(texts) - len(kept), measured
+
+    def _auto_pseudo_label(self) -> None:
+        """``[samples] pseudo_label_every_s``: the serving state labels the newest frame
+        (once per frame) into ``pseudo_label_context``, when nothing else waits."""
+        settings = self.config.samples
+        now = time.monotonic()
+        if (settings.pseudo_label_every_s <= 0 or now < self._next_pseudo
+                or self.adaptation.active or not self._inbox.empty()):
+            return
+        self._next_pseudo = now + settings.pseudo_label_every_s
+        held = self.frames.sensors_held()
+        if not self.serving <= held:
+            return
+        frame = self.frames.frame(held)
+        key = (frame.frame_id, frame.timestamp)
+        if key == self._last_pseudo:
+            return
+        self._last_pseudo = key
+        try:
+            samples, dropped, _ = self._teacher_samples(frame, settings.questions_per_frame,
+                                                        settings.pseudo_label_min_confidence)
+            if samples:
+                self.samples.add(settings.pseudo_label_context, frame, samples)
+        except (ProtocolError, OSError) as exc:
+            log.warning("pseudo-labelling frame %s failed: %s", frame.frame_id,
+                        getattr(exc, "message", exc))
+            return
+        log.debug("pseudo-labelled frame %s: %d samples into %r, %d under the confidence "
+                  "floor", frame.frame_id, len(samples), settings.pseudo_label_context, dropped)
 
     # --- power --------------------------------------------------------------------------
 
@@ -805,5 +987,6 @@ class Engine:
             "latency": m.query_latency.summary(),
             "adaptation_cost": self._adaptation_cost(),
             "frames": self.frames.describe(),
+            "samples": self.samples.describe(),
             "store": {"root": str(self.store.root), "entries": len(self.store.entries())},
         }

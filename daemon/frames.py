@@ -110,6 +110,11 @@ class FrameBuffer:
             sensors=sensors,
         )
 
+    def sensors_held(self) -> frozenset[str]:
+        """The sensors that have a message in the buffer (what a stored frame can carry)."""
+        with self._lock:
+            return frozenset(sensor for sensor, messages in self._messages.items() if messages)
+
     def describe(self) -> dict:
         out = {}
         with self._lock:

@@ -13,8 +13,13 @@ Registered as ``mpnp`` (``[model] backend = "mpnp"``). A thin adapter over three
 - :mod:`aligners.compose` — training-free composition of stored states
   (:meth:`MPnPBackend.compose_candidate`), validated by the same job with no training steps.
 
-The runtime training data of each context is the offline stage's synthetic world
-(:func:`adapt.prepare.ensure_prepared`), standing in for labelled samples a vehicle collected.
+The runtime training data of each context is, by default (``[adaptation] data = "world"``),
+the offline stage's synthetic world (:func:`adapt.prepare.ensure_prepared`), standing in for
+labelled samples a vehicle collected. With ``data = "live"`` (or ``"live+world"``) a context
+whose live sample buffer (:mod:`daemon.samples`, handed over by the engine through
+:meth:`MPnPBackend.use_live_samples`) holds ``min_samples`` trains on those samples (plus the
+world's) and validates on the buffer's newest frames instead: its frames' stored sensor
+buffers are encoded by the encoder pool when the run starts.
 Which context's data (day or night) trains and validates a modality set is the context
 policy's word (:meth:`policies.context.ContextPolicy.data_context`, handed over by the engine
 through :meth:`MPnPBackend.use_data_context`), not something read off the modality names;
@@ -146,6 +151,9 @@ class MPnPBackend:
         self.encoders = EncoderPool(prepared.encoders, config.device, config.frame_cache)
         self._job = None  # adapt.engine.AdaptationJob of the run in progress
         self._data_context: Callable[[frozenset[str]], str | None] = default_data_context
+        self._live = None  # daemon.samples.LiveSamples, from the engine
+        #: Where the last run's training and validation data came from (``_report``).
+        self.data_info: dict[str, Any] | None = None
         self._started = 0.0
         self._names = 0
         self.last_report: dict[str, Any] | None = None
@@ -203,6 +211,25 @@ class MPnPBackend:
         with torch.inference_mode():
             return self.serving.answer(questions, self.encoders.tokens(frames, connected))
 
+    def answer_with_confidence(self, questions: list[str], frames: list[Frame],
+                               modalities: frozenset[str]) -> tuple[list[str], list[float]]:
+        """:meth:`answer`, with each answer's confidence: the softmax probability of its
+        first generated token (the greedy pick, so the largest), read from the logits the
+        decoding computes anyway."""
+        import torch
+
+        if len(frames) != len(questions):
+            raise ValueError("the mpnp backend answers about frames: one frame per question")
+        connected = self.serving.modality_names
+        if set(modalities) != set(connected):
+            raise RuntimeError(f"the engine serves {sorted(modalities)} but the serving state "
+                               f"connects {connected}")
+        from mpnp.generation import first_token_confidence
+
+        with torch.inference_mode():
+            out = self.serving.generate(questions, self.encoders.tokens(frames, connected))
+        return out.answers, first_token_confidence(out)
+
     # --- adaptation -----------------------------------------------------------------------
 
     def use_data_context(self, data_context: Callable[[frozenset[str]], str | None]) -> None:
@@ -219,14 +246,43 @@ class MPnPBackend:
                              "offline stage has day and night splits)")
         return context
 
+    def use_live_samples(self, live) -> None:
+        """Take the engine's live sample buffers (:class:`daemon.samples.LiveSamples`); its
+        ``mode`` (``adaptation.data``) says whether adaptation trains on them."""
+        self._live = live
+
     def _data(self, modalities: frozenset[str]):
         context = self.context_of(modalities)
         train = getattr(self.splits, f"{context}_train")
         val = getattr(self.splits, f"{context}_val")
         if self.config.train_questions and len(train) > self.config.train_questions:
             train = train.fraction(self.config.train_questions / len(train), self.config.seed)
+        split = self._live.training_split(context) if self._live is not None else None
+        self.data_info = {"source": "world", "context": context}
+        if split is not None:
+            from adapt.data import live_features
+            from adapt.features import FeatureSet
+
+            # The gate validates the serving state on the same questions: its sensors too.
+            encoded = frozenset(modalities) | frozenset(self.serving.modality_names)
+            live_train, live_val = live_features(split, self.encoders.encoder, encoded)
+            if self._live.mode == "live+world":
+                names = sorted(encoded)
+                train = FeatureSet(train.items + live_train.items,
+                                   {m: {**train.tokens[m], **live_train.tokens[m]}
+                                    for m in names})
+            else:
+                train = live_train
+            val = live_val
+            sources: dict[str, int] = {}
+            for item in split.train + split.val:
+                sources[item.meta["source"]] = sources.get(item.meta["source"], 0) + 1
+            self.data_info = {"source": self._live.mode, "context": context,
+                              "live_train": len(live_train), "live_val": len(live_val),
+                              "frames": len(split.frames), "sample_sources": sources}
         if len(val) > self.config.val_questions:
             val = val.fraction(self.config.val_questions / len(val), self.config.seed)
+        self.data_info.update(train=len(train), val=len(val))
         return train, val
 
     def _new_name(self, prefix: str) -> str:
@@ -317,7 +373,8 @@ class MPnPBackend:
                 "flop_counted_micro_steps": len(s.flops_by_signature),
                 "micro_steps": s.micro_steps,
                 "wall_s": time.perf_counter() - self._started, "loss": s.loss,
-                "accuracy": accuracy, "composition": self._composition}
+                "accuracy": accuracy, "composition": self._composition,
+                "data": self.data_info}
 
     def progress_report(self) -> dict[str, Any] | None:
         """The running (or last) adaptation's measured figures (FLOPs, samples, time)."""

@@ -40,6 +40,9 @@ class MessageType(str, Enum):
     LIST_STORE = "list_store"
     PING = "ping"
     COMPOSE = "compose"
+    TEACH = "teach"
+    OBJECTS = "objects"
+    PSEUDO_LABEL = "pseudo_label"
 
 
 class ReplyStatus(str, Enum):

@@ -11,6 +11,11 @@ period — so frames are rendered one ahead in a background thread and a sensor 
 waits for one (a frame not ready in time is counted in ``SimStats.late_frames`` and the
 previous one is sent meanwhile). A full send queue drops the message (counted); it never
 blocks the vehicle.
+
+With ``objects_every = k > 0`` the vehicle is also a perception stack: every k-th world
+frame, once its sensors went out, its ground-truth boxes are sent as an ``objects`` request
+(live samples, PROTOCOL.md) from a background thread with its own client, through a bounded
+queue (a full queue drops the list, counted).
 """
 
 from __future__ import annotations
@@ -75,6 +80,9 @@ class SimVehicleConfig:
     world_interval_s: float = 0.5
     send_ambient: bool = False
     hwm: int = 4
+    objects_every: int = 0
+    query_endpoint: str = "tcp://127.0.0.1:5556"
+    objects_context: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("camera_hz", "lidar_hz", "world_interval_s"):
@@ -92,6 +100,8 @@ class SimVehicleConfig:
                 raise ValueError(f"sim-vehicle {name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.night_light <= self.day_light <= 1:
             raise ValueError("need 0 <= night_light <= day_light <= 1")
+        if self.objects_every < 0:
+            raise ValueError(f"objects_every must be >= 0 (0: off), got {self.objects_every}")
         if self.duration_s is not None and self.duration_s <= 0:
             raise ValueError(f"duration_s must be > 0, got {self.duration_s}")
 
@@ -116,6 +126,9 @@ class SimStats:
     dropped: int = 0
     world_frames: int = 0
     late_frames: int = 0  # world frames not rendered by the time they were due
+    objects_sent: int = 0  # object lists the daemon accepted
+    objects_failed: int = 0  # refused, timed out, or dropped by the full queue
+    samples_stored: int = 0  # live samples the daemon stored from them
     elapsed_s: float = 0.0
     lights: list[float] = field(default_factory=list)
 
@@ -146,6 +159,8 @@ class SimVehicle:
         stop = stop or threading.Event()
         stats = SimStats()
         renderer = _Renderer(self.source, cfg)
+        objects = _ObjectsSender(cfg, stats) if cfg.objects_every else None
+        world_index = 0
         try:
             light, frame = renderer.take(timeout=None)  # the first frame before the clock starts
             stats.world_frames += 1
@@ -167,6 +182,9 @@ class SimVehicle:
                         late = True
                         next_world = t + min(0.01, cfg.world_interval_s)
                     else:
+                        if objects is not None and world_index % cfg.objects_every == 0:
+                            objects.offer(frame)  # its sensors went out meanwhile
+                        world_index += 1
                         light, frame = taken
                         late = False
                         stats.world_frames += 1
@@ -196,6 +214,8 @@ class SimVehicle:
             stats.elapsed_s = time.monotonic() - start
         finally:
             renderer.close()
+            if objects is not None:
+                objects.close()
             if self._own_publisher:
                 self.publisher.close()
         log.info("sim-vehicle: %s in %.1fs, %d dropped, %d world frames late", stats.rates(),
@@ -210,6 +230,45 @@ class SimVehicle:
             stats.lidar_sent += 1
         else:
             stats.camera_sent += 1
+
+
+class _ObjectsSender:
+    """Sends frames' ground-truth object lists as ``objects`` requests, off the sensor loop."""
+
+    def __init__(self, config: SimVehicleConfig, stats: SimStats) -> None:
+        self._config = config
+        self._stats = stats
+        self._queue: queue.Queue[Frame | None] = queue.Queue(maxsize=8)
+        self._thread = threading.Thread(target=self._run, name="sim-vehicle-objects",
+                                        daemon=True)
+        self._thread.start()
+
+    def offer(self, frame: Frame) -> None:
+        try:
+            self._queue.put_nowait(frame)
+        except queue.Full:
+            self._stats.objects_failed += 1
+
+    def _run(self) -> None:
+        from daemon.client import Client, DaemonError, DaemonTimeout
+        from daemon.teaching import objects_to_wire
+
+        with Client(self._config.query_endpoint, timeout_s=10.0) as client:
+            while (frame := self._queue.get()) is not None:
+                try:
+                    reply = client.objects(frame.frame_id, objects_to_wire(frame.objects),
+                                           context=self._config.objects_context)
+                except (DaemonError, DaemonTimeout) as exc:
+                    log.warning("sim-vehicle: objects of %s refused: %s", frame.frame_id, exc)
+                    self._stats.objects_failed += 1
+                    continue
+                self._stats.objects_sent += 1
+                self._stats.samples_stored += reply["stored"]
+
+    def close(self) -> None:
+        """Send what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout=15.0)
 
 
 class _Renderer:

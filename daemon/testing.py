@@ -32,6 +32,7 @@ class ToyBackend:
         camera_shape: tuple[int, int] | None = None,
         composed_accuracy: float = 0.7,
         llm: str = "toy",
+        teacher_confidence: float = 0.9,
     ) -> None:
         self.adapted_accuracy = adapted_accuracy
         self.serving_accuracy = serving_accuracy
@@ -44,8 +45,15 @@ class ToyBackend:
         self.camera_shape = tuple(camera_shape) if camera_shape else None
         self.composed_accuracy = composed_accuracy
         self.llm = llm  # written into every saved state; composition needs one LLM
+        self.teacher_confidence = teacher_confidence
         self.version = 0
         self.candidate: dict | None = None
+        # Live samples (daemon.samples.LiveSamples), when the engine hands them over; the
+        # data context of a modality set is the engine's policy's.
+        self.live = None
+        self.data_context = lambda modalities: None
+        #: What the last run trained and validated on: source, counts, sources of samples.
+        self.data: dict | None = None
         self.calls: list[tuple] = []
         self.lock = threading.Lock()
 
@@ -56,8 +64,30 @@ class ToyBackend:
             for q, f in zip(questions, frames or [None] * len(questions))
         ]
 
+    def answer_with_confidence(self, questions, frames, modalities):
+        """Answers and a fixed confidence (``teacher_confidence``) per answer."""
+        return (self.answer(questions, frames, modalities),
+                [self.teacher_confidence] * len(questions))
+
+    def use_data_context(self, data_context):
+        self.data_context = data_context
+
+    def use_live_samples(self, live):
+        self.live = live
+
+    def _choose_data(self, modalities) -> dict:
+        context = self.data_context(frozenset(modalities)) or "day"
+        split = self.live.training_split(context) if self.live is not None else None
+        if split is None:
+            return {"source": "world", "context": context}
+        sources = sorted({item.meta["source"] for item in split.train + split.val})
+        return {"source": self.live.mode, "context": context, "train": len(split.train),
+                "val": len(split.val), "frames": len(split.frames), "sample_sources": sources}
+
     def start_adaptation(self, modalities, n_blocks, steps, batch_size):
         self.calls.append(("start", tuple(sorted(modalities)), n_blocks, steps))
+        self.data = self._choose_data(modalities)
+        self.calls.append(("data", self.data["source"]))
         self.candidate = {"modalities": modalities, "n": n_blocks, "steps": steps, "done": 0,
                           "from_version": self.version}
 

@@ -163,6 +163,15 @@ def generate_answers(
     return Generation(texts, [normalize_answer(t) for t in texts], token_ids, scores)
 
 
+def first_token_confidence(generation: Generation) -> list[float]:
+    """Per answer, the softmax probability of its first generated token (greedy, so the
+    largest): a cheap confidence, read from logits the decoding computed anyway."""
+    if generation.scores.shape[1] == 0:
+        return [1.0] * len(generation.answers)
+    probs = torch.softmax(generation.scores[:, 0, :].float(), dim=-1)
+    return [float(p) for p in probs.max(dim=-1).values]
+
+
 def decode_until_stop(tokenizer, token_ids: torch.Tensor) -> list[str]:
     """Decoded text of each row of generated ids, up to its first stop token."""
     stops = stop_token_ids(tokenizer)

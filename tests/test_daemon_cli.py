@@ -52,6 +52,36 @@ def test_client_commands(tmp_path, capsys):
     assert code == 3 and "is the daemon running" in err
 
 
+def test_client_live_sample_commands(tmp_path, capsys):
+    with running_daemon(test_config(tmp_path)) as daemon:
+        endpoint = daemon.endpoints["query"]
+        for sensor, arrays in (("camera", dict(toy_frame("cli-1").cameras)),
+                               ("lidar", {"LIDAR_TOP": toy_frame("cli-1").lidar})):
+            parts = encode_sensor_message(sensor, "cli-1", 1.0, arrays)
+            daemon.engine.ingest(decode_sensor_message([bytes(p) for p in parts],
+                                                       daemon.config.limits))
+        boxes = tmp_path / "boxes.json"
+        boxes.write_text(json.dumps([{"class": "bus", "status": "moving", "x": 9, "y": 0,
+                                      "z": 0, "length": 11, "width": 2.8, "height": 3.2,
+                                      "yaw": 0}]))
+        code, out, _ = _client(capsys, endpoint, "objects", "cli-1", str(boxes),
+                               "--questions-per-frame", "5", "--context", "night")
+        assert code == 0 and out.strip() == ("stored 5 samples of frame cli-1 in 'night' "
+                                             "(5 buffered)")
+        code, out, _ = _client(capsys, endpoint, "teach", "cli-1", "Is it foggy?", "no",
+                               "--context", "night")
+        assert code == 0 and "(6 buffered)" in out
+        code, out, _ = _client(capsys, endpoint, "--json", "pseudo-label", "cli-1",
+                               "--questions-per-frame", "2", "--context", "night")
+        assert code == 0 and json.loads(out)["stored"] == 2
+        boxes.write_text("[{")
+        code, _, err = _client(capsys, endpoint, "objects", "cli-1", str(boxes))
+        assert code == 2 and "not JSON" in err
+        boxes.write_text('[{"class": "tank"}]')
+        code, _, err = _client(capsys, endpoint, "objects", "cli-1", str(boxes))
+        assert code == 1 and "bad_request" in err and "objects[0].class" in err
+
+
 class _CountingSource:
     def __init__(self):
         self.lights = []

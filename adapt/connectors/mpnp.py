@@ -177,12 +177,16 @@ class MPnPConnector(Connector):
         return answer_loss(call, pb, self.config.answer_logits_only)
 
     def answer(self, questions: Sequence[str], tokens: Mapping[str, torch.Tensor]) -> list[str]:
+        return self.generate(questions, tokens).answers
+
+    def generate(self, questions: Sequence[str], tokens: Mapping[str, torch.Tensor]):
+        """The :class:`mpnp.generation.Generation` behind :meth:`answer` (texts, ids and
+        each step's logits: what a confidence is read from)."""
         self.model.activate(self.state_name)
         stop_at = (final_answers(self.config.stop_at_answers)
                    if self.config.stop_at_answers else None)
-        out = generate_answers(self.model, questions, self._tokens(tokens),
-                               max_new_tokens=self.config.max_new_tokens, stop_at=stop_at)
-        return out.answers
+        return generate_answers(self.model, questions, self._tokens(tokens),
+                                max_new_tokens=self.config.max_new_tokens, stop_at=stop_at)
 
     def fork(self, name: str) -> MPnPConnector:
         self.model.clone_state(self.state_name, name, activate=False)
