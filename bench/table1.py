@@ -47,7 +47,14 @@ from adapt.connectors import create_connector
 from adapt.connectors.base import Connector, ConnectorConfig
 from adapt.connectors.mpnp import MPnPConnector
 from adapt.data import Splits, load_splits, modality_specs
-from adapt.evaluate import EvalResult, evaluate, majority_baseline, score, wilson_interval
+from adapt.evaluate import (
+    EvalResult,
+    evaluate,
+    grounding,
+    majority_baseline,
+    score,
+    wilson_interval,
+)
 from adapt.features import FeatureSet
 from adapt.prepare import FAST_LEARNING_RATES, PrepareConfig, ensure_encoders, ensure_world
 from adapt.trainer import TrainConfig, Trainer, TrainReport
@@ -224,6 +231,11 @@ class Table1:
                  row["wall_s"])
         return row
 
+    def _grounding(self, connector: Connector, test: FeatureSet, own: EvalResult) -> dict:
+        """Does the state read its tokens? Its accuracy on ``test`` again with every question
+        paired with another frame's tokens (:func:`adapt.evaluate.grounding`)."""
+        return grounding(connector, test, own=own, seed=self.cfg.seed).to_dict()
+
     def _val(self, data: FeatureSet) -> FeatureSet | None:
         """Validation for early stopping; pointless (and not paid for) with one epoch."""
         return data if self.cfg.epochs > 1 else None
@@ -332,8 +344,11 @@ class Table1:
                                connection=ConnectionConfig(num_blocks=cfg.offline_n))
         report = self._train_day(oracle)
         for scenario, test in (("day_c", self.data.day_test), ("night_c", self.data.night_test)):
-            self._row("mpnp_oracle", cfg.offline_n, scenario, evaluate(oracle, test),
-                      report if scenario == "day_c" else None, table="main")
+            result = evaluate(oracle, test)
+            extra = {"grounding": self._grounding(oracle, test, result)} \
+                if scenario == "day_c" else {}
+            self._row("mpnp_oracle", cfg.offline_n, scenario, result,
+                      report if scenario == "day_c" else None, table="main", **extra)
         model.remove_state("oracle")
         del oracle
         gc.collect()
@@ -357,9 +372,10 @@ class Table1:
         report = self._train_day(day)
         day_res = evaluate(day, self.data.day_test)
         night_res = evaluate(day, self.data.night_test)
+        reads = self._grounding(day, self.data.day_test, day_res)
         for n in cfg.ns:
             shared = {"offline_N": cfg.offline_n, "table": "main"}
-            self._row("mpnp", n, "day_c", day_res, report, **shared)
+            self._row("mpnp", n, "day_c", day_res, report, grounding=reads, **shared)
             self._row("mpnp", n, "night_c", night_res, None, **shared)
             compose = (lambda lidar, n=n: self.run_composed(day, lidar, n)) \
                 if cfg.compose else None
@@ -554,6 +570,26 @@ def check_targets(result: dict) -> list[dict]:
     return checks
 
 
+def grounding_section(rows: list[dict]) -> list[str]:
+    """Day (C) accuracy with each question's own frame vs another frame's tokens."""
+    picked = list({r["method"]: r for r in rows if r.get("grounding")}.values())
+    if not picked:
+        return []
+    out = ["## Do the states read their tokens? (Day test)", "",
+           "Each question answered again with another frame's tokens (a derangement of the "
+           "frames): a state that reads its sensors loses accuracy, one that answers from the "
+           "question alone does not.", "",
+           "| method | own frame | another frame's | reads (points) | answers changed |",
+           "|---|---|---|---|---|"]
+    for r in picked:
+        g = r["grounding"]
+        lo, hi = g["swapped_ci95"]
+        out.append(f"| {r['method']} | {_acc(r)} | {100 * g['swapped_accuracy']:.1f} ± "
+                   f"{50 * (hi - lo):.1f} | {100 * g['reads']:+.1f} | "
+                   f"{100 * g['changed']:.0f} % |")
+    return out + [""]
+
+
 def composition_section(rows: list[dict]) -> list[str]:
     """The composed Night (C → C+L) rows beside the adapted ones, with what composing cost."""
     composed = [r for r in rows if r.get("table") == "main"
@@ -632,6 +668,7 @@ def to_markdown(result: dict) -> str:
             f"Night (C): the one offline state (N={meta['config']['offline_n']}) — runtime N is "
             "elastic. `question_only_nb` is the naive-Bayes question-only model, "
             "`mpnp_oracle` mPnP on ground-truth object tokens (the ceiling).", ""]
+    out += grounding_section(rows)
     out += composition_section(rows)
     out += per_type_tables(rows)
     out += targets_section(result)

@@ -100,3 +100,18 @@ def test_composed_rows_are_checked_against_adapted_c_plus_l_and_each_single_moda
     text = "\n".join(composition_section(rows))
     assert "| 4 | damc | 51.0" in text and "0.5, 1" in text and "4 / 160 / 2.000" in text
     assert "| 4 | naive | 45.0" in text
+
+
+def test_the_grounding_section_shows_what_swapping_frames_costs():
+    from bench.table1 import grounding_section
+
+    g = {"accuracy": 0.6, "swapped_accuracy": 0.45, "reads": 0.15, "changed": 0.4,
+         "count": 800, "ci95": [0.57, 0.63], "swapped_ci95": [0.42, 0.48]}
+    rows = [{"method": "mpnp_oracle", "N": 12, "scenario": "day_c", "accuracy": 0.6,
+             "ci95": [0.57, 0.63], "table": "main", "grounding": g},
+            {"method": "mpnp", "N": 4, "scenario": "day_c", "accuracy": 0.5,
+             "ci95": [0.47, 0.53], "table": "main"}]
+    text = "\n".join(grounding_section(rows))
+    assert "| mpnp_oracle | 60.0 ± 3.0 | 45.0 ± 3.0 | +15.0 | 40 % |" in text
+    assert "| mpnp |" not in text  # rows without a grounding measurement are not listed
+    assert grounding_section(rows[1:]) == []
