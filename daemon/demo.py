@@ -100,8 +100,14 @@ class DemoFrameSource:
             self.light = light
         return frame
 
-    def recent(self, skip_newest: int = 1) -> tuple[str, list, float] | None:
-        """A recently sent frame (not the very newest: it may not have arrived yet)."""
+    def recent(self, skip_newest: int | None = None) -> tuple[str, list, float] | None:
+        """A frame the vehicle has sent: the newest ``skip_newest`` rendered ones are skipped
+        (default: the vehicle's render-ahead frames and the one being sent, which may not
+        have arrived yet)."""
+        if skip_newest is None:
+            from daemon.sim_vehicle import RENDER_AHEAD
+
+            skip_newest = RENDER_AHEAD + 1
         with self.lock:
             items = list(self.frames.items())
         if len(items) <= skip_newest:

@@ -271,6 +271,11 @@ class _ObjectsSender:
         self._thread.join(timeout=15.0)
 
 
+#: How many world frames may be rendered (and handed out by the source) ahead of the one the
+#: sensors are sending: one waits in the renderer's queue, one more waits to be queued.
+RENDER_AHEAD = 2
+
+
 class _Renderer:
     """Renders the drive's world frames one ahead, in a background thread.
 

@@ -180,3 +180,44 @@ def test_sim_vehicle_rates_and_day_dusk_night():
     assert source.lights[0] == 1.0 and source.lights[-1] == config.night_light
     assert any(config.night_light < x < 1.0 for x in source.lights)  # the dusk ramp
     assert config.light_at(1.0) == pytest.approx(0.5 * (1.0 + config.night_light), rel=0.3)
+
+
+def test_the_demo_asks_only_about_frames_the_vehicle_has_already_sent():
+    """The renderer works ahead of the sensors, so the newest frames the source handed out
+    are not on the wire yet: the demo's questions must skip them (frame_not_found before)."""
+    import dataclasses
+
+    from daemon.demo import DemoFrameSource
+    from scenes.synthetic import WorldConfig
+
+    world = dataclasses.asdict(WorldConfig(image_height=32, image_width=56, lidar_width=128))
+    source = DemoFrameSource(world)
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    received: set[str] = set()
+    stop = threading.Event()
+
+    def receive():
+        while not stop.is_set():
+            if pull.poll(20):
+                received.add(json.loads(pull.recv_multipart()[0])["frame_id"])
+
+    receiver = threading.Thread(target=receive, daemon=True)
+    receiver.start()
+    config = SimVehicleConfig(endpoint=f"tcp://127.0.0.1:{port}", duration_s=3.0,
+                              world_interval_s=0.1, loop=False, hwm=1000)
+    vehicle = threading.Thread(target=SimVehicle(config, source).run, daemon=True)
+    vehicle.start()
+    asked, missing = 0, 0
+    while vehicle.is_alive():
+        recent = source.recent()
+        if recent is not None:
+            asked += 1
+            missing += recent[0] not in received
+        time.sleep(0.03)
+    stop.set()
+    receiver.join()
+    pull.close()
+    assert asked > 20
+    assert missing <= asked * 0.05, f"{missing} of {asked} asked-about frames not sent yet"
