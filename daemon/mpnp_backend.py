@@ -202,14 +202,21 @@ class MPnPBackend:
                modalities: frozenset[str]) -> list[str]:
         import torch
 
+        with torch.inference_mode():
+            return self.serving.answer(questions, self._serving_tokens(questions, frames,
+                                                                       modalities))
+
+    def _serving_tokens(self, questions: list[str], frames: list[Frame] | None,
+                        modalities: frozenset[str]):
+        """The serving state's tokens of ``frames`` (one per question), after checking that
+        the engine and the serving state agree on what is served."""
         if frames is None or len(frames) != len(questions):
             raise ValueError("the mpnp backend answers about frames: one frame per question")
         connected = self.serving.modality_names
         if set(modalities) != set(connected):
             raise RuntimeError(f"the engine serves {sorted(modalities)} but the serving state "
                                f"connects {connected}")
-        with torch.inference_mode():
-            return self.serving.answer(questions, self.encoders.tokens(frames, connected))
+        return self.encoders.tokens(frames, connected)
 
     def answer_with_confidence(self, questions: list[str], frames: list[Frame],
                                modalities: frozenset[str]) -> tuple[list[str], list[float]]:
@@ -218,16 +225,11 @@ class MPnPBackend:
         decoding computes anyway."""
         import torch
 
-        if len(frames) != len(questions):
-            raise ValueError("the mpnp backend answers about frames: one frame per question")
-        connected = self.serving.modality_names
-        if set(modalities) != set(connected):
-            raise RuntimeError(f"the engine serves {sorted(modalities)} but the serving state "
-                               f"connects {connected}")
         from mpnp.generation import first_token_confidence
 
         with torch.inference_mode():
-            out = self.serving.generate(questions, self.encoders.tokens(frames, connected))
+            out = self.serving.generate(questions, self._serving_tokens(questions, frames,
+                                                                        modalities))
         return out.answers, first_token_confidence(out)
 
     # --- adaptation -----------------------------------------------------------------------
