@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from test_daemon_support import ToyBackend, running_daemon, test_config, wait_for
+from test_encoders import TINY  # the tiny encoder configs of the encoder tests
 
 from adapt.connectors.base import ConnectorConfig
 from adapt.connectors.mpnp import MPnPConnector
@@ -38,16 +39,6 @@ from scenes.sensors import (
     sensor_names,
     unregister_sensor,
 )
-
-TINY = {
-    "camera-vit": dict(image_height=16, image_width=32, patch_size=8, embed_dim=32, depth=2,
-                       num_heads=2, cls_blocks=2),
-    "lidar-rangevit": dict(beams=8, range_width=64, stem_channels=4, stem_hidden=8,
-                           stem_context_blocks=1, patch_stride=(4, 16), embed_dim=32, depth=2,
-                           num_heads=2, bands=4, token_blocks=2),
-    "radar-pointnet": dict(max_points=32, hidden=16, embed_dim=16, depth=1, num_heads=2,
-                           bands=4),
-}
 
 
 def _objects(rng: np.random.Generator) -> list[ObjectAnnotation]:
