@@ -266,10 +266,13 @@ def _compose(client, methods: tuple[str, ...] = ("naive", "damc")) -> dict[str, 
         sent = time.monotonic()
         client.compose(["camera", "lidar"], method=method, finetune=False, force_commit=True)
         reply_s = time.monotonic() - sent
+        deadline = time.monotonic() + 600.0
         while True:
             last = client.status().get("last_composition") or {}
             if last.get("time_to_decision_s") not in (None, before):
                 break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"compose by {method}: no decision within 600 s ({last})")
             time.sleep(0.05)
         decided_s = time.monotonic() - sent
         comp = last.get("composition") or last
