@@ -156,67 +156,58 @@ class RecordingReader:
 
     def _read_mpnp(self, path: Path) -> Iterator[Item]:
         from mcap.records import Channel, Message, Metadata, Schema
-        from mcap.stream_reader import StreamReader
 
         schemas: dict[int, str] = {}
         channels: dict[int, tuple[str, str | None]] = {}
         # a sensor message waiting for its buffers: (item, MCAP sequence, buffer specs)
         pending: tuple[Item, int, list[dict[str, Any]]] | None = None
-        count = 0
-        with open(path, "rb") as fh:
-            records = StreamReader(fh).records
-            while True:
-                try:
-                    record = next(records)
-                except StopIteration:
-                    break
-                except Exception as exc:
-                    lost = " (and one sensor message cut in the middle)" if pending else ""
-                    self._note(f"truncated {path}", f"{path}: truncated or damaged after "
-                               f"{count} messages{lost} ({type(exc).__name__}: "
-                               f"{str(exc)[:80] or 'end of file'}); the messages before the "
-                               "cut are used")
-                    return
-                if isinstance(record, Metadata) and record.name == fmt.METADATA_NAME:
-                    version = record.metadata.get("version")
-                    if version != fmt.FORMAT_VERSION:
-                        self._note("format version", f"{path}: recording format version "
-                                   f"{version!r}; this version reads {fmt.FORMAT_VERSION!r} "
-                                   "(unknown channels are skipped)")
-                elif isinstance(record, Schema):
-                    schemas[record.id] = record.name
-                elif isinstance(record, Channel):
-                    schema = schemas.get(record.schema_id) if record.schema_id else None
-                    channels[record.id] = (record.topic, schema)
-                elif isinstance(record, Message):
-                    count += 1
-                    topic, schema = channels.get(record.channel_id, ("?", None))
-                    if pending is not None and topic != fmt.TOPIC_INGEST \
-                            and topic.startswith(fmt.SENSOR_PREFIX) \
-                            and record.sequence == pending[1]:
-                        item, _, specs = pending
-                        assert item.parts is not None
-                        item.parts.append(fmt.decode_buffer(schema, record.data))
-                        if len(item.parts) == len(specs) + 1:
-                            pending = None
-                            yield item
-                        continue
-                    if pending is not None:
-                        self._note("incomplete sensor message", f"{path}: a sensor message "
-                                   f"without all its buffers (sequence {pending[1]}); skipped")
+        stream = _McapStream(path)
+        for record in stream:
+            if isinstance(record, Metadata) and record.name == fmt.METADATA_NAME:
+                version = record.metadata.get("version")
+                if version != fmt.FORMAT_VERSION:
+                    self._note("format version", f"{path}: recording format version "
+                               f"{version!r}; this version reads {fmt.FORMAT_VERSION!r} "
+                               "(unknown channels are skipped)")
+            elif isinstance(record, Schema):
+                schemas[record.id] = record.name
+            elif isinstance(record, Channel):
+                schema = schemas.get(record.schema_id) if record.schema_id else None
+                channels[record.id] = (record.topic, schema)
+            elif isinstance(record, Message):
+                topic, schema = channels.get(record.channel_id, ("?", None))
+                if pending is not None and topic != fmt.TOPIC_INGEST \
+                        and topic.startswith(fmt.SENSOR_PREFIX) \
+                        and record.sequence == pending[1]:
+                    item, _, specs = pending
+                    assert item.parts is not None
+                    item.parts.append(fmt.decode_buffer(schema, record.data))
+                    if len(item.parts) == len(specs) + 1:
                         pending = None
-                    item = self._mpnp_item(topic, record, path)
-                    if item is None:
-                        continue
-                    if item.kind == "sensor":
-                        specs = (item.body or {}).get("buffers") or []
-                        item.body = None
-                        if not specs:
-                            yield item
-                        else:
-                            pending = (item, record.sequence, specs)
-                        continue
-                    yield item
+                        yield item
+                    continue
+                if pending is not None:
+                    self._note("incomplete sensor message", f"{path}: a sensor message "
+                               f"without all its buffers (sequence {pending[1]}); skipped")
+                    pending = None
+                item = self._mpnp_item(topic, record, path)
+                if item is None:
+                    continue
+                if item.kind == "sensor":
+                    specs = (item.body or {}).get("buffers") or []
+                    item.body = None
+                    if not specs:
+                        yield item
+                    else:
+                        pending = (item, record.sequence, specs)
+                    continue
+                yield item
+        if stream.failure is not None:
+            lost = " (and one sensor message cut in the middle)" if pending else ""
+            self._note(f"truncated {path}", f"{path}: truncated or damaged after "
+                       f"{stream.messages} messages{lost} ({stream.failure}); the "
+                       "messages before the cut are used")
+            return
         if pending is not None:
             self._note(f"truncated {path}", f"{path}: ends inside a sensor message "
                        f"(sequence {pending[1]}); skipped")
@@ -324,38 +315,28 @@ class RecordingReader:
 
     def _read_ros2_mcap(self, path: Path) -> Iterator[tuple[str, str, Any, int]]:
         from mcap.records import Channel, Message, Schema
-        from mcap.stream_reader import StreamReader
 
         assert self.topic_map is not None
         typestore = self._typestore()
         schemas: dict[int, str] = {}
         channels: dict[int, tuple[str, str]] = {}
-        count = 0
-        with open(path, "rb") as fh:
-            records = StreamReader(fh).records
-            while True:
-                try:
-                    record = next(records)
-                except StopIteration:
-                    return
-                except Exception as exc:
-                    self._note(f"truncated {path}", f"{path}: truncated or damaged after "
-                               f"{count} messages ({type(exc).__name__}: "
-                               f"{str(exc)[:80] or 'end of file'}); the messages before "
-                               "the cut are used")
-                    return
-                if isinstance(record, Schema):
-                    schemas[record.id] = record.name
-                elif isinstance(record, Channel):
-                    channels[record.id] = (record.topic, schemas.get(record.schema_id, "?"))
-                elif isinstance(record, Message):
-                    count += 1
-                    topic, msgtype = channels.get(record.channel_id, ("?", "?"))
-                    if topic not in self.topic_map.topics:
-                        continue
-                    message = self._deserialize(typestore, record.data, msgtype, topic)
-                    if message is not None:
-                        yield topic, msgtype, message, record.log_time
+        stream = _McapStream(path)
+        for record in stream:
+            if isinstance(record, Schema):
+                schemas[record.id] = record.name
+            elif isinstance(record, Channel):
+                channels[record.id] = (record.topic, schemas.get(record.schema_id, "?"))
+            elif isinstance(record, Message):
+                topic, msgtype = channels.get(record.channel_id, ("?", "?"))
+                if topic not in self.topic_map.topics:
+                    continue
+                message = self._deserialize(typestore, record.data, msgtype, topic)
+                if message is not None:
+                    yield topic, msgtype, message, record.log_time
+        if stream.failure is not None:
+            self._note(f"truncated {path}", f"{path}: truncated or damaged after "
+                       f"{stream.messages} messages ({stream.failure}); the "
+                       "messages before the cut are used")
 
     def _deserialize(self, typestore: Any, raw: bytes, msgtype: str, topic: str) -> Any:
         try:
@@ -364,3 +345,34 @@ class RecordingReader:
             self._note(f"undecodable {topic}", f"skipped: {topic}: a {msgtype} message that "
                        f"cannot be deserialized ({type(exc).__name__}: {exc})")
             return None
+
+
+class _McapStream:
+    """The records of one MCAP file, read to its end or to a truncated or damaged tail.
+
+    Iterating stops quietly at a bad tail; :attr:`failure` then says what went wrong and
+    :attr:`messages` how many message records came before it, for the caller's one note.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.messages = 0
+        self.failure: str | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        from mcap.records import Message
+        from mcap.stream_reader import StreamReader
+
+        with open(self.path, "rb") as fh:
+            records = StreamReader(fh).records
+            while True:
+                try:
+                    record = next(records)
+                except StopIteration:
+                    return
+                except Exception as exc:
+                    self.failure = f"{type(exc).__name__}: {str(exc)[:80] or 'end of file'}"
+                    return
+                if isinstance(record, Message):
+                    self.messages += 1
+                yield record
