@@ -14,7 +14,7 @@ from pathlib import Path
 #: Modules that contribute a benchmark (each defines ``add_bench_command(subparsers)``).
 BENCH_MODULES: tuple[str, ...] = (
     "bench.table1", "bench.savings", "bench.modalities", "bench.encoders", "bench.daemon",
-    "bench.reliability", "bench.recording", "bench.live_samples",
+    "bench.reliability", "bench.recording", "bench.live_samples", "bench.grounding",
 )
 
 

@@ -145,6 +145,12 @@ class QADataset:
         label = {None: "", True: ":night", False: ":day"}[night]
         return QADataset(items, keep, self._loader, self.name + label, self._cache_size)
 
+    def with_items(self, items: list[QAItem]) -> QADataset:
+        """These ``items`` (questions of this dataset) with only the frames they ask about."""
+        keep = {q.frame_id for q in items}
+        return QADataset(items, {k: v for k, v in self._frames.items() if k in keep},
+                         self._loader, self.name, self._cache_size)
+
     def scene_ids(self) -> set[str]:
         return {info.scene_id for info in self._frames.values()}
 

@@ -1,0 +1,238 @@
+"""``mpnp bench grounding``: do mPnP states read their tokens, per encoder and question type?
+
+The cheap check that comes before Table 1 (issue "Make the sensors matter"): one mPnP state
+per encoder — the ``oracle`` (ground-truth objects) and each sensor encoder in the store —
+trained from scratch on the same questions of the chosen types and hops, then scored on the
+validation split twice: with each question's own frame, and with another frame's tokens
+(:func:`adapt.evaluate.grounding`). ``reads`` = the accuracy lost without the right frame;
+a state that ignores its sensors reads ≈ 0 whatever its accuracy. Beside each row: the
+question-only naive-Bayes model and the majority answer fitted on the same training types.
+
+Scores are on the *validation* split on purpose: this benchmark is where recipes are
+compared and chosen, so it must never see the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from adapt.connectors.base import ConnectorConfig
+from adapt.connectors.mpnp import MPnPConnector
+from adapt.data import dataset_features, modality_specs
+from adapt.evaluate import evaluate, grounding, majority_baseline, score, wilson_interval
+from adapt.prepare import FAST_LEARNING_RATES, PrepareConfig, ensure_encoders, ensure_world
+from adapt.trainer import TrainConfig, Trainer
+from aligners.config import ConnectionConfig
+from aligners.model import MPnPModel
+from bench.table1 import Table1Config, _llm_name, _load_llm
+from encoders import create_encoder
+from encoders.cache import FeatureCache
+from mpnp.answers import QUESTION_TYPES
+from mpnp.llm import llm_fingerprint
+from scenes.baselines import QuestionOnlyModel
+from scenes.dataset import QADataset
+
+#: Question-type filters by name; anything else is a comma list of ``type/hop`` items.
+TYPE_SETS: dict[str, tuple[str, ...]] = {
+    "all": tuple(f"{t}/{h}" for t in QUESTION_TYPES for h in (0, 1)),
+    "H0": tuple(f"{t}/0" for t in QUESTION_TYPES),
+    "H1": tuple(f"{t}/1" for t in QUESTION_TYPES),
+}
+
+
+def parse_types(text: str) -> tuple[str, ...]:
+    """``all`` / ``H0`` / ``H1`` or ``status/0,exist/0``: the ``type/hop`` keys to keep."""
+    if text in TYPE_SETS:
+        return TYPE_SETS[text]
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    known = set(TYPE_SETS["all"])
+    bad = [k for k in keys if k not in known]
+    if not keys or bad:
+        raise ValueError(f"unknown question types {bad or text!r}; use all, H0, H1 or a comma "
+                         f"list of {sorted(known)}")
+    return keys
+
+
+@dataclass
+class GroundingConfig:
+    """Attributes:
+        encoders: modalities to run (``oracle`` and/or the store's sensor modalities).
+        types: ``type/hop`` keys of the questions trained and scored.
+        night: train and score on night frames instead of day frames.
+        train_questions / val_questions: sizes (a deterministic random subset; ``None``: all).
+        epochs / batch_size / learning_rates: the training recipe.
+        num_blocks / gate / init_alpha: the connection.
+    """
+
+    encoders: tuple[str, ...] = ("oracle", "camera", "lidar")
+    types: tuple[str, ...] = TYPE_SETS["H0"]
+    night: bool = False
+    train_questions: int | None = 4800
+    val_questions: int | None = None
+    epochs: int = 2
+    batch_size: int = 16
+    learning_rates: dict[str, float] = field(default_factory=lambda: dict(FAST_LEARNING_RATES))
+    num_blocks: int = 12
+    gate: str = "logit"
+    init_alpha: float | None = 0.05
+    seed: int = 0
+
+
+def _subset(data: QADataset, types: Sequence[str], n: int | None, seed: int) -> QADataset:
+    wanted = set(types)
+    items = [q for q in data.items if f"{q.template_type}/{q.num_hop}" in wanted]
+    if n is not None and n < len(items):
+        items = sorted(random.Random(seed).sample(items, n), key=lambda q: q.frame_id)
+    return data.with_items(items)
+
+
+def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
+        progress: bool = True) -> dict:
+    """Train and score one state per encoder; ``table`` gives the world, encoders and LLM."""
+    torch.manual_seed(cfg.seed)
+    started = time.perf_counter()
+    store = table.store(store_dir)
+    world = ensure_world(table.world, store, progress)
+    available = ensure_encoders(PrepareConfig(world=table.world, pretrain=table.pretrain),
+                                world, store, progress)
+    available["oracle"] = create_encoder("oracle").freeze()
+    missing = [m for m in cfg.encoders if m not in available]
+    if missing:
+        raise ValueError(f"no encoder for {missing}; the store has {sorted(available)}")
+    light = "night" if cfg.night else "day"
+    train_qa = QADataset.load(world, "train").filter(night=cfg.night)
+    val_qa = QADataset.load(world, "val").filter(night=cfg.night)
+    train_qa = _subset(train_qa, cfg.types, cfg.train_questions, cfg.seed)
+    val_qa = _subset(val_qa, cfg.types, cfg.val_questions, cfg.seed)
+    if not len(train_qa) or not len(val_qa):
+        raise ValueError(f"no {light} questions of types {list(cfg.types)} in {world}")
+    full_train = _subset(QADataset.load(world, "train").filter(night=cfg.night), cfg.types,
+                         None, cfg.seed)
+    qo = QuestionOnlyModel().fit(list(full_train.items))
+    baselines = {"question-only": score(val_qa.items, qo.predict(val_qa.items)),
+                 "majority": majority_baseline(full_train.items, val_qa.items)}
+
+    llm, tok = _load_llm(table)
+    model = MPnPModel(llm, tok)
+    cache = FeatureCache(store / "features")
+    train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+                            learning_rates=dict(cfg.learning_rates), patience=0,
+                            count_flops=False)
+    rows = []
+    for modality in cfg.encoders:
+        encoders = {modality: available[modality]}
+        spec = modality_specs(encoders)[modality]
+        train = dataset_features(train_qa, encoders, cache, progress=progress)
+        val = dataset_features(val_qa, encoders, cache, progress=progress)
+        conn = MPnPConnector(
+            llm, tok, [spec], ConnectorConfig(num_blocks=cfg.num_blocks,
+                                              max_new_tokens=table.max_new_tokens),
+            model=model, state_name=f"grounding-{modality}",
+            connection=ConnectionConfig(num_blocks=cfg.num_blocks, gate=cfg.gate,
+                                        init_alpha=cfg.init_alpha))
+        report = Trainer(conn, train_cfg).fit(train, None, progress=progress)
+        own = evaluate(conn, val)
+        g = grounding(conn, val, own=own, seed=cfg.seed)
+        state = model.state
+        alphas = [round(float(state.connections.alpha(i).detach()), 3)
+                  for i in state.connected_layers()]
+        rows.append({"encoder": modality, "accuracy": own.accuracy, "count": own.count,
+                     "ci95": list(own.ci95), "swapped_accuracy": g.swapped_accuracy,
+                     "swapped_ci95": list(wilson_interval(g.swapped_accuracy, g.count)),
+                     "reads": g.reads, "changed": g.changed, "per_type_hop": own.per_type_hop,
+                     "alphas": alphas, "losses": report.losses,
+                     "train_samples": report.samples, "wall_s": report.wall_s})
+        model.remove_state(conn.state_name)
+    for name, res in baselines.items():
+        rows.append({"encoder": name, "accuracy": res.accuracy, "count": res.count,
+                     "ci95": list(res.ci95), "per_type_hop": res.per_type_hop})
+    meta = {"benchmark": "grounding", "llm": llm_fingerprint(llm), "light": light,
+            "split": "val", "sizes": {"train": len(train_qa), "val": len(val_qa)},
+            "encoders": {m: available[m].fingerprint() for m in cfg.encoders},
+            "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+            "world": str(world), "total_wall_s": time.perf_counter() - started}
+    return {"meta": meta, "rows": rows}
+
+
+def _pct(value: float, ci: Sequence[float] | None = None) -> str:
+    text = f"{100 * value:.1f}"
+    return f"{text} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else text
+
+
+def to_markdown(result: dict) -> str:
+    meta, rows = result["meta"], result["rows"]
+    c = meta["config"]
+    keys = list(c["types"])
+    out = [f"# mpnp bench grounding — mPnP N={c['num_blocks']} on {_llm_name(meta)}", "",
+           f"Each state trained from scratch on the same {meta['sizes']['train']} "
+           f"{meta['light']} questions ({c['epochs']} epochs, batch {c['batch_size']}, gate "
+           f"{c['gate']}, initial α {c['init_alpha']}); scored on {meta['sizes']['val']} "
+           f"{meta['light']} validation questions of the same types. *swapped*: the same "
+           "questions with another frame's tokens; *reads* = accuracy − swapped (≈ 0: the "
+           "state ignores its tokens). Exact match, %, 95 % Wilson interval.", "",
+           "| encoder | accuracy | swapped | reads | " + " | ".join(keys) + " |",
+           "|---|---|---|---|" + "---|" * len(keys)]
+    for r in rows:
+        swapped = _pct(r["swapped_accuracy"], r.get("swapped_ci95")) if "reads" in r else "—"
+        reads = f"{100 * r['reads']:+.1f}" if "reads" in r else "—"
+        per = r.get("per_type_hop") or {}
+        cells = [f"{100 * per[k]:.1f}" if k in per else "—" for k in keys]
+        out.append(f"| {r['encoder']} | {_pct(r['accuracy'], r['ci95'])} | {swapped} | {reads}"
+                   f" | " + " | ".join(cells) + " |")
+    out += ["", "Connection weights α of the connected blocks after training:", ""]
+    out += [f"- {r['encoder']}: {r['alphas']}" for r in rows if "alphas" in r]
+    return "\n".join(out) + "\n"
+
+
+def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("grounding", help="do mPnP states read their tokens? oracle and "
+                             "sensor encoders, per question type, own vs swapped frames")
+    p.add_argument("--quick", action="store_true", help="tiny world, encoders and LLM")
+    p.add_argument("--model")
+    p.add_argument("--store")
+    p.add_argument("--encoders", nargs="+", default=list(GroundingConfig.encoders),
+                   metavar="MODALITY")
+    p.add_argument("--types", default="H0", type=parse_types,
+                   help="all, H0, H1 or a comma list such as status/0,exist/0 (default H0)")
+    p.add_argument("--night", action="store_true", help="night frames instead of day")
+    p.add_argument("--train-questions", type=int, default=GroundingConfig.train_questions)
+    p.add_argument("--val-questions", type=int)
+    p.add_argument("--epochs", type=int, default=GroundingConfig.epochs)
+    p.add_argument("--num-blocks", type=int, default=GroundingConfig.num_blocks)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--markdown", type=Path)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from bench.cli import write_output
+
+    table = Table1Config.quick() if args.quick else Table1Config()
+    if args.model:
+        table.model = args.model
+    if args.epochs < 1 or args.num_blocks < 1:
+        raise ValueError("--epochs and --num-blocks must be >= 1")
+    cfg = GroundingConfig(encoders=tuple(args.encoders), types=args.types, night=args.night,
+                          train_questions=args.train_questions,
+                          val_questions=args.val_questions, epochs=args.epochs,
+                          num_blocks=args.num_blocks)
+    if args.quick:
+        cfg = dataclasses.replace(cfg, num_blocks=min(cfg.num_blocks, 4),
+                                  train_questions=min(cfg.train_questions or 64, 64),
+                                  learning_rates=dict(table.learning_rates))
+    result = run(cfg, table, args.store, progress=not args.no_progress)
+    md = to_markdown(result)
+    print(md)
+    write_output(args.json, json.dumps(result, indent=2))
+    write_output(args.markdown, md)
+    return 0

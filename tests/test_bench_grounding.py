@@ -1,0 +1,54 @@
+"""``mpnp bench grounding``: question-type filters, subsets and the table (the run itself is
+CI's ``--quick`` benchmark)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.grounding import TYPE_SETS, _subset, parse_types, to_markdown
+from scenes.dataset import QADataset
+from scenes.sample import QAItem
+
+
+def test_type_filters_by_name_and_by_list():
+    assert parse_types("H0") == TYPE_SETS["H0"] and len(TYPE_SETS["all"]) == 10
+    assert all(k.endswith("/1") for k in parse_types("H1"))
+    assert parse_types("status/0, exist/0") == ("status/0", "exist/0")
+    for bad in ("status", "status/2,exist/0", "colour/0", ""):
+        with pytest.raises(ValueError, match="unknown question types"):
+            parse_types(bad)
+
+
+def _dataset() -> QADataset:
+    from scenes.dataset import FrameInfo
+
+    items = [QAItem(f"f{i % 4}", f"q{i}", "yes", ("exist", "count")[i % 2], i // 4 % 2)
+             for i in range(16)]
+    frames = {f"f{i}": FrameInfo(scene_id=f"s{i}", light=1.0) for i in range(4)}
+    return QADataset(items, frames, loader=lambda fid: None, name="t")
+
+
+def test_subset_keeps_the_types_and_only_the_frames_they_ask_about():
+    data = _dataset()
+    part = _subset(data, ("exist/0",), None, seed=0)
+    assert part.items and {(q.template_type, q.num_hop) for q in part} == {("exist", 0)}
+    assert set(part._frames) == {q.frame_id for q in part.items}
+    two = _subset(data, ("exist/0", "count/1"), 2, seed=0)
+    assert len(two) == 2 and two.items == sorted(two.items, key=lambda q: q.frame_id)
+    assert _subset(data, ("exist/0", "count/1"), 2, seed=0).items == two.items  # determinism
+
+
+def test_markdown_shows_reads_beside_accuracy_and_intervals():
+    meta = {"llm": {"model_type": "llama", "num_layers": 4, "name": "tiny"}, "light": "day",
+            "sizes": {"train": 8, "val": 4},
+            "config": {"types": ["exist/0", "count/0"], "num_blocks": 4, "epochs": 2,
+                       "batch_size": 16, "gate": "logit", "init_alpha": 0.05}}
+    rows = [{"encoder": "oracle", "accuracy": 0.75, "ci95": [0.3, 0.95], "count": 4,
+             "swapped_accuracy": 0.5, "swapped_ci95": [0.15, 0.85], "reads": 0.25,
+             "per_type_hop": {"exist/0": 1.0, "count/0": 0.5}, "alphas": [0.1, 0.2]},
+            {"encoder": "question-only", "accuracy": 0.5, "ci95": [0.15, 0.85], "count": 4,
+             "per_type_hop": {"exist/0": 0.5}}]
+    md = to_markdown({"meta": meta, "rows": rows})
+    assert "| oracle | 75.0 [30.0, 95.0] | 50.0 [15.0, 85.0] | +25.0 | 100.0 | 50.0 |" in md
+    assert "| question-only | 50.0 [15.0, 85.0] | — | — | 50.0 | — |" in md
+    assert "- oracle: [0.1, 0.2]" in md
