@@ -13,6 +13,16 @@ token, in order (:data:`FEATURE_NAMES`): class one-hot, status one-hot (incl. "n
 x / y / z in units of ``scale`` metres, distance, sine and cosine of the bearing, the
 nuScenes-QA direction sector one-hot (front, front left, back left, back, back right, front
 right), sine and cosine of the heading, width / length / height, present.
+
+With ``summaries`` on, one more token per object filter of the questions (a class, a class
+with a status, or a status: :data:`scenes.questions.FILTERS`) follows the object tokens: the
+filter's class and status in the same one-hot slots, ``summary`` = 1, its count as a
+thermometer (``count>=1`` ... ``count>=10``) and the shares of each status and each class
+among the objects it picks out. A whole-scene question ("Are there any parked cars?", "How
+many pedestrians are there?") is then answered by *one* token: single-token retrieval, which
+attention does, instead of a count over many tokens, which softmax attention (a mean, not a
+sum) does badly. It tells whether the LLM side can read such answers at all, and is the
+shape the sensor encoders' tokens should take.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import torch
 
 from encoders.base import Encoder, check_frames
 from scenes.layout import CLASS_NAMES
-from scenes.questions import RELATIONS, sector_index
+from scenes.questions import FILTERS, MAX_COUNT, RELATIONS, sector_index
 from scenes.sample import Frame
 
 #: Every status of the world, then "none" (traffic cones and barriers have none).
@@ -38,6 +48,14 @@ FEATURE_NAMES: tuple[str, ...] = (
     *(f"sector={r}" for r in RELATIONS), "heading_sin", "heading_cos",
     "width", "length", "height", "present",
 )
+#: Trailing features of the summary tokens (all zero in object tokens).
+SUMMARY_FEATURES: tuple[str, ...] = (
+    "summary", *(f"count>={k}" for k in range(1, MAX_COUNT + 1)),
+    *(f"share status={s}" for s in STATUSES), *(f"share class={c}" for c in CLASS_NAMES),
+)
+#: The filters a summary token is made for (every question filter but "things").
+SUMMARY_FILTERS: tuple[tuple[str | None, str | None], ...] = tuple(
+    f for f in FILTERS if f != (None, None))
 
 
 @dataclass
@@ -46,11 +64,13 @@ class OracleConfig:
         max_objects: tokens per frame (nearest objects first; the default world annotates
             10-25 objects per frame within 40 m).
         scale: metres per unit of the position and size features.
+        summaries: append one summary token per question filter (module docstring).
         seed: unused (no weights); kept so every encoder config has one.
     """
 
     max_objects: int = 32
     scale: float = 20.0
+    summaries: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -86,6 +106,32 @@ def object_features(frame: Frame, max_objects: int, scale: float) -> np.ndarray:
     return out
 
 
+def summary_features(frame: Frame) -> np.ndarray:
+    """``(len(SUMMARY_FILTERS), len(FEATURE_NAMES) + len(SUMMARY_FEATURES))`` float32: one
+    token per filter, as the questions count (every annotated object, not only the nearest)."""
+    if frame.objects is None:
+        raise ValueError(f"oracle: frame {frame.frame_id} has no ground-truth objects")
+    n_cls, n_stat, base = len(CLASS_NAMES), len(STATUSES), len(FEATURE_NAMES)
+    out = np.zeros((len(SUMMARY_FILTERS), base + len(SUMMARY_FEATURES)), dtype=np.float32)
+    for row, (cat, status) in zip(out, SUMMARY_FILTERS):
+        if cat is not None:
+            row[CLASS_NAMES.index(cat)] = 1.0
+        if status is not None:
+            row[n_cls + STATUSES.index(status)] = 1.0
+        picked = [o for o in frame.objects if (cat is None or o.category == cat)
+                  and (status is None or o.status == status)]
+        row[base] = 1.0
+        count = min(len(picked), MAX_COUNT)
+        row[base + 1:base + 1 + count] = 1.0
+        share = base + 1 + MAX_COUNT
+        for o in picked:
+            st = o.status if o.status in STATUSES else "none"
+            row[share + STATUSES.index(st)] += 1.0 / len(picked)
+            if o.category in CLASS_NAMES:
+                row[share + n_stat + CLASS_NAMES.index(o.category)] += 1.0 / len(picked)
+    return out
+
+
 class OracleEncoder(Encoder):
     """Ground-truth objects -> ``(B, max_objects, len(FEATURE_NAMES))`` tokens."""
 
@@ -95,11 +141,12 @@ class OracleEncoder(Encoder):
 
     @property
     def num_tokens(self) -> int:
-        return int(self.config.max_objects)
+        summaries = len(SUMMARY_FILTERS) if self.config.summaries else 0
+        return int(self.config.max_objects) + summaries
 
     @property
     def dim(self) -> int:
-        return len(FEATURE_NAMES)
+        return len(FEATURE_NAMES) + (len(SUMMARY_FEATURES) if self.config.summaries else 0)
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         return torch.zeros(batch, self.num_tokens, self.dim)
@@ -107,8 +154,14 @@ class OracleEncoder(Encoder):
     def preprocess(self, frames: Sequence[Frame]) -> torch.Tensor:
         check_frames(frames, f"{self.kind}.preprocess")
         c = self.config
-        return torch.from_numpy(np.stack([object_features(f, c.max_objects, c.scale)
-                                          for f in frames]))
+        rows = []
+        for frame in frames:
+            tokens = object_features(frame, c.max_objects, c.scale)
+            if c.summaries:
+                tokens = np.concatenate([np.pad(tokens, ((0, 0), (0, len(SUMMARY_FEATURES)))),
+                                         summary_features(frame)])
+            rows.append(tokens)
+        return torch.from_numpy(np.stack(rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 3 or x.shape[1:] != (self.num_tokens, self.dim):

@@ -8,7 +8,7 @@ import torch
 from test_encoders import make_frame
 
 from encoders import create_encoder
-from encoders.oracle import FEATURE_NAMES
+from encoders.oracle import FEATURE_NAMES, SUMMARY_FEATURES, SUMMARY_FILTERS
 from policies.context import known_modalities
 from scenes.sample import ObjectAnnotation
 
@@ -56,6 +56,40 @@ def test_more_objects_than_tokens_keeps_the_nearest_and_night_changes_nothing():
     torch.testing.assert_close(xs, torch.tensor([5.0, 10.0, 20.0]))
     frame.light = 0.0
     assert torch.equal(oracle.encode([frame])[0], tokens)
+
+
+def test_summary_tokens_answer_each_whole_scene_filter_in_one_token():
+    frame = make_frame(2)
+    frame.objects = [ObjectAnnotation("car", (float(5 + d), 2.0, 0.8), (1.9, 4.5, 1.6), 0.0,
+                                      status) for d, status in
+                     enumerate(["parked", "parked", "moving"] + ["parked"] * 10)]
+    frame.objects.append(ObjectAnnotation("pedestrian", (0.0, 4.0, 0.9), (0.6, 0.5, 1.8), 0.0,
+                                          "standing"))
+    oracle = create_encoder("oracle", max_objects=4, summaries=True)
+    tokens = oracle.encode([frame])[0]
+    names = FEATURE_NAMES + SUMMARY_FEATURES
+    assert tokens.shape == (4 + len(SUMMARY_FILTERS), len(names)) == (oracle.num_tokens,
+                                                                       oracle.dim)
+    assert (tokens[:4, len(FEATURE_NAMES):] == 0).all()  # object tokens: no summary part
+
+    def row(cat, status):
+        return tokens[4 + SUMMARY_FILTERS.index((cat, status))]
+
+    def count(r):
+        return int(sum(float(r[names.index(f"count>={k}")]) for k in range(1, 11)))
+
+    # Counts cover every object (the 14 > max_objects), clipped at 10 as the questions are.
+    assert count(row("car", None)) == 10 and count(row("car", "moving")) == 1
+    assert count(row("car", "stopped")) == 0 and count(row("bus", None)) == 0
+    assert count(row(None, "standing")) == 1 and count(row(None, "parked")) == 10
+    car = row("car", None)
+    assert float(car[names.index("share status=moving")]) == pytest.approx(1 / 13)
+    assert float(car[names.index("share status=parked")]) == pytest.approx(12 / 13)
+    assert float(car[names.index("class=car")]) == 1.0 and float(car[names.index("summary")]) == 1
+    standing = row(None, "standing")
+    assert float(standing[names.index("share class=pedestrian")]) == 1.0
+    assert float(standing[names.index("status=standing")]) == 1.0
+    assert sum(float(standing[names.index(f"class={c}")]) for c in ("car", "pedestrian")) == 0
 
 
 def test_frames_without_ground_truth_are_refused():
