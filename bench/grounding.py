@@ -41,6 +41,8 @@ from mpnp.llm import llm_fingerprint
 from scenes.baselines import QuestionOnlyModel
 from scenes.dataset import QADataset
 
+#: The row name of the oracle with summary tokens (:mod:`encoders.oracle`).
+ORACLE_SUMMARIES = "oracle+summaries"
 #: Question-type filters by name; anything else is a comma list of ``type/hop`` items.
 TYPE_SETS: dict[str, tuple[str, ...]] = {
     "all": tuple(f"{t}/{h}" for t in QUESTION_TYPES for h in (0, 1)),
@@ -65,7 +67,8 @@ def parse_types(text: str) -> tuple[str, ...]:
 @dataclass
 class GroundingConfig:
     """Attributes:
-        encoders: modalities to run (``oracle`` and/or the store's sensor modalities).
+        encoders: modalities to run (``oracle``, ``oracle+summaries`` and/or the store's
+            sensor modalities), one state each.
         types: ``type/hop`` keys of the questions trained and scored.
         night: train and score on night frames instead of day frames.
         train_questions / val_questions: sizes (a deterministic random subset; ``None``: all).
@@ -105,6 +108,7 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
     available = ensure_encoders(PrepareConfig(world=table.world, pretrain=table.pretrain),
                                 world, store, progress)
     available["oracle"] = create_encoder("oracle").freeze()
+    available[ORACLE_SUMMARIES] = create_encoder("oracle", summaries=True).freeze()
     missing = [m for m in cfg.encoders if m not in available]
     if missing:
         raise ValueError(f"no encoder for {missing}; the store has {sorted(available)}")
@@ -129,14 +133,14 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
                             count_flops=False)
     rows = []
     for modality in cfg.encoders:
-        encoders = {modality: available[modality]}
-        spec = modality_specs(encoders)[modality]
+        encoders = {modality.split("+")[0]: available[modality]}
+        spec = next(iter(modality_specs(encoders).values()))
         train = dataset_features(train_qa, encoders, cache, progress=progress)
         val = dataset_features(val_qa, encoders, cache, progress=progress)
         conn = MPnPConnector(
             llm, tok, [spec], ConnectorConfig(num_blocks=cfg.num_blocks,
                                               max_new_tokens=table.max_new_tokens),
-            model=model, state_name=f"grounding-{modality}",
+            model=model, state_name=f"grounding-{modality.replace('+', '-')}",
             connection=ConnectionConfig(num_blocks=cfg.num_blocks, gate=cfg.gate,
                                         init_alpha=cfg.init_alpha))
         report = Trainer(conn, train_cfg).fit(train, None, progress=progress)
@@ -200,7 +204,8 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model")
     p.add_argument("--store")
     p.add_argument("--encoders", nargs="+", default=list(GroundingConfig.encoders),
-                   metavar="MODALITY")
+                   metavar="MODALITY", help="one state each: oracle, oracle+summaries and/or "
+                   "sensor modalities of the store (default: oracle camera lidar)")
     p.add_argument("--types", default="H0", type=parse_types,
                    help="all, H0, H1 or a comma list such as status/0,exist/0 (default H0)")
     p.add_argument("--night", action="store_true", help="night frames instead of day")
