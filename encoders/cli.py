@@ -119,9 +119,9 @@ def _probe(args) -> int:
 
 def _export(args) -> int:
     from encoders.onnx_export import export_onnx
-    from encoders.pretrain import ensure_pretrained
+    from encoders.pretrain import stored_or_pretrained
 
-    encoder = ensure_pretrained(_kinds(args.kind)[0], _world(args), args.store)
+    encoder = stored_or_pretrained(_kinds(args.kind)[0], _world(args), args.store)
     path = export_onnx(encoder, args.out, opset=args.opset)
     print(f"wrote {path} ({encoder.kind}: input {tuple(encoder.example_input(1).shape[1:])}, "
           f"output ({encoder.num_tokens}, {encoder.dim}) per frame)")

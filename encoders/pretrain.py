@@ -260,6 +260,27 @@ def _as_json(value):
     return json.loads(json.dumps(value, sort_keys=True))
 
 
+def stored_or_pretrained(kind: str, world_dir: str | os.PathLike[str],
+                         store_dir: str | os.PathLike[str] | None = None,
+                         progress: bool = True) -> Encoder:
+    """The pretrained encoder of ``kind`` the model store holds, *whatever config made it*
+    (``mpnp encoders pretrain --epochs 10`` followed by ``mpnp encoders probe`` probes those
+    weights); pretrained with the defaults only when the store has none that loads. For
+    tools that look at an encoder (probes, export), not for pipelines that need a given
+    config (:func:`ensure_pretrained`)."""
+    directory = encoder_dir(kind, store_dir)
+    if (directory / RECORD_FILE).is_file():
+        try:
+            encoder = load_encoder(directory)
+            if encoder.kind == kind:
+                log.info("using the stored %s encoder in %s", kind, directory)
+                return encoder
+            log.warning("%s holds a %r encoder, not %r", directory, encoder.kind, kind)
+        except (EncoderFormatError, FileNotFoundError, json.JSONDecodeError, OSError) as exc:
+            log.warning("cannot load %s (%s)", directory, exc)
+    return ensure_pretrained(kind, world_dir, store_dir, progress=progress)
+
+
 def ensure_pretrained(kind: str, world_dir: str | os.PathLike[str],
                       store_dir: str | os.PathLike[str] | None = None,
                       config: PretrainConfig | None = None, progress: bool = True,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from encoders.cache import FeatureCache, encode_frames
-from encoders.pretrain import ensure_pretrained, load_split, region_layout
+from encoders.pretrain import load_split, region_layout, stored_or_pretrained
 from encoders.targets import (
     CLASS_SLICE,
     DISTANCE_RINGS,
@@ -226,7 +226,8 @@ def run_probes(world_dir: str | os.PathLike[str], kinds: list[str],
                store_dir: str | os.PathLike[str] | None = None,
                config: ProbeConfig | None = None, use_cache: bool = True,
                progress: bool = True, random_baseline: bool = True) -> dict:
-    """Probe each pretrained encoder of ``kinds`` (pretraining it first if needed) and, with
+    """Probe each encoder of ``kinds`` the store holds, as it is (pretraining one with the
+    defaults only where the store has none: :func:`stored_or_pretrained`) and, with
     ``random_baseline``, a randomly initialised encoder of the same config next to it."""
     from encoders import create_encoder
 
@@ -235,7 +236,7 @@ def run_probes(world_dir: str | os.PathLike[str], kinds: list[str],
     relit = relit_test_frames(world_dir, RELIT_LIGHTS)
     results = []
     for kind in kinds:
-        encoder = ensure_pretrained(kind, world_dir, store_dir, progress=progress)
+        encoder = stored_or_pretrained(kind, world_dir, store_dir, progress=progress)
         results.append(probe_encoder(encoder, world_dir, config, cache, progress, relit))
         if random_baseline:
             fresh = create_encoder(kind, **encoder.config_dict()).freeze()

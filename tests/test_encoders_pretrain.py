@@ -13,7 +13,13 @@ from test_encoders import TINY
 
 from encoders import create_encoder
 from encoders.base import WEIGHTS_FILE
-from encoders.pretrain import RECORD_FILE, PretrainConfig, encoder_dir, ensure_pretrained
+from encoders.pretrain import (
+    RECORD_FILE,
+    PretrainConfig,
+    encoder_dir,
+    ensure_pretrained,
+    stored_or_pretrained,
+)
 from encoders.probe import ProbeConfig, probe_encoder, to_markdown
 from encoders.targets import TARGET_NAMES, band_of, frame_class_counts, region_counts
 from scenes.sample import CAMERA_VIEWS, Frame, ObjectAnnotation
@@ -92,6 +98,26 @@ def test_pretrain_saves_frozen_and_is_reused(kind, world, tmp_path):
     weights.write_bytes(b"corrupt")
     repaired = ensure_pretrained(kind, world, tmp_path, config, progress=False)
     assert repaired.fingerprint() == encoder.fingerprint()  # retrained, deterministically
+
+
+def test_probe_and_export_use_the_stored_encoder_whatever_config_made_it(world, tmp_path):
+    """`mpnp encoders pretrain --epochs 10` then `mpnp encoders probe` must probe those
+    weights, not silently pretrain again with the defaults (it did)."""
+    kind = "lidar-rangevit"
+    encoder = ensure_pretrained(kind, world, tmp_path, replace(tiny_pretrain(kind), lr=5e-4),
+                                progress=False)
+    weights = encoder_dir(kind, tmp_path) / WEIGHTS_FILE
+    stamp = weights.stat().st_mtime_ns
+    stored = stored_or_pretrained(kind, world, tmp_path, progress=False)
+    assert stored.fingerprint() == encoder.fingerprint()
+    assert weights.stat().st_mtime_ns == stamp  # nothing retrained
+    weights.write_bytes(b"corrupt")  # unreadable: falls back to pretraining (the defaults)
+    with pytest.MonkeyPatch.context() as mp:
+        called = []
+        mp.setattr("encoders.pretrain.ensure_pretrained",
+                   lambda *a, **k: called.append(a) or encoder)
+        assert stored_or_pretrained(kind, world, tmp_path, progress=False) is encoder
+    assert called and called[0][0] == kind
 
 
 def test_pretrain_needs_a_world(tmp_path):
