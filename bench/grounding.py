@@ -29,6 +29,7 @@ from adapt.connectors.base import ConnectorConfig
 from adapt.connectors.mpnp import MPnPConnector
 from adapt.data import dataset_features, modality_specs
 from adapt.evaluate import evaluate, grounding, majority_baseline, score, wilson_interval
+from adapt.features import FeatureSet
 from adapt.prepare import FAST_LEARNING_RATES, PrepareConfig, ensure_encoders, ensure_world
 from adapt.trainer import TrainConfig, Trainer
 from aligners.config import ConnectionConfig
@@ -36,6 +37,7 @@ from aligners.model import MPnPModel
 from bench.table1 import Table1Config, _llm_name, _load_llm
 from encoders import create_encoder
 from encoders.cache import FeatureCache
+from encoders.oracle import describe_scene
 from mpnp.answers import QUESTION_TYPES
 from mpnp.llm import llm_fingerprint
 from scenes.baselines import QuestionOnlyModel
@@ -43,6 +45,10 @@ from scenes.dataset import QADataset
 
 #: The row name of the oracle with summary tokens (:mod:`encoders.oracle`).
 ORACLE_SUMMARIES = "oracle+summaries"
+#: The row whose scene is *text*: each question is prefixed with the oracle's objects in
+#: words (:func:`encoders.oracle.describe_scene`) and the connected tokens are all zero — what
+#: the same LoRA and steps reach when the LLM reads the scene as it reads words.
+ORACLE_TEXT = "oracle-text"
 #: Question-type filters by name; anything else is a comma list of ``type/hop`` items.
 TYPE_SETS: dict[str, tuple[str, ...]] = {
     "all": tuple(f"{t}/{h}" for t in QUESTION_TYPES for h in (0, 1)),
@@ -67,8 +73,8 @@ def parse_types(text: str) -> tuple[str, ...]:
 @dataclass
 class GroundingConfig:
     """Attributes:
-        encoders: modalities to run (``oracle``, ``oracle+summaries`` and/or the store's
-            sensor modalities), one state each.
+        encoders: modalities to run (``oracle``, ``oracle+summaries``, ``oracle-text`` and/or
+            the store's sensor modalities), one state each.
         types: ``type/hop`` keys of the questions trained and scored.
         night: train and score on night frames instead of day frames.
         train_questions / val_questions: sizes (a deterministic random subset; ``None``: all).
@@ -98,6 +104,22 @@ def _subset(data: QADataset, types: Sequence[str], n: int | None, seed: int) -> 
     return data.with_items(items)
 
 
+def _with_scene_text(data: QADataset) -> QADataset:
+    """Each question prefixed with its frame's objects in words."""
+    scenes: dict[str, str] = {}
+    items = []
+    for q in data.items:
+        if q.frame_id not in scenes:
+            scenes[q.frame_id] = describe_scene(data.frame(q.frame_id))
+        items.append(dataclasses.replace(q, question=f"{scenes[q.frame_id]} {q.question}"))
+    return data.with_items(items)
+
+
+def _zero_tokens(data: FeatureSet) -> FeatureSet:
+    return FeatureSet(data.items, {m: {f: torch.zeros_like(t) for f, t in per.items()}
+                                   for m, per in data.tokens.items()})
+
+
 def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
         progress: bool = True) -> dict:
     """Train and score one state per encoder; ``table`` gives the world, encoders and LLM."""
@@ -109,6 +131,7 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
                                 world, store, progress)
     available["oracle"] = create_encoder("oracle").freeze()
     available[ORACLE_SUMMARIES] = create_encoder("oracle", summaries=True).freeze()
+    available[ORACLE_TEXT] = available["oracle"]
     missing = [m for m in cfg.encoders if m not in available]
     if missing:
         raise ValueError(f"no encoder for {missing}; the store has {sorted(available)}")
@@ -133,10 +156,15 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
                             count_flops=False)
     rows = []
     for modality in cfg.encoders:
-        encoders = {modality.split("+")[0]: available[modality]}
+        encoders = {modality.split("+")[0].split("-")[0]: available[modality]}
         spec = next(iter(modality_specs(encoders).values()))
-        train = dataset_features(train_qa, encoders, cache, progress=progress)
-        val = dataset_features(val_qa, encoders, cache, progress=progress)
+        train_rows, val_rows = train_qa, val_qa
+        if modality == ORACLE_TEXT:
+            train_rows, val_rows = _with_scene_text(train_qa), _with_scene_text(val_qa)
+        train = dataset_features(train_rows, encoders, cache, progress=progress)
+        val = dataset_features(val_rows, encoders, cache, progress=progress)
+        if modality == ORACLE_TEXT:
+            train, val = _zero_tokens(train), _zero_tokens(val)
         conn = MPnPConnector(
             llm, tok, [spec], ConnectorConfig(num_blocks=cfg.num_blocks,
                                               max_new_tokens=table.max_new_tokens),
@@ -145,16 +173,19 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
                                         init_alpha=cfg.init_alpha))
         report = Trainer(conn, train_cfg).fit(train, None, progress=progress)
         own = evaluate(conn, val)
-        g = grounding(conn, val, own=own, seed=cfg.seed)
         state = model.state
         alphas = [round(float(state.connections.alpha(i).detach()), 3)
                   for i in state.connected_layers()]
-        rows.append({"encoder": modality, "accuracy": own.accuracy, "count": own.count,
-                     "ci95": list(own.ci95), "swapped_accuracy": g.swapped_accuracy,
-                     "swapped_ci95": list(wilson_interval(g.swapped_accuracy, g.count)),
-                     "reads": g.reads, "changed": g.changed, "per_type_hop": own.per_type_hop,
-                     "alphas": alphas, "losses": report.losses,
-                     "train_samples": report.samples, "wall_s": report.wall_s})
+        row = {"encoder": modality, "accuracy": own.accuracy, "count": own.count,
+               "ci95": list(own.ci95), "per_type_hop": own.per_type_hop, "alphas": alphas,
+               "losses": report.losses, "train_samples": report.samples,
+               "wall_s": report.wall_s}
+        if modality != ORACLE_TEXT:  # its scene is in the question: swapping tokens is moot
+            g = grounding(conn, val, own=own, seed=cfg.seed)
+            row.update(swapped_accuracy=g.swapped_accuracy,
+                       swapped_ci95=list(wilson_interval(g.swapped_accuracy, g.count)),
+                       reads=g.reads, changed=g.changed)
+        rows.append(row)
         model.remove_state(conn.state_name)
     for name, res in baselines.items():
         rows.append({"encoder": name, "accuracy": res.accuracy, "count": res.count,
@@ -204,12 +235,14 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model")
     p.add_argument("--store")
     p.add_argument("--encoders", nargs="+", default=list(GroundingConfig.encoders),
-                   metavar="MODALITY", help="one state each: oracle, oracle+summaries and/or "
-                   "sensor modalities of the store (default: oracle camera lidar)")
+                   metavar="MODALITY", help="one state each: oracle, oracle+summaries, "
+                   "oracle-text and/or sensor modalities of the store (default: oracle camera "
+                   "lidar)")
     p.add_argument("--types", default="H0", type=parse_types,
                    help="all, H0, H1 or a comma list such as status/0,exist/0 (default H0)")
     p.add_argument("--night", action="store_true", help="night frames instead of day")
     p.add_argument("--train-questions", type=int, default=GroundingConfig.train_questions)
+    p.add_argument("--batch-size", type=int, default=GroundingConfig.batch_size)
     p.add_argument("--val-questions", type=int)
     p.add_argument("--epochs", type=int, default=GroundingConfig.epochs)
     p.add_argument("--num-blocks", type=int, default=GroundingConfig.num_blocks)
@@ -225,11 +258,12 @@ def _main(args: argparse.Namespace) -> int:
     table = Table1Config.quick() if args.quick else Table1Config()
     if args.model:
         table.model = args.model
-    if args.epochs < 1 or args.num_blocks < 1:
-        raise ValueError("--epochs and --num-blocks must be >= 1")
+    if args.epochs < 1 or args.num_blocks < 1 or args.batch_size < 1:
+        raise ValueError("--epochs, --num-blocks and --batch-size must be >= 1")
     cfg = GroundingConfig(encoders=tuple(args.encoders), types=args.types, night=args.night,
                           train_questions=args.train_questions,
                           val_questions=args.val_questions, epochs=args.epochs,
+                          batch_size=args.batch_size,
                           num_blocks=args.num_blocks)
     if args.quick:
         cfg = dataclasses.replace(cfg, num_blocks=min(cfg.num_blocks, 4),

@@ -106,6 +106,21 @@ def object_features(frame: Frame, max_objects: int, scale: float) -> np.ndarray:
     return out
 
 
+def describe_scene(frame: Frame, max_objects: int = 32) -> str:
+    """The oracle's objects as words ("objects: parked car front left, barrier back, ..."),
+    nearest first: the scene a question-side model reads as *text* (``mpnp bench grounding``'s
+    ``oracle-text`` row), against which aligned tokens are compared."""
+    if frame.objects is None:
+        raise ValueError(f"oracle: frame {frame.frame_id} has no ground-truth objects")
+    objects = sorted(frame.objects, key=lambda o: math.hypot(o.center[0], o.center[1]))
+    parts = []
+    for obj in objects[:max_objects]:
+        where = RELATIONS[int(sector_index(np.float64(obj.center[0]), np.float64(obj.center[1])))]
+        status = obj.status if obj.status in STATUSES and obj.status != "none" else ""
+        parts.append(" ".join(w for w in (status, obj.category, where) if w))
+    return "objects: " + ", ".join(parts) + "."
+
+
 def summary_features(frame: Frame) -> np.ndarray:
     """``(len(SUMMARY_FILTERS), len(FEATURE_NAMES) + len(SUMMARY_FEATURES))`` float32: one
     token per filter, as the questions count (every annotated object, not only the nearest)."""

@@ -8,7 +8,7 @@ import torch
 from test_encoders import make_frame
 
 from encoders import create_encoder
-from encoders.oracle import FEATURE_NAMES, SUMMARY_FEATURES, SUMMARY_FILTERS
+from encoders.oracle import FEATURE_NAMES, SUMMARY_FEATURES, SUMMARY_FILTERS, describe_scene
 from policies.context import known_modalities
 from scenes.sample import ObjectAnnotation
 
@@ -90,6 +90,18 @@ def test_summary_tokens_answer_each_whole_scene_filter_in_one_token():
     assert float(standing[names.index("share class=pedestrian")]) == 1.0
     assert float(standing[names.index("status=standing")]) == 1.0
     assert sum(float(standing[names.index(f"class={c}")]) for c in ("car", "pedestrian")) == 0
+
+
+def test_the_scene_in_words_lists_the_objects_nearest_first():
+    frame = make_frame(3)
+    frame.objects = [
+        ObjectAnnotation("bus", (-20.0, 0.0, 1.6), (2.8, 11.0, 3.2), np.pi, "moving"),
+        ObjectAnnotation("traffic cone", (3.0, 3.0, 0.4), (0.5, 0.5, 0.8), 0.0, None),
+        ObjectAnnotation("bicycle", (5.0, -5.0, 0.5), (0.6, 1.8, 1.2), 0.0, "with rider"),
+    ]
+    assert describe_scene(frame) == ("objects: traffic cone front left, with rider bicycle "
+                                     "front right, moving bus back.")
+    assert describe_scene(frame, max_objects=1) == "objects: traffic cone front left."
 
 
 def test_frames_without_ground_truth_are_refused():
