@@ -271,14 +271,26 @@ def stored_or_pretrained(kind: str, world_dir: str | os.PathLike[str],
     directory = encoder_dir(kind, store_dir)
     if (directory / RECORD_FILE).is_file():
         try:
-            encoder = load_encoder(directory)
-            if encoder.kind == kind:
-                log.info("using the stored %s encoder in %s", kind, directory)
-                return encoder
-            log.warning("%s holds a %r encoder, not %r", directory, encoder.kind, kind)
-        except (EncoderFormatError, FileNotFoundError, json.JSONDecodeError, OSError) as exc:
+            encoder, _ = _load_stored(kind, directory)
+            log.info("using the stored %s encoder in %s", kind, directory)
+            return encoder
+        except _UNREADABLE as exc:
             log.warning("cannot load %s (%s)", directory, exc)
     return ensure_pretrained(kind, world_dir, store_dir, progress=progress)
+
+
+#: What a missing, damaged or foreign stored encoder raises.
+_UNREADABLE = (EncoderFormatError, FileNotFoundError, json.JSONDecodeError, OSError)
+
+
+def _load_stored(kind: str, directory: Path) -> tuple[Encoder, dict]:
+    """The encoder saved in ``directory`` and its pretraining record; raises one of
+    :data:`_UNREADABLE` when either does not load or the encoder is not of ``kind``."""
+    record = json.loads((directory / RECORD_FILE).read_text())
+    encoder = load_encoder(directory)
+    if encoder.kind != kind:
+        raise EncoderFormatError(f"{directory} holds a {encoder.kind!r} encoder")
+    return encoder, record
 
 
 def ensure_pretrained(kind: str, world_dir: str | os.PathLike[str],
@@ -296,10 +308,7 @@ def ensure_pretrained(kind: str, world_dir: str | os.PathLike[str],
     directory = encoder_dir(kind, store_dir)
     if not force and (directory / RECORD_FILE).is_file():
         try:
-            record = json.loads((directory / RECORD_FILE).read_text())
-            encoder = load_encoder(directory)
-            if encoder.kind != kind:
-                raise EncoderFormatError(f"{directory} holds a {encoder.kind!r} encoder")
+            encoder, record = _load_stored(kind, directory)
             # Compare as JSON: tuples in the config come back from the record as lists.
             wanted = _as_json((config or PretrainConfig()).to_dict())
             expected_encoder = _as_json(encoder_class(kind).config_class(
@@ -309,7 +318,7 @@ def ensure_pretrained(kind: str, world_dir: str | os.PathLike[str],
                 log.info("reusing the pretrained %s encoder in %s", kind, directory)
                 return encoder
             log.info("%s was pretrained with another config; pretraining again", directory)
-        except (EncoderFormatError, FileNotFoundError, json.JSONDecodeError, OSError) as exc:
+        except _UNREADABLE as exc:
             log.warning("cannot reuse %s (%s); pretraining again", directory, exc)
     encoder, record = pretrain_encoder(kind, world_dir, config, progress, store_dir)
     encoder.save(directory)
