@@ -80,19 +80,34 @@ class OracleConfig:
             raise ValueError(f"OracleConfig.scale must be > 0, got {self.scale}")
 
 
-def object_features(frame: Frame, max_objects: int, scale: float) -> np.ndarray:
-    """``(max_objects, len(FEATURE_NAMES))`` float32 features of ``frame``'s objects."""
+def _annotated(frame: Frame) -> list:
+    """``frame``'s ground-truth objects; a clear error for a frame without them."""
     if frame.objects is None:
         raise ValueError(f"oracle: frame {frame.frame_id} has no ground-truth objects (the "
                          "oracle needs annotated frames: the synthetic world or nuScenes)")
+    return list(frame.objects)
+
+
+def _nearest(frame: Frame, max_objects: int) -> list:
+    """The ``max_objects`` annotated objects nearest the vehicle, nearest first."""
+    objects = sorted(_annotated(frame), key=lambda o: math.hypot(o.center[0], o.center[1]))
+    return objects[:max_objects]
+
+
+def _sector(obj) -> int:
+    """Index into RELATIONS of the object's direction, as the questions see it."""
+    return int(sector_index(np.float64(obj.center[0]), np.float64(obj.center[1])))
+
+
+def object_features(frame: Frame, max_objects: int, scale: float) -> np.ndarray:
+    """``(max_objects, len(FEATURE_NAMES))`` float32 features of ``frame``'s objects."""
     out = np.zeros((max_objects, len(FEATURE_NAMES)), dtype=np.float32)
-    objects = sorted(frame.objects, key=lambda o: math.hypot(o.center[0], o.center[1]))
     n_cls, n_stat = len(CLASS_NAMES), len(STATUSES)
-    for row, obj in zip(out, objects[:max_objects]):
+    for row, obj in zip(out, _nearest(frame, max_objects)):
         x, y, z = obj.center
         distance = math.hypot(x, y)
         bearing = math.atan2(y, x)
-        sector = int(sector_index(np.float64(x), np.float64(y)))  # as the questions see it
+        sector = _sector(obj)
         if obj.category in CLASS_NAMES:
             row[CLASS_NAMES.index(obj.category)] = 1.0
         row[n_cls + STATUSES.index(obj.status if obj.status in STATUSES else "none")] = 1.0
@@ -110,12 +125,9 @@ def describe_scene(frame: Frame, max_objects: int = 32) -> str:
     """The oracle's objects as words ("objects: parked car front left, barrier back, ..."),
     nearest first: the scene a question-side model reads as *text* (``mpnp bench grounding``'s
     ``oracle-text`` row), against which aligned tokens are compared."""
-    if frame.objects is None:
-        raise ValueError(f"oracle: frame {frame.frame_id} has no ground-truth objects")
-    objects = sorted(frame.objects, key=lambda o: math.hypot(o.center[0], o.center[1]))
     parts = []
-    for obj in objects[:max_objects]:
-        where = RELATIONS[int(sector_index(np.float64(obj.center[0]), np.float64(obj.center[1])))]
+    for obj in _nearest(frame, max_objects):
+        where = RELATIONS[_sector(obj)]
         status = obj.status if obj.status in STATUSES and obj.status != "none" else ""
         parts.append(" ".join(w for w in (status, obj.category, where) if w))
     return "objects: " + ", ".join(parts) + "."
@@ -124,8 +136,7 @@ def describe_scene(frame: Frame, max_objects: int = 32) -> str:
 def summary_features(frame: Frame) -> np.ndarray:
     """``(len(SUMMARY_FILTERS), len(FEATURE_NAMES) + len(SUMMARY_FEATURES))`` float32: one
     token per filter, as the questions count (every annotated object, not only the nearest)."""
-    if frame.objects is None:
-        raise ValueError(f"oracle: frame {frame.frame_id} has no ground-truth objects")
+    objects = _annotated(frame)
     n_cls, n_stat, base = len(CLASS_NAMES), len(STATUSES), len(FEATURE_NAMES)
     out = np.zeros((len(SUMMARY_FILTERS), base + len(SUMMARY_FEATURES)), dtype=np.float32)
     for row, (cat, status) in zip(out, SUMMARY_FILTERS):
@@ -133,7 +144,7 @@ def summary_features(frame: Frame) -> np.ndarray:
             row[CLASS_NAMES.index(cat)] = 1.0
         if status is not None:
             row[n_cls + STATUSES.index(status)] = 1.0
-        picked = [o for o in frame.objects if (cat is None or o.category == cat)
+        picked = [o for o in objects if (cat is None or o.category == cat)
                   and (status is None or o.status == status)]
         row[base] = 1.0
         count = min(len(picked), MAX_COUNT)
