@@ -136,14 +136,13 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
     if missing:
         raise ValueError(f"no encoder for {missing}; the store has {sorted(available)}")
     light = "night" if cfg.night else "day"
-    train_qa = QADataset.load(world, "train").filter(night=cfg.night)
-    val_qa = QADataset.load(world, "val").filter(night=cfg.night)
-    train_qa = _subset(train_qa, cfg.types, cfg.train_questions, cfg.seed)
-    val_qa = _subset(val_qa, cfg.types, cfg.val_questions, cfg.seed)
-    if not len(train_qa) or not len(val_qa):
-        raise ValueError(f"no {light} questions of types {list(cfg.types)} in {world}")
     full_train = _subset(QADataset.load(world, "train").filter(night=cfg.night), cfg.types,
                          None, cfg.seed)
+    train_qa = _subset(full_train, cfg.types, cfg.train_questions, cfg.seed)
+    val_qa = _subset(QADataset.load(world, "val").filter(night=cfg.night), cfg.types,
+                     cfg.val_questions, cfg.seed)
+    if not len(train_qa) or not len(val_qa):
+        raise ValueError(f"no {light} questions of types {list(cfg.types)} in {world}")
     qo = QuestionOnlyModel().fit(list(full_train.items))
     baselines = {"question-only": score(val_qa.items, qo.predict(val_qa.items)),
                  "majority": majority_baseline(full_train.items, val_qa.items)}
