@@ -237,7 +237,7 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
                    metavar="MODALITY", help="one state each: oracle, oracle+summaries, "
                    "oracle-text and/or sensor modalities of the store (default: oracle camera "
                    "lidar)")
-    p.add_argument("--types", default="H0", type=parse_types,
+    p.add_argument("--types", default="H0", type=_types_argument,
                    help="all, H0, H1 or a comma list such as status/0,exist/0 (default H0)")
     p.add_argument("--night", action="store_true", help="night frames instead of day")
     p.add_argument("--train-questions", type=int, default=GroundingConfig.train_questions)
@@ -251,6 +251,13 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_main)
 
 
+def _types_argument(text: str) -> tuple[str, ...]:
+    try:
+        return parse_types(text)
+    except ValueError as exc:  # argparse shows an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _main(args: argparse.Namespace) -> int:
     from bench.cli import write_output
 
@@ -259,6 +266,9 @@ def _main(args: argparse.Namespace) -> int:
         table.model = args.model
     if args.epochs < 1 or args.num_blocks < 1 or args.batch_size < 1:
         raise ValueError("--epochs, --num-blocks and --batch-size must be >= 1")
+    for name in ("train_questions", "val_questions"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     cfg = GroundingConfig(encoders=tuple(args.encoders), types=args.types, night=args.night,
                           train_questions=args.train_questions,
                           val_questions=args.val_questions, epochs=args.epochs,

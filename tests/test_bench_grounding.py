@@ -52,3 +52,16 @@ def test_markdown_shows_reads_beside_accuracy_and_intervals():
     assert "| oracle | 75.0 [30.0, 95.0] | 50.0 [15.0, 85.0] | +25.0 | 100.0 | 50.0 |" in md
     assert "| question-only | 50.0 [15.0, 85.0] | — | — | 50.0 | — |" in md
     assert "- oracle: [0.1, 0.2]" in md
+
+
+def test_bad_options_are_named_in_one_line(capsys):
+    from mpnp.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "grounding", "--types", "colour/0"])
+    assert "unknown question types" in capsys.readouterr().err
+    from bench.grounding import _main
+
+    args = build_parser().parse_args(["bench", "grounding", "--train-questions", "-5"])
+    with pytest.raises(ValueError, match="--train-questions must be >= 1"):
+        _main(args)
