@@ -15,6 +15,12 @@ keys and updated its cache, so they carry no rotary embedding, never enter the K
 prefix is computed once per query and re-attached at every decoding step), and text positions
 start at 0 exactly as without a prefix. Every text query may attend to every multimodal
 token; padding masks of the text part are kept as they are.
+
+For diagnostics the injector can also *isolate* a span of text positions in chosen blocks
+(:meth:`KVInjector.isolating`): there, positions outside the span may not attend to it. With
+the scene written as words and isolated below the connected blocks, the question sees the
+scene in exactly the blocks where mPnP's tokens would be (``mpnp bench grounding``'s
+``oracle-text-connected`` row).
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class BlockPrefix:
 
 
 PrefixProvider = Callable[[int], "BlockPrefix | None"]
+#: ``layer_idx -> (B, S)`` bool mask of the text positions isolated in that block, or ``None``.
+IsolationProvider = Callable[[int], "torch.Tensor | None"]
 
 
 class KVInjector:
@@ -62,9 +70,26 @@ class KVInjector:
 
     def __init__(self) -> None:
         self._provider: PrefixProvider | None = None
+        self._isolation: IsolationProvider | None = None
 
     def prefix_for(self, layer_idx: int) -> BlockPrefix | None:
         return None if self._provider is None else self._provider(layer_idx)
+
+    def isolated_for(self, layer_idx: int) -> torch.Tensor | None:
+        return None if self._isolation is None else self._isolation(layer_idx)
+
+    @contextmanager
+    def isolating(self, provider: IsolationProvider) -> Iterator[None]:
+        """Meanwhile, in each block where ``provider`` gives a ``(B, S)`` mask, text
+        positions outside the mask may not attend to positions inside it (those still
+        attend to each other and to what precedes them). Diagnostic only."""
+        if self._isolation is not None:
+            raise RuntimeError("a text isolation is already active on this LLM")
+        self._isolation = provider
+        try:
+            yield
+        finally:
+            self._isolation = None
 
     @contextmanager
     def active(self, provider: PrefixProvider) -> Iterator[None]:
@@ -133,6 +158,23 @@ def extend_mask(
     return torch.cat([prefix.expand(shape), text.expand(shape[:3] + (text.shape[3],))], dim=-1)
 
 
+def isolate_mask(
+    mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, isolated: torch.Tensor
+) -> torch.Tensor:
+    """The text mask with columns of ``isolated`` ``(B, S ≥ K)`` positions closed to queries
+    outside them; the queries are the last ``Q`` of the ``K`` key positions."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    text = _text_mask(mask, query, key)
+    if text is None:  # one decoding step, no padding: every key was visible (additive
+        # zeros suit both the sdpa and the eager functions)
+        text = torch.zeros(1, 1, q_len, k_len, dtype=query.dtype, device=query.device)
+    inside = isolated[:, :k_len].to(query.device)
+    closed = inside[:, None, None, :] & ~inside[:, None, k_len - q_len:, None]
+    if text.dtype == torch.bool:
+        return text & ~closed
+    return text.masked_fill(closed, torch.finfo(text.dtype).min)
+
+
 def _make_attention(impl: str) -> Callable:
     base_name = WRAPPED_IMPLEMENTATIONS[impl]
 
@@ -140,6 +182,10 @@ def _make_attention(impl: str) -> Callable:
         base = _base_function(module, base_name)
         injector: KVInjector | None = getattr(module, "mpnp_injector", None)
         prefix = injector.prefix_for(module.layer_idx) if injector is not None else None
+        isolated = injector.isolated_for(module.layer_idx) if injector is not None else None
+        if isolated is not None:
+            attention_mask = isolate_mask(attention_mask, query, key, isolated)
+            kwargs.pop("is_causal", None)
         if prefix is None:
             return base(module, query, key, value, attention_mask, **kwargs)
         if prefix.key.shape[0] != key.shape[0] and prefix.key.shape[0] != 1:

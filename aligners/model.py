@@ -11,6 +11,7 @@ the base LLM exactly: no extra keys anywhere and every LoRA disabled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -282,6 +283,11 @@ class MPnPModel(nn.Module):
 
         with self._injector.active(provide):
             yield
+
+    def isolating(self, provider) -> contextlib.AbstractContextManager[None]:
+        """Isolate text spans in chosen blocks meanwhile (a diagnostic; see
+        :meth:`aligners.injection.KVInjector.isolating`)."""
+        return self._injector.isolating(provider)
 
     def forward(
         self,

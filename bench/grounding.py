@@ -15,11 +15,12 @@ compared and chosen, so it must never see the test split.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,11 @@ ORACLE_SUMMARIES = "oracle+summaries"
 #: words (:func:`encoders.oracle.describe_scene`) and the connected tokens are all zero — what
 #: the same LoRA and steps reach when the LLM reads the scene as it reads words.
 ORACLE_TEXT = "oracle-text"
+#: The same scene words, but the question may read them only in the connected blocks (below
+#: them the words are isolated: :meth:`aligners.model.MPnPModel.isolating`) — where mPnP's
+#: tokens are visible. What separates it from ``oracle-text`` is what the connected depth costs.
+ORACLE_TEXT_CONNECTED = "oracle-text-connected"
+SCENE_TEXT_ROWS = (ORACLE_TEXT, ORACLE_TEXT_CONNECTED)
 #: Question-type filters by name; anything else is a comma list of ``type/hop`` items.
 TYPE_SETS: dict[str, tuple[str, ...]] = {
     "all": tuple(f"{t}/{h}" for t in QUESTION_TYPES for h in (0, 1)),
@@ -73,7 +79,8 @@ def parse_types(text: str) -> tuple[str, ...]:
 @dataclass
 class GroundingConfig:
     """Attributes:
-        encoders: modalities to run (``oracle``, ``oracle+summaries``, ``oracle-text`` and/or
+        encoders: modalities to run (``oracle``, ``oracle+summaries``, ``oracle-text``,
+            ``oracle-text-connected`` and/or
             the store's sensor modalities), one state each.
         types: ``type/hop`` keys of the questions trained and scored.
         night: train and score on night frames instead of day frames.
@@ -115,6 +122,67 @@ def _with_scene_text(data: QADataset) -> QADataset:
     return data.with_items(items)
 
 
+class SceneIsolation:
+    """Finds the scene words (``objects: ... .``, :func:`encoders.oracle.describe_scene`) in
+    every prompt the LLM runs and isolates them in the blocks below ``first_block``.
+
+    Works from the token ids alone (any tokenizer): each id's decoded text gives character
+    offsets, and the tokens overlapping ``objects:`` up to the next ``.`` are the scene.
+    Decoding steps (one new token per row) extend the mask with non-scene positions.
+    """
+
+    def __init__(self, tokenizer, first_block: int):
+        self.tokenizer = tokenizer
+        self.first_block = first_block
+        self._pieces: dict[int, str] = {}
+        self._mask: torch.Tensor | None = None
+
+    def _piece(self, token_id: int) -> str:
+        if token_id not in self._pieces:
+            self._pieces[token_id] = self.tokenizer.decode([token_id])
+        return self._pieces[token_id]
+
+    def scene_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, S)`` bool: the scene's tokens in each row (a clear error if a row has none)."""
+        out = torch.zeros(input_ids.shape, dtype=torch.bool)
+        for row, ids in enumerate(input_ids.tolist()):
+            pieces = [self._piece(i) for i in ids]
+            text = "".join(pieces)
+            start = text.find("objects:")
+            end = text.find(".", start)
+            if start < 0 or end < 0:
+                raise ValueError(f"no scene words ('objects: ... .') in prompt {text!r}")
+            pos = 0
+            for col, piece in enumerate(pieces):
+                if pos <= end and pos + len(piece) > start:
+                    out[row, col] = True
+                pos += len(piece)
+        return out
+
+    def _before_forward(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            return
+        if self._mask is not None and ids.shape[1] == 1:  # a decoding step
+            step = torch.zeros(ids.shape[0], 1, dtype=torch.bool)
+            self._mask = torch.cat([self._mask, step], dim=1)
+        else:
+            self._mask = self.scene_mask(ids)
+
+    def _provide(self, layer_idx: int) -> torch.Tensor | None:
+        return self._mask if layer_idx < self.first_block else None
+
+    @contextlib.contextmanager
+    def active(self, model: MPnPModel) -> Iterator[None]:
+        handle = model.llm.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        try:
+            with model.isolating(self._provide):
+                yield
+        finally:
+            handle.remove()
+            self._mask = None
+
+
 def _zero_tokens(data: FeatureSet) -> FeatureSet:
     return FeatureSet(data.items, {m: {f: torch.zeros_like(t) for f, t in per.items()}
                                    for m, per in data.tokens.items()})
@@ -131,7 +199,7 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
                                 world, store, progress)
     available["oracle"] = create_encoder("oracle").freeze()
     available[ORACLE_SUMMARIES] = create_encoder("oracle", summaries=True).freeze()
-    available[ORACLE_TEXT] = available["oracle"]
+    available[ORACLE_TEXT] = available[ORACLE_TEXT_CONNECTED] = available["oracle"]
     missing = [m for m in cfg.encoders if m not in available]
     if missing:
         raise ValueError(f"no encoder for {missing}; the store has {sorted(available)}")
@@ -158,20 +226,23 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
         encoders = {modality.split("+")[0].split("-")[0]: available[modality]}
         spec = next(iter(modality_specs(encoders).values()))
         train_rows, val_rows = train_qa, val_qa
-        if modality == ORACLE_TEXT:
+        if modality in SCENE_TEXT_ROWS:
             train_rows, val_rows = _with_scene_text(train_qa), _with_scene_text(val_qa)
         train = dataset_features(train_rows, encoders, cache, progress=progress)
         val = dataset_features(val_rows, encoders, cache, progress=progress)
-        if modality == ORACLE_TEXT:
+        if modality in SCENE_TEXT_ROWS:
             train, val = _zero_tokens(train), _zero_tokens(val)
+        isolation = (SceneIsolation(tok, model.geometry.num_layers - cfg.num_blocks).active(model)
+                     if modality == ORACLE_TEXT_CONNECTED else contextlib.nullcontext())
         conn = MPnPConnector(
             llm, tok, [spec], ConnectorConfig(num_blocks=cfg.num_blocks,
                                               max_new_tokens=table.max_new_tokens),
             model=model, state_name=f"grounding-{modality.replace('+', '-')}",
             connection=ConnectionConfig(num_blocks=cfg.num_blocks, gate=cfg.gate,
                                         init_alpha=cfg.init_alpha))
-        report = Trainer(conn, train_cfg).fit(train, None, progress=progress)
-        own = evaluate(conn, val)
+        with isolation:
+            report = Trainer(conn, train_cfg).fit(train, None, progress=progress)
+            own = evaluate(conn, val)
         state = model.state
         alphas = [round(float(state.connections.alpha(i).detach()), 3)
                   for i in state.connected_layers()]
@@ -179,7 +250,7 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
                "ci95": list(own.ci95), "per_type_hop": own.per_type_hop, "alphas": alphas,
                "losses": report.losses, "train_samples": report.samples,
                "wall_s": report.wall_s}
-        if modality != ORACLE_TEXT:  # its scene is in the question: swapping tokens is moot
+        if modality not in SCENE_TEXT_ROWS:  # the scene is in the question: swapping is moot
             g = grounding(conn, val, own=own, seed=cfg.seed)
             row.update(swapped_accuracy=g.swapped_accuracy,
                        swapped_ci95=list(wilson_interval(g.swapped_accuracy, g.count)),
@@ -235,8 +306,8 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store")
     p.add_argument("--encoders", nargs="+", default=list(GroundingConfig.encoders),
                    metavar="MODALITY", help="one state each: oracle, oracle+summaries, "
-                   "oracle-text and/or sensor modalities of the store (default: oracle camera "
-                   "lidar)")
+                   "oracle-text, oracle-text-connected and/or sensor modalities of the store "
+                   "(default: oracle camera lidar)")
     p.add_argument("--types", default="H0", type=_types_argument,
                    help="all, H0, H1 or a comma list such as status/0,exist/0 (default H0)")
     p.add_argument("--night", action="store_true", help="night frames instead of day")

@@ -65,3 +65,39 @@ def test_bad_options_are_named_in_one_line(capsys):
     args = build_parser().parse_args(["bench", "grounding", "--train-questions", "-5"])
     with pytest.raises(ValueError, match="--train-questions must be >= 1"):
         _main(args)
+
+
+def test_scene_isolation_finds_the_scene_words_of_each_prompt():
+    from bench.grounding import SceneIsolation
+    from mpnp.generation import encode_prompts
+    from mpnp.tiny import tiny_llm
+
+    _, tok = tiny_llm("llama", num_layers=2)
+    questions = ["objects: parked car front, bus back. Are there any buses?",
+                 "objects: barrier front left. What is it?"]
+    batch = encode_prompts(tok, questions)
+    mask = SceneIsolation(tok, first_block=1).scene_mask(batch.input_ids)
+    for row, question in zip(range(2), questions):
+        scene = tok.decode(batch.input_ids[row][mask[row]].tolist())
+        assert scene == question[:question.index(".") + 1]
+    with pytest.raises(ValueError, match="no scene words"):
+        SceneIsolation(tok, 1).scene_mask(encode_prompts(tok, ["Are there any buses?"]).input_ids)
+
+
+def test_scene_isolation_closes_the_scene_below_the_connected_blocks_only():
+    from aligners.model import MPnPModel
+    from bench.grounding import SceneIsolation
+    from mpnp.generation import encode_prompts
+    from mpnp.tiny import tiny_llm
+
+    llm, tok = tiny_llm("llama", num_layers=4)
+    model = MPnPModel(llm, tok)
+    iso = SceneIsolation(tok, first_block=2)
+    batch = encode_prompts(tok, ["objects: bus front. Is there a bus?"])
+    seen = {}
+    with iso.active(model):
+        model(batch.input_ids, batch.attention_mask, position_ids=batch.position_ids)
+        seen = {j: iso._provide(j) for j in range(4)}
+    assert seen[0] is not None and seen[1] is not None and seen[0].any()
+    assert seen[2] is None and seen[3] is None
+    assert iso._mask is None  # released with the context

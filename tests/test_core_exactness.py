@@ -114,3 +114,58 @@ def test_unsupported_attention_implementation_is_refused():
     llm.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="not supported"):
         MPnPModel(llm, tok)
+
+
+def _isolated_in(layers, mask):
+    return lambda layer_idx: mask if layer_idx in layers else None
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_isolated_span_is_invisible_to_the_rest_in_its_blocks(family, attn):
+    """Isolating a span in every block makes the positions after it independent of its
+    content; isolating it in the lower blocks only does not."""
+    llm, tok = tiny_llm(family, num_layers=4, attn_implementation=attn)
+    model = MPnPModel(llm, tok)
+    a = encode_prompts(tok, ["xxxx is there a bus?"])
+    b = encode_prompts(tok, ["yyyy is there a bus?"])
+    assert a.input_ids.shape == b.input_ids.shape
+    span = a.input_ids != b.input_ids  # the differing prefix words
+    assert span.any()
+    last = lambda batch: _logits(model, batch)[:, -1]  # noqa: E731
+    with model.isolating(_isolated_in(range(4), span)):
+        assert torch.allclose(last(a), last(b), atol=1e-5)
+    with model.isolating(_isolated_in(range(2), span)):
+        assert not torch.allclose(last(a), last(b), atol=1e-3)
+    # Nothing isolated: the base LLM bit for bit.
+    base = _logits(llm, a)
+    with model.isolating(lambda layer_idx: None):
+        assert torch.equal(_logits(model, a), base)
+
+
+def test_isolation_holds_through_cached_decoding(llama):
+    """Decoding steps (one query, cached keys) keep the span closed: greedy answers do not
+    depend on the isolated words."""
+    from mpnp.generation import generate_answers
+
+    llm, tok = llama
+    model = MPnPModel(llm, tok)
+    a = encode_prompts(tok, ["xxxx is there a bus?"])
+    b = encode_prompts(tok, ["yyyy is there a bus?"])
+    span = a.input_ids != b.input_ids
+    extended = {}
+
+    def provider(layer_idx):
+        return extended.get("mask")
+
+    def scores(question, isolate):
+        extended["mask"] = (torch.cat([span, torch.zeros(1, 16, dtype=torch.bool)], 1)
+                            if isolate else None)
+        with model.isolating(provider):
+            return generate_answers(model, [question], {}, max_new_tokens=6).scores
+
+    x, y = "xxxx is there a bus?", "yyyy is there a bus?"
+    assert torch.allclose(scores(x, True), scores(y, True), atol=1e-5)
+    assert not torch.allclose(scores(x, False), scores(y, False), atol=1e-3)
+    with pytest.raises(RuntimeError, match="already active"):
+        with model.isolating(provider), model.isolating(provider):
+            pass
