@@ -15,6 +15,10 @@ Store layout::
     features/                  encoder outputs per frame, keyed by encoder fingerprint
     states/day-camera/         the offline adapted state (aligners/state.py format)
     states/day-camera/prepare.json   how it was made and its day/night accuracy
+    demo-quick/                the quick offline stage (:meth:`PrepareConfig.quick`, built by
+                               ``mpnp demo --quick`` where the above is missing): the same
+                               layout, its own world, encoders, features and day state
+                               (the LLM stays in the main store's ``llm/``)
 """
 
 from __future__ import annotations
@@ -51,6 +55,23 @@ FAST_LEARNING_RATES: dict[str, float] = {
     "aligners": 1e-3, "lora": 5e-4, "connections": 1e-1,
     "llm": 5e-5, "projection": 1e-3, "prompts": 1e-3,
 }
+
+
+#: The quick offline stage (:meth:`PrepareConfig.quick`): world size, encoder epochs, day
+#: state questions and epochs, and its duration on a busy 2-core CPU at 1 torch thread (as
+#: ``mpnp demo`` runs), extrapolated from measured pieces: world 0.15 s/frame on one worker
+#: (~110 s for 720 frames, less on two), 1-epoch pretraining of the three encoders 0.08
+#: s/train frame (~50 s), frame features 0.05 s/frame (~35 s), the day state ~6 training
+#: samples/s and ~0.1 s per scored question (~100 s): about 5 minutes.
+#: ``min_eval_scenes`` 16 instead of 40 leaves most of the small world to training (val and
+#: test: 16 drives per light kind each, still hundreds of questions).
+QUICK_WORLD: dict[str, int] = {"day_frames": 480, "night_frames": 240, "min_eval_scenes": 16}
+QUICK_PRETRAIN_EPOCHS = 1
+QUICK_DAY_SAMPLES = 240
+QUICK_DAY_EPOCHS = 2
+QUICK_VAL_SAMPLES = 32
+QUICK_TEST_SAMPLES = 64
+QUICK_ESTIMATE_MIN = "5-7"
 
 
 def fast_train_config(**overrides) -> TrainConfig:
@@ -116,6 +137,53 @@ class PrepareConfig:
         for name in ("day_samples", "val_samples", "test_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"PrepareConfig.{name} must be >= 1 or None")
+
+    @classmethod
+    def quick(cls) -> PrepareConfig:
+        """The *quick offline stage* (``mpnp demo --quick`` where nothing was prepared).
+
+        The same pipeline as the default, smaller: a world of :data:`QUICK_WORLD`'s frames
+        (the default world's image, LiDAR and radar geometry, question templates and light
+        ranges, so the demo's live frames fit its encoders), every encoder pretrained
+        :data:`QUICK_PRETRAIN_EPOCHS` epoch on that world's train split (``corpus=None``,
+        which is also the default: no separate corpus is generated), the day camera
+        state trained on :data:`QUICK_DAY_SAMPLES` day questions and scored on
+        :data:`QUICK_TEST_SAMPLES` per context. About :data:`QUICK_ESTIMATE_MIN` minutes on
+        a 2-core CPU instead of the default's 30-45; its products are for a first look, not
+        for measurements (see ``daemon.offline_stage``: they live in a sub-store).
+        """
+        base = cls()
+        kinds = {*base.encoders.values(), *base.extra_encoders.values()}
+        return cls(
+            world=WorldConfig(**QUICK_WORLD),
+            pretrain={kind: PretrainConfig(epochs=QUICK_PRETRAIN_EPOCHS)
+                      for kind in sorted(kinds)},
+            day_samples=QUICK_DAY_SAMPLES, val_samples=QUICK_VAL_SAMPLES,
+            test_samples=QUICK_TEST_SAMPLES,
+            train=fast_train_config(epochs=QUICK_DAY_EPOCHS),
+        )
+
+    def describe(self) -> str:
+        """What this configuration builds, in one line (for progress messages)."""
+        from encoders.pretrain import DEFAULT_EPOCHS
+
+        world = (f"the dataset in {self.data_dir}" if self.data_dir else
+                 f"a world of {self.world.day_frames + self.world.night_frames:,} frames "
+                 f"({self.world.day_frames:,} day / {self.world.night_frames:,} night)")
+        epochs = {}
+        for kind in sorted({*self.encoders.values(), *self.extra_encoders.values()}):
+            config = self.pretrain.get(kind)
+            epochs[kind] = (config.epochs if config is not None and config.epochs
+                            else DEFAULT_EPOCHS.get(kind, 8))
+        if len(set(epochs.values())) == 1:
+            pretrain = (f"{next(iter(epochs.values()))}-epoch encoders "
+                        f"({', '.join(epochs)})")
+        else:
+            pretrain = "encoders (" + ", ".join(f"{k} {n}" for k, n in epochs.items()) + \
+                " epochs)"
+        day = (f"{self.day_samples:,}" if self.day_samples is not None else "all")
+        return (f"{world}, {pretrain}, the day camera state on {day} day questions x "
+                f"{self.train.epochs} epochs (N={self.num_blocks})")
 
     def digest(self) -> str:
         """A short hash of everything that shapes the day state (not ``extra_encoders``)."""

@@ -1,6 +1,9 @@
 """``mpnp demo``: the daemon, a simulated vehicle driving day -> dusk -> night, and a querier.
 
-On the embedded SmolLM2 with the offline stage's encoders and day-camera state:
+On the embedded SmolLM2 with the offline stage's encoders and day-camera state (the full
+``mpnp prepare`` in the model store, built first if missing; with ``--quick`` and no full
+stage there, the quick one of :meth:`adapt.prepare.PrepareConfig.quick` in
+``<model store>/demo-quick/`` — :mod:`daemon.offline_stage`):
 
 1. the daemon starts with a fresh store (so the night really has to be adapted to) and the
    simulated vehicle publishes six camera views (~12 Hz) and LiDAR (~20 Hz);
@@ -39,7 +42,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DemoConfig:
-    """Demo timing and sizes (``quick`` shrinks the adaptation to fit ~10 min on 2 cores)."""
+    """Demo timing and sizes.
+
+    ``quick`` shrinks the adaptation to fit ~5-6 min on 2 cores, and where the model store
+    has no full offline stage it builds (once) and uses the quick one in a sub-store
+    instead of running the full ``mpnp prepare``
+    (:func:`daemon.offline_stage.choose_offline_stage`).
+    """
 
     out_dir: str = "demo-out"
     model_store: str = ""
@@ -212,14 +221,16 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=out))
-    from daemon.offline_stage import is_prepared
+    from daemon.offline_stage import choose_offline_stage
 
-    if not is_prepared(cfg.model_store):
-        progress("[demo] nothing prepared in the model store yet: running the offline stage "
-                 "first (`mpnp prepare`: world, encoder pretraining, day camera state — "
-                 "about 30-45 minutes on 2 cores, once; the demo itself follows)")
-    progress("[demo] loading SmolLM2, encoders and the day-camera state (offline stage)...")
-    backend = create_mpnp_backend(model_store=cfg.model_store, val_questions=cfg.val_questions,
+    offline = choose_offline_stage(cfg.model_store or None, cfg.quick)
+    for line in offline_stage_message(offline):
+        progress(line)
+    progress(f"[demo] loading SmolLM2, encoders and the day-camera state ({offline.stage} "
+             f"offline stage in {offline.store})...")
+    backend = create_mpnp_backend(model_store=cfg.model_store, offline_store=str(offline.store),
+                                  offline_stage=offline.stage,
+                                  val_questions=cfg.val_questions,
                                   eval_chunk=cfg.eval_chunk, train_questions=cfg.train_questions,
                                   seed=cfg.seed, threads=cfg.threads)
     load_s = time.monotonic() - wall0
@@ -301,7 +312,7 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict[str, Any]:
         thread.join(60)
     report = _report(cfg, timeline, querier.records, final_status, backend, result,
                      vehicle_stats[0] if vehicle_stats else None, load_s,
-                     time.monotonic() - wall0)
+                     time.monotonic() - wall0, offline)
     (out / "demo_report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "demo_report.md").write_text(report_markdown(report))
     ad = report["adaptation"]
@@ -311,6 +322,31 @@ def run_demo(cfg: DemoConfig, progress=print) -> dict[str, Any]:
     progress(f"[demo] done in {report['wall_s']:.0f}s: {out / 'demo_report.md'}, "
              f"{out / 'demo_timeline.png'}")
     return report
+
+
+def offline_stage_message(offline) -> list[str]:
+    """The progress lines saying which offline stage a run uses (a
+    :class:`daemon.offline_stage.OfflineChoice`) and, when it is built first, what is built,
+    where, and about how long it takes."""
+    from adapt.prepare import QUICK_ESTIMATE_MIN
+    from daemon.offline_stage import offline_config
+
+    if offline.prepared:
+        note = (" (--quick and no full `mpnp prepare` in the model store: a small world and "
+                "short training, a first look)" if offline.stage == "quick" else "")
+        return [f"[demo] using the {offline.stage} offline stage prepared in "
+                f"{offline.store}{note}"]
+    what = offline_config(offline.stage).describe()
+    if offline.stage == "quick":
+        return [f"[demo] --quick: no full offline stage (`mpnp prepare`) in the model store "
+                f"yet, so building the quick one first into {offline.store}: {what} — about "
+                f"{QUICK_ESTIMATE_MIN} minutes on 2 cores, once (reused by the next --quick; a "
+                f"first look, not the full stage: run `mpnp prepare` for that); the demo "
+                f"itself follows (about 5-6 minutes)"]
+    return [f"[demo] nothing prepared in the model store yet: running the offline stage "
+            f"first into {offline.store} (`mpnp prepare`: {what} — about 30-45 minutes on 2 "
+            f"cores, once; `mpnp demo --quick` builds a small one in minutes instead); the "
+            f"demo itself follows"]
 
 
 def _progress_line(t: float, light: float, status: dict[str, Any], queries: int) -> str:
@@ -324,7 +360,7 @@ def _progress_line(t: float, light: float, status: dict[str, Any], queries: int)
 
 
 def _report(cfg: DemoConfig, timeline, records, status, backend, result, vehicle, load_s,
-            wall_s) -> dict[str, Any]:
+            wall_s, offline=None) -> dict[str, Any]:
     phases: dict[str, dict[str, Any]] = {}
     for record in records:
         phase = phases.setdefault(_phase(record), {"queries": 0, "correct": 0, "latency": []})
@@ -348,6 +384,9 @@ def _report(cfg: DemoConfig, timeline, records, status, backend, result, vehicle
         "config": asdict(cfg),
         "wall_s": wall_s,
         "model_load_s": load_s,
+        "offline_stage": None if offline is None else {
+            **offline.to_dict(), "data_dir": str(backend.prepared.data_dir),
+            "config_digest": backend.prepared.record.get("config_digest")},
         "offline_day_state": {k: backend.prepared.record.get(k)
                               for k in ("day_accuracy", "night_accuracy", "num_blocks")},
         "phases": phases,
@@ -396,8 +435,15 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {phase['queries']} | {phase['accuracy']:.3f} | "
                      f"{phase['latency_p50_s']:.3f} | {phase['latency_p99_s']:.3f} |")
     off = report["offline_day_state"]
+    stage = report.get("offline_stage")
+    lines += [""]
+    if stage:
+        note = (" (the quick offline stage of `mpnp demo --quick`: a small world and short "
+                "training, a first look, not the full `mpnp prepare`)"
+                if stage["stage"] == "quick" else "")
+        lines.append(f"Offline stage: **{stage['stage']}**, from `{stage['store']}`"
+                     f"{'' if stage['was_prepared'] else ', built by this run'}{note}.")
     lines += [
-        "",
         f"Offline day-camera state on the world's test split: day "
         f"{_fmt(off['day_accuracy'])}, night {_fmt(off['night_accuracy'])}.",
         f"Held-out night validation at the end of the run: serving (camera) "

@@ -39,7 +39,7 @@ from typing import Any
 
 from daemon.backend import AdaptProgress, ComposeError, ComposeInput, Which, register_backend
 from daemon.encoder_pool import EncoderPool
-from daemon.offline_stage import load_prepared
+from daemon.offline_stage import OFFLINE_STAGES, load_prepared
 from daemon.store import ModelStore
 from mpnp.answers import ANSWER_VOCAB
 from mpnp.cost_model import CostModel
@@ -57,7 +57,14 @@ class MPnPBackendConfig:
     Attributes:
         llm: LLM name or path (``smollm2-135m-instruct`` / ``embedded``: the embedded SmolLM2).
         device / dtype: where and in which precision the LLM lives.
-        model_store: the offline stage's model store (``""``: ``$MPNP_HOME``).
+        model_store: the model store the LLM is loaded from (``""``: ``$MPNP_HOME``), and
+            the offline stage's unless ``offline_store`` is given.
+        offline_store: where the offline stage's products live (world, encoders, feature
+            cache, day state; ``""``: ``model_store``), e.g. the quick stage's sub-store
+            (:func:`daemon.offline_stage.quick_store_dir`).
+        offline_stage: what is built there if it holds no day state: ``full`` (``mpnp
+            prepare``'s defaults) or ``quick`` (:meth:`adapt.prepare.PrepareConfig.quick`,
+            reused only while it matches that config); see :mod:`daemon.offline_stage`.
         threads: torch CPU threads (``0``: leave torch's default).
         train_questions: cap on the runtime training questions per context (``0``: all).
         val_questions: validation questions per comparison (serving vs candidate).
@@ -84,6 +91,8 @@ class MPnPBackendConfig:
     device: str = "cpu"
     dtype: str = "float32"
     model_store: str = ""
+    offline_store: str = ""
+    offline_stage: str = "full"
     threads: int = 0
     train_questions: int = 0
     val_questions: int = 48
@@ -113,6 +122,9 @@ class MPnPBackendConfig:
         if self.answer_vocabulary not in ANSWER_VOCABULARIES:
             raise ValueError(f"model.options.answer_vocabulary must be one of "
                              f"{sorted(ANSWER_VOCABULARIES)}, got {self.answer_vocabulary!r}")
+        if self.offline_stage not in OFFLINE_STAGES:
+            raise ValueError(f"model.options.offline_stage must be one of "
+                             f"{list(OFFLINE_STAGES)}, got {self.offline_stage!r}")
         if self.threads < 0 or self.train_questions < 0:
             raise ValueError("model.options.threads and train_questions must be >= 0")
 
@@ -543,7 +555,8 @@ class MPnPBackend:
 
 
 def create_mpnp_backend(**options: Any) -> MPnPBackend:
-    """Load the LLM once, run (or reuse) the offline stage, and serve its day-camera state."""
+    """Load the LLM once (from ``model_store``), run (or reuse) the offline stage (in
+    ``offline_store``, default the same store), and serve its day-camera state."""
     import torch
 
     from adapt.data import load_splits
@@ -558,7 +571,8 @@ def create_mpnp_backend(**options: Any) -> MPnPBackend:
     started = time.perf_counter()
     llm, tokenizer = load_llm(config.llm, store=store, dtype=getattr(torch, config.dtype),
                               device=config.device)
-    prepared = load_prepared(store, llm, tokenizer)
+    prepared = load_prepared(config.offline_store or store, llm, tokenizer,
+                             stage=config.offline_stage)
     model = MPnPModel(llm, tokenizer)
     serving = load_day_connector(prepared, model)
     splits = load_splits(prepared.data_dir, prepared.encoders, prepared.feature_cache(),

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from daemon.demo import DemoConfig, _report, plot_timeline, report_markdown
+from daemon.offline_stage import OfflineChoice
 
 
 def _timeline() -> list[dict]:
@@ -50,8 +51,14 @@ def test_report_scores_phases_and_integrates_energy(tmp_path):
         prepared=SimpleNamespace(record={"day_accuracy": 0.40875, "night_accuracy": 0.355,
                                          "num_blocks": 12}))
     result = {"outcome": "better", "adapted_accuracy": 0.41666666, "serving_accuracy": 0.354166}
+    backend.prepared.data_dir = tmp_path / "demo-quick" / "worlds" / "w-1"
+    backend.prepared.record["config_digest"] = "abc"
+    offline = OfflineChoice("quick", tmp_path / "demo-quick", prepared=False)
     report = _report(DemoConfig(out_dir=str(tmp_path)), _timeline(), records, status,
-                     backend, result, None, 1.0, 200.0)
+                     backend, result, None, 1.0, 200.0, offline)
+    assert report["offline_stage"] == {
+        "stage": "quick", "store": str(tmp_path / "demo-quick"), "was_prepared": False,
+        "data_dir": str(backend.prepared.data_dir), "config_digest": "abc"}
 
     phases = report["phases"]
     assert phases["day (camera)"]["queries"] == 5
@@ -67,6 +74,7 @@ def test_report_scores_phases_and_integrates_energy(tmp_path):
     assert "day 0.409, night 0.355" in text and "planner estimate 8593 J" in text
     assert "N = 13 connected blocks" in text and "73 (292 samples)" in text
     assert "0.35416" not in text  # no raw float reprs in the human report
+    assert f"Offline stage: **quick**, from `{tmp_path / 'demo-quick'}`, built by this run" in text
 
     png = tmp_path / "timeline.png"
     plot_timeline(_timeline(), records, png, "demo")
