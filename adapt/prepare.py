@@ -59,8 +59,8 @@ FAST_LEARNING_RATES: dict[str, float] = {
 
 #: The quick offline stage (:meth:`PrepareConfig.quick`): world size, encoder epochs, day
 #: state questions and epochs, and its duration on a busy 2-core CPU at 1 torch thread (as
-#: ``mpnp demo`` runs), extrapolated from measured pieces: world 0.15 s/frame on one worker
-#: (~110 s for 720 frames, less on two), 1-epoch pretraining of the three encoders 0.08
+#: ``mpnp demo`` runs), extrapolated from measured pieces: world 0.15 s/frame on one worker,
+#: 0.12 on two (~85-110 s for 720 frames), 1-epoch pretraining of the three encoders 0.08
 #: s/train frame (~50 s), frame features 0.05 s/frame (~35 s), the day state ~6 training
 #: samples/s and ~0.1 s per scored question (~100 s): about 5 minutes.
 #: ``min_eval_scenes`` 16 instead of 40 leaves most of the small world to training (val and
