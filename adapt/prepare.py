@@ -62,7 +62,9 @@ FAST_LEARNING_RATES: dict[str, float] = {
 #: ``mpnp demo`` runs), extrapolated from measured pieces: world 0.15 s/frame on one worker,
 #: 0.12 on two (~85-110 s for 720 frames), 1-epoch pretraining of the three encoders 0.08
 #: s/train frame (~50 s), frame features 0.05 s/frame (~35 s), the day state ~6 training
-#: samples/s and ~0.1 s per scored question (~100 s): about 5 minutes.
+#: samples/s and ~0.1 s per scored question (~100 s): about 5 minutes. Measured end to end
+#: from a fresh store on an otherwise idle 2-core machine: 3 min 3 s (world 40 s, encoders
+#: 44 s, features 20 s, day state 62 s).
 #: ``min_eval_scenes`` 16 instead of 40 leaves most of the small world to training (val and
 #: test: 16 drives per light kind each, still hundreds of questions).
 QUICK_WORLD: dict[str, int] = {"day_frames": 480, "night_frames": 240, "min_eval_scenes": 16}
@@ -71,7 +73,7 @@ QUICK_DAY_SAMPLES = 240
 QUICK_DAY_EPOCHS = 2
 QUICK_VAL_SAMPLES = 32
 QUICK_TEST_SAMPLES = 64
-QUICK_ESTIMATE_MIN = "5-7"
+QUICK_ESTIMATE_MIN = "3-6"
 
 
 def fast_train_config(**overrides) -> TrainConfig:

@@ -134,7 +134,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     d = subparsers.add_parser("demo", help="daemon + simulated vehicle, day -> night, report")
     d.add_argument("--quick", action="store_true",
                    help="short adaptation (~5-6 min on 2 cores); with no `mpnp prepare` in "
-                        "the model store, a quick offline stage (~5-7 min, once) in "
+                        "the model store, a quick offline stage (~3-6 min, once) in "
                         "<store>/demo-quick instead of the full one")
     d.add_argument("--out", default="demo-out", help="where the report and timeline go")
     d.add_argument("--model-store", default="", help="model store (default $MPNP_HOME)")
