@@ -154,29 +154,28 @@ class PrepareConfig:
         a 2-core CPU instead of the default's 30-45; its products are for a first look, not
         for measurements (see ``daemon.offline_stage``: they live in a sub-store).
         """
-        base = cls()
-        kinds = {*base.encoders.values(), *base.extra_encoders.values()}
         return cls(
             world=WorldConfig(**QUICK_WORLD),
             pretrain={kind: PretrainConfig(epochs=QUICK_PRETRAIN_EPOCHS)
-                      for kind in sorted(kinds)},
+                      for kind in cls().encoder_kinds()},
             day_samples=QUICK_DAY_SAMPLES, val_samples=QUICK_VAL_SAMPLES,
             test_samples=QUICK_TEST_SAMPLES,
             train=fast_train_config(epochs=QUICK_DAY_EPOCHS),
         )
 
+    def encoder_kinds(self) -> list[str]:
+        """Every encoder kind this configuration pretrains (day state's and extra), sorted."""
+        return sorted({*self.encoders.values(), *self.extra_encoders.values()})
+
     def describe(self) -> str:
         """What this configuration builds, in one line (for progress messages)."""
-        from encoders.pretrain import DEFAULT_EPOCHS
+        from encoders.pretrain import pretrain_epochs
 
         world = (f"the dataset in {self.data_dir}" if self.data_dir else
                  f"a world of {self.world.day_frames + self.world.night_frames:,} frames "
                  f"({self.world.day_frames:,} day / {self.world.night_frames:,} night)")
-        epochs = {}
-        for kind in sorted({*self.encoders.values(), *self.extra_encoders.values()}):
-            config = self.pretrain.get(kind)
-            epochs[kind] = (config.epochs if config is not None and config.epochs
-                            else DEFAULT_EPOCHS.get(kind, 8))
+        epochs = {kind: pretrain_epochs(kind, self.pretrain.get(kind))
+                  for kind in self.encoder_kinds()}
         if len(set(epochs.values())) == 1:
             pretrain = (f"{next(iter(epochs.values()))}-epoch encoders "
                         f"({', '.join(epochs)})")

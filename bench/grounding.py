@@ -223,7 +223,7 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
                             count_flops=False)
     rows = []
     for modality in cfg.encoders:
-        encoders = {modality.split("+")[0].split("-")[0]: available[modality]}
+        encoders = {available[modality].modality: available[modality]}
         spec = next(iter(modality_specs(encoders).values()))
         train_rows, val_rows = train_qa, val_qa
         if modality in SCENE_TEXT_ROWS:

@@ -67,8 +67,9 @@ def choose_offline_stage(store: str | Path | None, quick: bool) -> OfflineChoice
     from mpnp.paths import model_store_dir
 
     main = model_store_dir(store)
-    if not quick or is_prepared(main):
-        return OfflineChoice("full", main, is_prepared(main))
+    full = is_prepared(main)
+    if not quick or full:
+        return OfflineChoice("full", main, full)
     sub = quick_store_dir(main)
     return OfflineChoice("quick", sub, is_prepared(sub))
 
@@ -96,12 +97,10 @@ def load_prepared(store: str | Path | None, llm=None, tokenizer=None, stage: str
 
     config = offline_config(stage)
     root = model_store_dir(store)
-    if stage == "quick":
-        if not is_prepared(root):
-            log.warning("no quick offline stage in %s yet: building it now (%s)", root,
-                        config.describe())
-        return ensure_prepared(root, config, llm=llm, tokenizer=tokenizer, progress=True)
-    if not is_prepared(root):
-        log.warning("no offline stage in %s yet: running it now (`mpnp prepare`)", root)
-        return ensure_prepared(root, config, llm=llm, tokenizer=tokenizer, progress=True)
-    return open_prepared(root)
+    prepared = is_prepared(root)
+    if stage == "full" and prepared:
+        return open_prepared(root)
+    if not prepared:
+        log.warning("no %s offline stage in %s yet: building it now (%s)", stage, root,
+                    config.describe())
+    return ensure_prepared(root, config, llm=llm, tokenizer=tokenizer, progress=True)

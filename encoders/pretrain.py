@@ -170,6 +170,13 @@ def count_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float((logits.argmax(-1) == targets).float().mean())
 
 
+def pretrain_epochs(kind: str, config: PretrainConfig | None = None) -> int:
+    """Epochs ``kind`` pretrains for under ``config``: its own, else the kind's default."""
+    if config is not None and config.epochs:
+        return config.epochs
+    return DEFAULT_EPOCHS.get(kind, 8)
+
+
 def pretrain_encoder(kind: str, world_dir: str | os.PathLike[str],
                      config: PretrainConfig | None = None, progress: bool = True,
                      store_dir: str | os.PathLike[str] | None = None) -> tuple[Encoder, dict]:
@@ -177,7 +184,7 @@ def pretrain_encoder(kind: str, world_dir: str | os.PathLike[str],
     from tqdm import tqdm
 
     config = config or PretrainConfig()
-    epochs = config.epochs or DEFAULT_EPOCHS.get(kind, 8)
+    epochs = pretrain_epochs(kind, config)
     encoder_class(kind)  # unknown kind -> ValueError before any work
     corpus = None
     if config.corpus is not None:
