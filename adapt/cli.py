@@ -16,6 +16,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--day-samples", type=int, default=1200,
                    help="day training questions (0 = all)")
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--recipe", default="paper", help="how mPnP states connect and start: "
+                   "paper or anchored (adapt/recipe.py; default paper)")
     p.add_argument("--force", action="store_true", help="retrain the day state")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_prepare)
@@ -43,12 +45,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _prepare_config(args: argparse.Namespace):
     from adapt.prepare import PrepareConfig, fast_train_config
+    from adapt.recipe import recipe_named
 
     if args.day_samples < 0 or args.num_blocks < 1 or args.epochs < 1:
         raise ValueError("--day-samples must be >= 0, --num-blocks and --epochs >= 1")
     return PrepareConfig(data_dir=args.data, num_blocks=args.num_blocks,
                          day_samples=args.day_samples or None,
-                         train=fast_train_config(epochs=args.epochs))
+                         train=fast_train_config(epochs=args.epochs),
+                         recipe=recipe_named(args.recipe))
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -72,6 +76,7 @@ def _adapt(args: argparse.Namespace) -> int:
     from adapt.data import load_splits, modality_specs
     from adapt.evaluate import evaluate
     from adapt.prepare import fast_train_config, load_day_connector, open_prepared
+    from adapt.recipe import ALIGNER_STATE
     from aligners.model import MPnPModel
     from aligners.state import save_state
     from mpnp.llm import load_llm
@@ -95,7 +100,7 @@ def _adapt(args: argparse.Namespace) -> int:
         day, args.mode, modality_specs(prepared.encoders), train,
         getattr(splits, f"{context}_val"), fast_train_config(epochs=args.epochs),
         num_blocks=args.num_blocks, budget_flops=budget, name=name, progress=progress,
-        new=args.new)
+        new=args.new, aligners_from=ALIGNER_STATE if ALIGNER_STATE in model.states else None)
     after = evaluate(fork, test)
     out = prepared.store_dir / "states" / name
     save_state(model, out, fork.state_name)

@@ -15,6 +15,8 @@ Store layout::
     features/                  encoder outputs per frame, keyed by encoder fingerprint
     states/day-camera/         the offline adapted state (aligners/state.py format)
     states/day-camera/prepare.json   how it was made and its day/night accuracy
+    states/offline-aligners/   text-anchored aligners of the other sensors (when the recipe
+                               anchors: ``adapt/recipe.py``), which runtime Adapt starts from
     demo-quick/                the quick offline stage (:meth:`PrepareConfig.quick`, built by
                                ``mpnp demo --quick`` where the above is missing): the same
                                layout, its own world, encoders, features and day state
@@ -27,15 +29,16 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from adapt.connectors.base import ConnectorConfig
 from adapt.connectors.mpnp import MPnPConnector
 from adapt.data import load_splits, modality_specs
 from adapt.evaluate import evaluate
+from adapt.recipe import ALIGNER_STATE, PAPER, Recipe, anchor_state, pretrain_aligners
+from adapt.recipe import DEFAULT as DEFAULT_RECIPE
 from adapt.trainer import TrainConfig, Trainer
-from aligners.config import ConnectionConfig
 from aligners.model import MPnPModel
 from aligners.state import StateError, load_state, save_state
 from encoders.base import Encoder
@@ -43,6 +46,7 @@ from encoders.cache import FeatureCache
 from encoders.pretrain import PretrainConfig, ensure_pretrained
 from mpnp.files import atomic_write_text
 from mpnp.paths import model_store_dir
+from scenes.dataset import QADataset
 from scenes.synthetic import WorldConfig, generate_world
 
 log = logging.getLogger(__name__)
@@ -116,6 +120,10 @@ class PrepareConfig:
         test_samples: questions per context (day / night test) for the record's accuracy
             (``None``: the whole split).
         train: how the day state is trained.
+        recipe: how mPnP states connect and start (``adapt/recipe.py``), the same one Table
+            1 measures; with anchoring, the day state's camera aligners are text-anchored
+            before training and the other sensors' aligners are anchored into
+            ``states/offline-aligners`` for runtime Adapt (Algorithm 1).
     """
 
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -130,6 +138,7 @@ class PrepareConfig:
     val_samples: int | None = 200
     test_samples: int | None = 400
     train: TrainConfig = field(default_factory=fast_train_config)
+    recipe: Recipe = field(default_factory=lambda: replace(DEFAULT_RECIPE))
 
     def __post_init__(self) -> None:
         if "camera" not in self.encoders:
@@ -190,6 +199,8 @@ class PrepareConfig:
         """A short hash of everything that shapes the day state (not ``extra_encoders``)."""
         fields = asdict(self)
         fields.pop("extra_encoders")
+        if self.recipe == PAPER:  # day states made before recipes existed stay valid
+            fields.pop("recipe")
         text = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -203,6 +214,12 @@ class Prepared:
     encoders: dict[str, Encoder]
     state_dir: Path
     record: dict
+
+    @property
+    def aligners_dir(self) -> Path | None:
+        """The offline aligners of the other sensors (``None``: the recipe has none)."""
+        directory = self.store_dir / "states" / ALIGNER_STATE
+        return directory if (directory / "state.json").is_file() else None
 
     def feature_cache(self) -> FeatureCache:
         return FeatureCache(self.store_dir / "features")
@@ -290,10 +307,17 @@ def train_day_state(config: PrepareConfig, data_dir: Path, encoders: dict[str, E
     connector = MPnPConnector(
         llm, tokenizer, [specs["camera"]], ConnectorConfig(num_blocks=config.num_blocks),
         model=model, state_name=DAY_STATE,
-        connection=ConnectionConfig(num_blocks=config.num_blocks),
+        connection=config.recipe.connection(config.num_blocks),
     )
-    log.info("offline stage: training the camera state (N=%d) on %d day questions",
-             config.num_blocks, len(train))
+    frames = QADataset.load(data_dir, "train")
+    anchoring = {}
+    if config.recipe.anchor is not None:
+        log.info("offline stage: text-anchoring the camera aligners")
+        anchoring["camera"] = anchor_state(model, "camera", encoders["camera"], train,
+                                           frames.frame, config.recipe,
+                                           progress=progress).to_dict()
+    log.info("offline stage: training the camera state (N=%d, %s) on %d day questions",
+             config.num_blocks, config.recipe.describe(), len(train))
     seed = config.train.seed
     report = Trainer(connector, config.train).fit(
         train, splits.day_val.at_most(config.val_samples, seed), progress=progress)
@@ -301,6 +325,13 @@ def train_day_state(config: PrepareConfig, data_dir: Path, encoders: dict[str, E
     night = evaluate(connector, splits.night_test.at_most(config.test_samples, seed))
     save_state(model, state_dir, DAY_STATE)
     log.info("day state: day accuracy %.3f, night accuracy %.3f", day.accuracy, night.accuracy)
+    others = [m for m in encoders if m != "camera"]
+    if config.recipe.anchor is not None and others:
+        log.info("offline stage: text-anchoring the aligners of %s in every block", others)
+        anchoring.update({f"offline {m}": r for m, r in pretrain_aligners(
+            model, specs, encoders, train, frames.frame, config.recipe,
+            model.geometry.num_layers, others, progress=progress).items()})
+        save_state(model, state_dir.parent / ALIGNER_STATE, ALIGNER_STATE)
     return {
         "state": DAY_STATE, "num_blocks": config.num_blocks, "data_dir": str(data_dir),
         "encoders": {m: e.fingerprint() for m, e in encoders.items()},
@@ -309,6 +340,7 @@ def train_day_state(config: PrepareConfig, data_dir: Path, encoders: dict[str, E
         "night_accuracy": night.accuracy, "day_questions": len(train),
         "day_ci95": list(day.ci95), "night_ci95": list(night.ci95),
         "test_questions": {"day": day.count, "night": night.count},
+        "recipe": config.recipe.describe(), "anchoring": anchoring,
     }
 
 
@@ -355,6 +387,13 @@ def load_day_connector(prepared: Prepared, model: MPnPModel,
         name = load_state(model, prepared.state_dir, name=DAY_STATE)
     except StateError as exc:
         raise StateError(f"{exc}; run `mpnp prepare --force` to rebuild it") from exc
+    if prepared.aligners_dir is not None and ALIGNER_STATE not in model.states:
+        try:  # the other sensors' offline aligners, which runtime Adapt starts from
+            load_state(model, prepared.aligners_dir, name=ALIGNER_STATE, activate=False)
+        except StateError as exc:
+            log.warning("offline aligners in %s not loaded (%s): new sensors start from "
+                        "fresh aligners", prepared.aligners_dir, exc)
+    model.activate(name)
     state = model.states[name]
     cfg = config or ConnectorConfig(num_blocks=state.config.num_blocks)
     return MPnPConnector(model.llm, model.tokenizer, state.modalities, cfg, model=model,

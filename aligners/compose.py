@@ -70,6 +70,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from aligners.config import ConnectionConfig
 from aligners.state import StateData
 from mpnp.llm import llm_mismatch
 
@@ -80,7 +81,7 @@ BLOCK_RULES = ("union", "intersection")
 PROJECTIONS = ("k_proj", "v_proj")
 #: Connection-config fields every input must share (one composed config holds them).
 SHARED_FIELDS = ("gate", "temperature", "aligner_kind", "aligner_hidden_mult",
-                 "positional_embeddings", "lora")
+                 "positional_embeddings", "lora", "aligner_space", "block_maps")
 #: λ values the search tries per input (0 drops that input's text-side LoRA altogether).
 DEFAULT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_MAX_EVALS = 12
@@ -167,7 +168,9 @@ def _check_inputs(states: Sequence[StateData], method: str, blocks: str) -> None
                 f"({first.name!r}): they differ in {', '.join(diff)}; only states of the same "
                 "LLM compose")
         for key in SHARED_FIELDS + (("lora_r", "lora_alpha") if method == "naive-ab" else ()):
-            a, b = first.config["connection"].get(key), s.config["connection"].get(key)
+            default = getattr(ConnectionConfig, key, None)  # states saved before the field
+            a = first.config["connection"].get(key, default)
+            b = s.config["connection"].get(key, default)
             if a != b:
                 hint = " (naive-ab averages A and B: use naive or damc)" if key.startswith(
                     "lora_") else ""

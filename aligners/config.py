@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 GATES = ("scale", "logit")
 ALIGNER_KINDS = ("mlp", "linear")
+ALIGNER_SPACES = ("kv", "hidden")
 
 
 @dataclass
@@ -30,6 +31,16 @@ class ConnectionConfig:
             connection at that α (``w = T·logit(α)``). With the logit gate a small value
             starts the injection nearly closed: the base LLM is almost intact at step 0 and
             the connections open where the tokens help.
+        aligner_space: ``"kv"`` — the paper's aligners output keys/values directly, the same
+            ones in every connected block; ``"hidden"`` — they output a hidden state ``u``
+            (the LLM's width) per token and each connected block ``j`` makes its own keys and
+            values with its frozen projections, ``K_j = k_proj_j(norm_j(u_k))``,
+            ``V_j = v_proj_j(norm_j(u_v))`` (LoRA not applied: it stays on text tokens). The
+            tokens then land in each block's own K/V space at text scale (README: How the
+            connection works).
+        block_maps: a head-wise ``head_dim × head_dim`` map per block on the modality's keys
+            and values, initialised to the identity, so one token can match what each block
+            expects (modality parameters: saved and composed with the aligners).
     """
 
     num_blocks: int = 8
@@ -44,6 +55,8 @@ class ConnectionConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.1
     init_alpha: float | None = None
+    aligner_space: str = "kv"
+    block_maps: bool = False
 
     def __post_init__(self) -> None:
         if self.num_blocks < 0:
@@ -55,6 +68,10 @@ class ConnectionConfig:
         if self.aligner_kind not in ALIGNER_KINDS:
             raise ValueError(
                 f"aligner_kind must be one of {ALIGNER_KINDS}, got {self.aligner_kind!r}"
+            )
+        if self.aligner_space not in ALIGNER_SPACES:
+            raise ValueError(
+                f"aligner_space must be one of {ALIGNER_SPACES}, got {self.aligner_space!r}"
             )
         if self.aligner_hidden_mult < 1:
             raise ValueError("aligner_hidden_mult must be >= 1")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -24,9 +24,9 @@ from torch import nn
 from aligners.config import ConnectionConfig, ModalitySpec
 from aligners.connections import LatentConnections
 from aligners.injection import BlockPrefix, attach_injector
-from aligners.kv_aligner import ModalityAligner
+from aligners.kv_aligner import ModalityAligner, Projection
 from aligners.lora import KVLoRA
-from mpnp.llm import LLMGeometry, attention_modules, llm_geometry
+from mpnp.llm import LLMGeometry, attention_input_norms, attention_modules, llm_geometry
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +66,41 @@ class AdaptedState(nn.Module):
     def add_modality(self, spec: ModalitySpec) -> None:
         if spec.name in self.aligners:
             raise ValueError(f"state {self.name!r} already has modality {spec.name!r}")
-        self.aligners[spec.name] = ModalityAligner(spec, self.geometry.kv_width, self.config)
+        self.aligners[spec.name] = ModalityAligner(spec, self.geometry, self.config)
 
     def connected_layers(self) -> range:
         """The blocks that take multimodal K/V: the last N, or none when nothing is connected."""
         if not self.connected or self.config.num_blocks == 0:
             return range(0)
         return range(self.geometry.num_layers - self.config.num_blocks, self.geometry.num_layers)
+
+
+class MultimodalKV:
+    """The connected modalities' aligned tokens for one batch (:meth:`MPnPModel.multimodal_kv`).
+
+    Computed once per query and reused by every connected block and decoding step;
+    :meth:`block` gives the keys/values one block attends to (before its gate), computed the
+    first time that block asks (paper aligners: the same tensors for every block).
+    """
+
+    def __init__(self, parts: list[tuple[ModalityAligner, torch.Tensor, torch.Tensor]],
+                 project: Callable[[int], Projection | None]):
+        self._parts = parts
+        self._project = project
+        self._blocks: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def block(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``K_mm, V_mm`` of block ``layer``, each ``(B, n_kv, P, head_dim)``."""
+        key = layer if any(a.per_block for a, _, _ in self._parts) else None
+        if key not in self._blocks:
+            project = self._project(layer)
+            ks, vs = zip(*(a.block_kv(layer, k, v, project) for a, k, v in self._parts))
+            self._blocks[key] = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+        return self._blocks[key]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(k.shape[1] for _, k, _ in self._parts)
 
 
 class MPnPModel(nn.Module):
@@ -84,12 +112,18 @@ class MPnPModel(nn.Module):
         self.tokenizer = tokenizer
         self.geometry = llm_geometry(llm)
         self._attention = attention_modules(llm)
+        self._norms = attention_input_norms(llm)
         self._injector = attach_injector(llm, self._attention)
         self._lora = KVLoRA(self._attention)
         self.states = nn.ModuleDict()
         self.active_name: str | None = None
         llm.requires_grad_(False)
         self.eval()
+
+    @property
+    def attention_modules(self) -> list[nn.Module]:
+        """The LLM's attention module of every block (:func:`mpnp.llm.attention_modules`)."""
+        return list(self._attention)
 
     # ------------------------------------------------------------------ states
 
@@ -182,6 +216,11 @@ class MPnPModel(nn.Module):
         if source not in self.states:
             raise KeyError(f"no resident state {source!r} (have {sorted(self.states)})")
         donor = self.states[source]
+        for field in ("aligner_space", "block_maps"):
+            if getattr(donor.config, field) != getattr(state.config, field):
+                raise ValueError(f"state {source!r} has {field}={getattr(donor.config, field)!r}, "
+                                 f"{state.name!r} {getattr(state.config, field)!r}: its "
+                                 "aligners do not fit this state")
         for name in names:
             if name not in donor.aligners:
                 raise KeyError(f"state {source!r} has no aligners for {name!r}")
@@ -240,41 +279,48 @@ class MPnPModel(nn.Module):
     def _device(self) -> torch.device:
         return self.llm.get_input_embeddings().weight.device
 
-    def multimodal_kv(
-        self, modality_tokens: Mapping[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``K_mm, V_mm`` of the connected modalities, each ``(B, n_kv, P, head_dim)``.
-
-        Computed once per query and reused by every connected block and decoding step.
-        Returns ``None`` when nothing is connected.
-        """
+    def multimodal_kv(self, modality_tokens: Mapping[str, torch.Tensor]) -> MultimodalKV | None:
+        """The connected modalities' aligned tokens (:class:`MultimodalKV`), computed once per
+        query and reused by every connected block and decoding step. ``None`` when nothing
+        is connected."""
         state = self.state
         if state is None or not state.connected_layers():
             return None
         missing = [m for m in state.connected if m not in modality_tokens]
         if missing:
             raise ValueError(f"tokens missing for connected modalities {missing}")
-        keys, values = zip(*(state.aligners[m](modality_tokens[m]) for m in state.connected))
-        k_mm, v_mm = torch.cat(keys, dim=1), torch.cat(values, dim=1)  # (B, P, kv_width)
-        b, p, _ = k_mm.shape
-        shape = (b, p, self.geometry.num_kv_heads, self.geometry.head_dim)
-        return k_mm.view(shape).transpose(1, 2), v_mm.view(shape).transpose(1, 2)
+        parts = [(state.aligners[m], *state.aligners[m](modality_tokens[m]))
+                 for m in state.connected]
+        return MultimodalKV(parts, self.block_projection)
+
+    def block_projection(self, layer: int) -> Projection:
+        """Block ``layer``'s frozen ``(u_k, u_v) -> (k_proj(norm(u_k)), v_proj(norm(u_v)))``
+        for hidden-space aligners: the base projections, never a state's LoRA, so LoRA acts
+        on text tokens only (README: How the connection works)."""
+        norm = self._norms[layer]
+        attn = self._attention[layer]
+        k_proj, v_proj = (getattr(p, "base_layer", p) for p in (attn.k_proj, attn.v_proj))
+
+        def project(u_k: torch.Tensor, u_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return k_proj(norm(u_k)), v_proj(norm(u_v))
+
+        return project
 
     @contextmanager
-    def prefix(self, kv: tuple[torch.Tensor, torch.Tensor] | None) -> Iterator[None]:
+    def prefix(self, kv: MultimodalKV | None) -> Iterator[None]:
         """Inject ``kv`` (from :meth:`multimodal_kv`) into the connected blocks meanwhile."""
         if kv is None:
             yield
             return
         state = self._require_state()
         layers = set(state.connected_layers())
-        k_mm, v_mm = kv
         connections = state.connections
         logit_gate = state.config.gate == "logit"
 
         def provide(layer_idx: int) -> BlockPrefix | None:
             if layer_idx not in layers:
                 return None
+            k_mm, v_mm = kv.block(layer_idx)
             if logit_gate:
                 w = connections.weight[layer_idx] / connections.temperature
                 return BlockPrefix(k_mm, v_mm, F.logsigmoid(w))
@@ -295,7 +341,7 @@ class MPnPModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         modality_tokens: Mapping[str, torch.Tensor] | None = None,
         *,
-        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv: MultimodalKV | None = None,
         **llm_kwargs,
     ):
         """Run the LLM on text with the active state's modalities injected.

@@ -32,8 +32,10 @@ from adapt.data import dataset_features, modality_specs
 from adapt.evaluate import evaluate, grounding, majority_baseline, score, wilson_interval
 from adapt.features import FeatureSet
 from adapt.prepare import FAST_LEARNING_RATES, PrepareConfig, ensure_encoders, ensure_world
+from adapt.recipe import Recipe, anchor_state, with_anchor
 from adapt.trainer import TrainConfig, Trainer
-from aligners.config import ConnectionConfig
+from aligners.anchoring import AnchorConfig
+from aligners.config import ALIGNER_SPACES
 from aligners.model import MPnPModel
 from bench.table1 import Table1Config, _llm_name, _load_llm
 from encoders import create_encoder
@@ -86,7 +88,10 @@ class GroundingConfig:
         night: train and score on night frames instead of day frames.
         train_questions / val_questions: sizes (a deterministic random subset; ``None``: all).
         epochs / batch_size / learning_rates: the training recipe.
-        num_blocks / gate / init_alpha: the connection.
+        num_blocks: N of every state.
+        recipe: how the states connect and start (``adapt/recipe.py``; default: the logit
+            gate at α₀ 0.05 with the paper's aligners). Its text anchoring runs on the
+            training frames, not for the scene-text rows.
     """
 
     encoders: tuple[str, ...] = ("oracle", "camera", "lidar")
@@ -98,8 +103,7 @@ class GroundingConfig:
     batch_size: int = 16
     learning_rates: dict[str, float] = field(default_factory=lambda: dict(FAST_LEARNING_RATES))
     num_blocks: int = 12
-    gate: str = "logit"
-    init_alpha: float | None = 0.05
+    recipe: Recipe = field(default_factory=lambda: Recipe(gate="logit", init_alpha=0.05))
     seed: int = 0
 
 
@@ -238,8 +242,12 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
             llm, tok, [spec], ConnectorConfig(num_blocks=cfg.num_blocks,
                                               max_new_tokens=table.max_new_tokens),
             model=model, state_name=f"grounding-{modality.replace('+', '-')}",
-            connection=ConnectionConfig(num_blocks=cfg.num_blocks, gate=cfg.gate,
-                                        init_alpha=cfg.init_alpha))
+            connection=cfg.recipe.connection(cfg.num_blocks))
+        anchored = None
+        if modality not in SCENE_TEXT_ROWS:
+            report = anchor_state(model, spec.name, available[modality], train,
+                                  train_rows.frame, cfg.recipe, progress=progress)
+            anchored = report.to_dict() if report is not None else None
         with isolation:
             report = Trainer(conn, train_cfg).fit(train, None, progress=progress)
             own = evaluate(conn, val)
@@ -249,7 +257,7 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
         row = {"encoder": modality, "accuracy": own.accuracy, "count": own.count,
                "ci95": list(own.ci95), "per_type_hop": own.per_type_hop, "alphas": alphas,
                "losses": report.losses, "train_samples": report.samples,
-               "wall_s": report.wall_s}
+               "wall_s": report.wall_s, "anchor": anchored}
         if modality not in SCENE_TEXT_ROWS:  # the scene is in the question: swapping is moot
             g = grounding(conn, val, own=own, seed=cfg.seed)
             row.update(swapped_accuracy=g.swapped_accuracy,
@@ -276,14 +284,18 @@ def _pct(value: float, ci: Sequence[float] | None = None) -> str:
 def to_markdown(result: dict) -> str:
     meta, rows = result["meta"], result["rows"]
     c = meta["config"]
+    recipe = Recipe.from_dict(c["recipe"]) if "recipe" in c else Recipe(  # saved before recipes
+        gate=c["gate"], init_alpha=c["init_alpha"], aligner_space=c.get("aligner_space", "kv"),
+        block_maps=c.get("block_maps", False), anchor=c.get("anchor"))
     keys = list(c["types"])
     out = [f"# mpnp bench grounding — mPnP N={c['num_blocks']} on {_llm_name(meta)}", "",
            f"Each state trained from scratch on the same {meta['sizes']['train']} "
-           f"{meta['light']} questions ({c['epochs']} epochs, batch {c['batch_size']}, gate "
-           f"{c['gate']}, initial α {c['init_alpha']}); scored on {meta['sizes']['val']} "
+           f"{meta['light']} questions ({c['epochs']} epochs, batch {c['batch_size']}); "
+           f"scored on {meta['sizes']['val']} "
            f"{meta['light']} validation questions of the same types. *swapped*: the same "
            "questions with another frame's tokens; *reads* = accuracy − swapped (≈ 0: the "
            "state ignores its tokens). Exact match, %, 95 % Wilson interval.", "",
+           f"Recipe: {recipe.describe()}.", "",
            "| encoder | accuracy | swapped | reads | " + " | ".join(keys) + " |",
            "|---|---|---|---|" + "---|" * len(keys)]
     for r in rows:
@@ -295,6 +307,14 @@ def to_markdown(result: dict) -> str:
                    f" | " + " | ".join(cells) + " |")
     out += ["", "Connection weights α of the connected blocks after training:", ""]
     out += [f"- {r['encoder']}: {r['alphas']}" for r in rows if "alphas" in r]
+    fits = [r for r in rows if r.get("anchor")]
+    if fits:
+        out += ["", "Text anchoring (normalised MSE of the tokens' keys / values against their "
+                "descriptions', mean over the connected blocks):", ""]
+        out += [f"- {r['encoder']}: K {r['anchor']['key_nmse']:.3f}, V "
+                f"{r['anchor']['value_nmse']:.3f} on {r['anchor']['tokens']} tokens, "
+                f"{r['anchor']['targets']} descriptions ({r['anchor']['target_seconds']:.0f} s"
+                f" + {r['anchor']['seconds']:.0f} s)" for r in fits]
     return "\n".join(out) + "\n"
 
 
@@ -316,6 +336,15 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-questions", type=int)
     p.add_argument("--epochs", type=int, default=GroundingConfig.epochs)
     p.add_argument("--num-blocks", type=int, default=GroundingConfig.num_blocks)
+    p.add_argument("--aligner-space", choices=ALIGNER_SPACES, default="kv",
+                   help="kv: the paper's aligners; hidden: each block projects the aligned "
+                   "hidden state with its own k_proj/v_proj (default kv)")
+    p.add_argument("--block-maps", action="store_true",
+                   help="a head-wise identity-initialised map per connected block")
+    p.add_argument("--anchor", action="store_true",
+                   help="text-anchored aligner pretraining before training")
+    p.add_argument("--anchor-frames", type=int, default=AnchorConfig.frames)
+    p.add_argument("--anchor-steps", type=int, default=AnchorConfig.steps)
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     p.add_argument("--no-progress", action="store_true")
@@ -344,11 +373,19 @@ def _main(args: argparse.Namespace) -> int:
                           train_questions=args.train_questions,
                           val_questions=args.val_questions, epochs=args.epochs,
                           batch_size=args.batch_size,
-                          num_blocks=args.num_blocks)
+                          num_blocks=args.num_blocks,
+                          recipe=Recipe(gate="logit", init_alpha=0.05,
+                                        aligner_space=args.aligner_space,
+                                        block_maps=args.block_maps,
+                                        anchor=AnchorConfig(frames=args.anchor_frames,
+                                                            steps=args.anchor_steps)
+                                        if args.anchor else None))
     if args.quick:
         cfg = dataclasses.replace(cfg, num_blocks=min(cfg.num_blocks, 4),
                                   train_questions=min(cfg.train_questions or 64, 64),
                                   learning_rates=dict(table.learning_rates))
+        cfg.recipe = with_anchor(cfg.recipe, frames=min(args.anchor_frames, 16),
+                                 steps=min(args.anchor_steps, 20))
     result = run(cfg, table, args.store, progress=not args.no_progress)
     md = to_markdown(result)
     print(md)

@@ -36,12 +36,12 @@ import json
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from adapt.algorithm import runtime_adapt
+from adapt.algorithm import DEFAULT_NEW, runtime_adapt
 from adapt.composition import validation_evaluator
 from adapt.connectors import create_connector
 from adapt.connectors.base import Connector, ConnectorConfig
@@ -57,9 +57,18 @@ from adapt.evaluate import (
 )
 from adapt.features import FeatureSet
 from adapt.prepare import FAST_LEARNING_RATES, PrepareConfig, ensure_encoders, ensure_world
+from adapt.recipe import (
+    ALIGNER_STATE,
+    RECIPES,
+    Recipe,
+    anchor_state,
+    pretrain_aligners,
+    recipe_named,
+    with_anchor,
+)
+from adapt.recipe import DEFAULT as DEFAULT_RECIPE
 from adapt.trainer import TrainConfig, Trainer, TrainReport
 from aligners.compose import compose_states
-from aligners.config import ConnectionConfig
 from aligners.model import MPnPModel
 from aligners.state import install_state, snapshot_state
 from encoders import create_encoder
@@ -69,6 +78,7 @@ from mpnp.answers import QUESTION_TYPES
 from mpnp.measure import PeakMemory, release_free_memory
 from mpnp.paths import model_store_dir
 from scenes.baselines import QuestionOnlyModel
+from scenes.dataset import QADataset
 from scenes.synthetic import WorldConfig
 
 log = logging.getLogger(__name__)
@@ -118,6 +128,8 @@ class Table1Config:
     seed: int = 0
     world: WorldConfig = field(default_factory=WorldConfig)
     pretrain: dict[str, PretrainConfig | None] = field(default_factory=dict)
+    #: How mPnP states connect and start (``adapt/recipe.py``): the offline stage's too.
+    recipe: Recipe = field(default_factory=lambda: replace(DEFAULT_RECIPE))
     store_subdir: str = ""  # a separate store for --quick, so it never touches the real one
 
     @classmethod
@@ -207,6 +219,10 @@ class Table1:
         )
         self.world = world
         self.train_cfg = cfg.train_config()
+        self._frames: QADataset | None = None
+        self._model: MPnPModel | None = None  # the resident mPnP model, once loaded
+        self.anchoring: dict[str, dict] = {}  # text-anchoring reports by modality
+        self.aligners_from: str | None = None  # the offline aligners' state, once built
 
     # ------------------------------------------------------------------ rows
 
@@ -250,6 +266,32 @@ class Table1:
         report.peak_mem_bytes = int(mem.peak_bytes)
         return report
 
+    def _frame(self, frame_id: str):
+        if self._frames is None:
+            self._frames = QADataset.load(self.world, "train")
+        return self._frames.frame(frame_id)
+
+    def _anchor(self, modality: str) -> None:
+        """Text-anchor the active state's ``modality`` aligners on the day training frames
+        (when the recipe says so), before it trains."""
+        report = anchor_state(self._model, modality, self.encoders[modality],
+                              self.data.day_train, self._frame, self.cfg.recipe,
+                              progress=self.progress)
+        if report is not None:
+            self.anchoring[modality] = report.to_dict()
+
+    def _pretrain_aligners(self, model: MPnPModel) -> None:
+        """Algorithm 1's aligners for every modality the night brings (when the recipe
+        anchors): text-anchored on the day training frames in every block, so any runtime
+        N starts from them (:func:`adapt.recipe.pretrain_aligners`)."""
+        if self.cfg.recipe.anchor is None:
+            return
+        new = [m for m in DEFAULT_NEW if m in self.specs]
+        self.anchoring.update({f"offline {m}": r for m, r in pretrain_aligners(
+            model, self.specs, self.encoders, self.data.day_train, self._frame,
+            self.cfg.recipe, model.geometry.num_layers, new, progress=self.progress).items()})
+        self.aligners_from = ALIGNER_STATE
+
     def _adapt(self, day: Connector, mode: str, n: int | None, *, fraction: float = 1.0,
                ablation: dict | None = None) -> tuple[Connector, TrainReport, int]:
         train = self.data.night_train
@@ -261,8 +303,16 @@ class Table1:
             fork, report, _ = runtime_adapt(
                 day, mode, self.specs, train, self._val(self.data.night_val), self.train_cfg,
                 num_blocks=n, name=f"{day.kind}-{mode}-{n}-{tag}", connection_changes=ablation,
-                progress=self.progress)
+                aligners_from=self._donor(day, ablation), progress=self.progress)
         return fork, report, int(mem.peak_bytes)
+
+    def _donor(self, day: Connector, ablation: dict | None) -> str | None:
+        """The offline aligners a night adaptation starts from: mPnP only, and not for an
+        ablation that changes the aligners' shape (they would not fit)."""
+        shaped = {"aligner_kind", "positional_embeddings", "aligner_hidden_mult"}
+        if not isinstance(day, MPnPConnector) or shaped & set(ablation or ()):
+            return None
+        return self.aligners_from
 
     def _night_rows(self, method: str, day: Connector, n: int | None, *,
                     lidar_state=None, **extra) -> None:
@@ -341,7 +391,8 @@ class Table1:
         oracle = MPnPConnector(llm, tokenizer, [self.specs["oracle"]],
                                self._connector_config(cfg.offline_n), model=model,
                                state_name="oracle",
-                               connection=ConnectionConfig(num_blocks=cfg.offline_n))
+                               connection=cfg.recipe.connection(cfg.offline_n))
+        self._anchor("oracle")
         report = self._train_day(oracle)
         for scenario, test in (("day_c", self.data.day_test), ("night_c", self.data.night_test)):
             result = evaluate(oracle, test)
@@ -368,8 +419,10 @@ class Table1:
         llm, tokenizer = model.llm, model.tokenizer
         day = MPnPConnector(llm, tokenizer, [self.specs["camera"]],
                             self._connector_config(cfg.offline_n), model=model,
-                            state_name="day", connection=ConnectionConfig(num_blocks=cfg.offline_n))
+                            state_name="day", connection=cfg.recipe.connection(cfg.offline_n))
+        self._anchor("camera")
         report = self._train_day(day)
+        self._pretrain_aligners(model)
         day_res = evaluate(day, self.data.day_test)
         night_res = evaluate(day, self.data.night_test)
         reads = self._grounding(day, self.data.day_test, day_res)
@@ -430,6 +483,7 @@ def run(cfg: Table1Config, store_dir: str | None = None, progress: bool = True) 
     gc.collect()
     llm_m, tok = _load_llm(cfg)
     resident = MPnPModel(llm_m, tok)
+    bench._model = resident
     if cfg.oracle:
         bench.run_oracle(resident)
     day = bench.run_mpnp(resident)
@@ -452,6 +506,8 @@ def run(cfg: Table1Config, store_dir: str | None = None, progress: bool = True) 
         "seed": cfg.seed,
         "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
         "best_n": bench.best_n(),
+        "recipe": cfg.recipe.describe(),
+        "anchoring": bench.anchoring,
         "total_wall_s": time.perf_counter() - started,
     }
     result = {"meta": meta, "rows": bench.rows}
@@ -643,6 +699,8 @@ def to_markdown(result: dict) -> str:
         f"{meta['config']['batch_size']}, seed {meta['seed']}. Adaptation cost = the "
         "Night (C → L) run: FLOPs counted, peak memory above the resident state, wall time.",
         "",
+        f"mPnP recipe: {meta.get('recipe', 'gate scale, the paper K/V aligners')}.",
+        "",
         "| method | N | Day (C) | Night (C) | Night (C → C+L) | Night (C → L) | adapt TFLOPs "
         "| vs Full LLM | peak MB | vs Full LLM | wall s | samples/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -762,6 +820,9 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
                    help="night training questions per adaptation (0: all of them)")
     p.add_argument("--test-samples", type=int, help="test questions per context")
     p.add_argument("--epochs", type=int, help="training epochs (early stop on val when > 1)")
+    p.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="how mPnP states connect and start (adapt/recipe.py; default: the "
+                   "project's)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main)
 
@@ -789,6 +850,10 @@ def config_from_args(args: argparse.Namespace) -> Table1Config:
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {list(BASELINES)}")
         cfg.baselines = args.methods
+    if getattr(args, "recipe", None):
+        cfg.recipe = recipe_named(args.recipe)
+        if args.quick:  # the tiny world has few frames
+            cfg.recipe = with_anchor(cfg.recipe, frames=16, steps=20)
     return cfg
 
 

@@ -315,6 +315,7 @@ class MPnPBackend:
     def start_adaptation(self, modalities: frozenset[str], n_blocks: int, steps: int,
                          batch_size: int) -> None:
         from adapt.engine import AdaptationJob, AdaptationStepper, prepare_candidate
+        from adapt.recipe import ALIGNER_STATE
 
         if self._job is not None:
             self.discard_adapted()
@@ -322,8 +323,10 @@ class MPnPBackend:
         train, val = self._data(modalities)  # the context's data (before any state is made)
         specs = [self.encoders.spec(m) for m in sorted(modalities)]  # Reconnect: load them
         config = self.train_config(batch_size)
+        donor = ALIGNER_STATE if ALIGNER_STATE in self.model.states else None
         candidate = prepare_candidate(self.serving, specs, self._new_name("candidate"),
-                                      seed=config.seed, num_blocks=n_blocks)
+                                      seed=config.seed, num_blocks=n_blocks,
+                                      aligners_from=donor)
         try:
             stepper = AdaptationStepper(candidate, config, train, total_steps=steps)
         except Exception:

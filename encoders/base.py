@@ -98,6 +98,18 @@ class Encoder(nn.Module, ABC):
         raise NotImplementedError(f"encoder {self.kind!r} has no region layout (it cannot be "
                                   "pretrained on region targets)")
 
+    def describe_tokens(self, frame: Frame) -> list[str | None]:
+        """What each token of ``frame`` should carry, in words (``None``: nothing to say), from
+        the frame's ground truth: the targets of text-anchored aligner pretraining
+        (``aligners/anchoring.py``). The default describes each region's nearest objects
+        (:func:`encoders.targets.region_descriptions`) for all of the region's tokens."""
+        from encoders.targets import region_descriptions
+
+        regions, count = self.region_layout()
+        per_region = self.num_tokens // count
+        return [text for text in region_descriptions(frame, regions, count)
+                for _ in range(per_region)]
+
     def augment(self, x: torch.Tensor, y: torch.Tensor,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """A pretraining augmentation of a batch of inputs ``x`` and region targets ``y``

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from encoders.base import Encoder, check_frames
+from encoders.targets import object_phrase
 from scenes.layout import CLASS_NAMES
 from scenes.questions import FILTERS, MAX_COUNT, RELATIONS, sector_index
 from scenes.sample import Frame
@@ -125,12 +126,7 @@ def describe_scene(frame: Frame, max_objects: int = 32) -> str:
     """The oracle's objects as words ("objects: parked car front left, barrier back, ..."),
     nearest first: the scene a question-side model reads as *text* (``mpnp bench grounding``'s
     ``oracle-text`` row), against which aligned tokens are compared."""
-    parts = []
-    for obj in _nearest(frame, max_objects):
-        where = RELATIONS[_sector(obj)]
-        status = obj.status if obj.status in STATUSES and obj.status != "none" else ""
-        parts.append(" ".join(w for w in (status, obj.category, where) if w))
-    return "objects: " + ", ".join(parts) + "."
+    return "objects: " + ", ".join(object_phrase(o) for o in _nearest(frame, max_objects)) + "."
 
 
 def summary_features(frame: Frame) -> np.ndarray:
@@ -188,6 +184,13 @@ class OracleEncoder(Encoder):
                                          summary_features(frame)])
             rows.append(tokens)
         return torch.from_numpy(np.stack(rows))
+
+    def describe_tokens(self, frame: Frame) -> list[str | None]:
+        """Each object token's object in words (:func:`encoders.targets.object_phrase`); empty
+        slots and summary tokens say nothing (``None``)."""
+        words: list[str | None] = [object_phrase(o)
+                                   for o in _nearest(frame, self.config.max_objects)]
+        return words + [None] * (self.num_tokens - len(words))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 3 or x.shape[1:] != (self.num_tokens, self.dim):

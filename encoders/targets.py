@@ -134,3 +134,46 @@ def frame_group_counts(frames: Sequence[Frame], max_count: int = 3) -> np.ndarra
     out = np.stack([per_class[:, [CLASS_NAMES.index(n) for n in group]].sum(1)
                     for group in SHAPE_GROUPS], axis=1)
     return np.minimum(out, max_count)
+
+
+# ------------------------------------------------------------------ token descriptions
+
+
+def object_phrase(obj) -> str:
+    """An object as the questions name it: status, class and direction ("parked car front
+    left"; cones and barriers have no status)."""
+    from scenes.questions import RELATIONS, sector_index
+
+    sector = int(sector_index(np.float64(obj.center[0]), np.float64(obj.center[1])))
+    status = obj.status if obj.status in STATUS_NAMES else ""
+    return " ".join(w for w in (status, obj.category, RELATIONS[sector]) if w)
+
+
+def nearest_objects(frame: Frame, max_objects: int | None = None,
+                    max_distance: float | None = None) -> list:
+    """``frame``'s annotated objects, nearest first (within ``max_distance`` metres, at most
+    ``max_objects``)."""
+    if frame.objects is None:
+        raise ValueError(f"frame {frame.frame_id} has no ground-truth objects; anchoring and "
+                         "probes need annotated frames (the synthetic world has them)")
+    objects = sorted(frame.objects, key=lambda o: math.hypot(o.center[0], o.center[1]))
+    if max_distance is not None:
+        objects = [o for o in objects if math.hypot(o.center[0], o.center[1]) <= max_distance]
+    return objects if max_objects is None else objects[:max_objects]
+
+
+def region_descriptions(frame: Frame, regions: str, n_regions: int, max_objects: int = 4,
+                        max_distance: float | None = 40.0) -> list[str]:
+    """Per region (camera view or azimuth band, as :func:`region_counts`), its nearest
+    objects in words ("parked car front left and moving pedestrian front"; "nothing"): what
+    a region's tokens should say (text-anchored aligner pretraining, ``aligners/anchoring.py``)."""
+    if regions not in ("views", "bands"):
+        raise ValueError(f"regions must be 'views' or 'bands', got {regions!r}")
+    found: list[list[str]] = [[] for _ in range(n_regions)]
+    for obj in nearest_objects(frame, max_distance=max_distance):
+        azimuth = math.atan2(obj.center[1], obj.center[0])
+        where = view_membership(azimuth) if regions == "views" else [band_of(azimuth, n_regions)]
+        for r in where:
+            if len(found[r]) < max_objects:
+                found[r].append(object_phrase(obj))
+    return [" and ".join(words) if words else "nothing" for words in found]

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from aligners.config import ModalitySpec
+from aligners.config import ConnectionConfig, ModalitySpec
 
 if TYPE_CHECKING:  # importable without torch: the daemon's planner reads CostModel only
     from torch import nn
@@ -155,21 +155,43 @@ def analytic_step_cost(
     )
 
 
-def aligner_flops_per_token(embed_dim: int, kv_width: int, hidden_mult: int = 4) -> float:
-    """Forward FLOPs of one modality's key + value MLP aligners for one token."""
+def aligner_flops_per_token(embed_dim: int, kv_width: int, hidden_mult: int = 4, *,
+                            hidden_size: int | None = None, num_layers: int = 0,
+                            head_dim: int = 0) -> float:
+    """Forward FLOPs of one modality's key + value MLP aligners for one token.
+
+    With ``hidden_size`` (hidden-space aligners, ``ConnectionConfig.aligner_space ==
+    "hidden"``) the MLPs output the LLM's width and each of ``num_layers`` blocks projects
+    the token to its keys and values; ``head_dim`` > 0 adds the per-block maps. Counted for
+    every block, an upper bound that does not depend on N (these are a few percent of a
+    step)."""
     hidden = hidden_mult * embed_dim
-    return 2 * 2 * (embed_dim * hidden + hidden * kv_width)
+    out = kv_width if hidden_size is None else hidden_size
+    flops = 2 * 2 * (embed_dim * hidden + hidden * out)
+    if hidden_size is not None:
+        flops += num_layers * 2 * 2 * hidden_size * kv_width
+    if head_dim:
+        flops += num_layers * 2 * 2 * kv_width * head_dim
+    return flops
 
 
 def adaptation_cost(llm: nn.Module, modalities: Sequence[ModalitySpec], text_tokens: int,
-                    batch: int = 1) -> CostModel:
+                    batch: int = 1, connection: ConnectionConfig | None = None) -> CostModel:
     """The cost model of adapting ``modalities`` (their tokens and aligners) into ``llm``
-    with ``batch`` sequences of ``text_tokens`` tokens per step."""
+    with ``batch`` sequences of ``text_tokens`` tokens per step (``connection``: the state's
+    aligner recipe, default the paper's)."""
     from mpnp.llm import llm_geometry
 
-    kv_width = llm_geometry(llm).kv_width
+    geom = llm_geometry(llm)
+    recipe = {}
+    if connection is not None and connection.aligner_space == "hidden":
+        recipe.update(hidden_size=geom.hidden_size, num_layers=geom.num_layers)
+    if connection is not None and connection.block_maps:
+        recipe.update(num_layers=geom.num_layers, head_dim=geom.head_dim)
+    hidden_mult = connection.aligner_hidden_mult if connection is not None else 4
     prefix = sum(m.num_tokens for m in modalities)
-    per_token = sum(m.num_tokens * aligner_flops_per_token(m.embed_dim, kv_width)
+    per_token = sum(m.num_tokens * aligner_flops_per_token(m.embed_dim, geom.kv_width,
+                                                            hidden_mult, **recipe)
                     for m in modalities) / max(prefix, 1)
     return analytic_step_cost(llm, batch=batch, text_tokens=text_tokens, prefix_tokens=prefix,
                               aligner_flops_per_token=per_token)

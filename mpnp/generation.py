@@ -36,7 +36,7 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _bos(tokenizer) -> list[int]:
+def bos_prefix(tokenizer) -> list[int]:
     """A BOS prefix where the tokenizer's own encoding would add one."""
     probe = tokenizer("a")["input_ids"]
     bos = tokenizer.bos_token_id
@@ -75,7 +75,7 @@ def encode_prompts(tokenizer, questions: Sequence[str]) -> PromptBatch:
     """Left-padded prompts ``question: {q} answer:`` for generation."""
     if not questions:
         raise ValueError("no questions")
-    bos = _bos(tokenizer)
+    bos = bos_prefix(tokenizer)
     rows = [bos + _ids(tokenizer, format_prompt(q)) for q in questions]
     ids, mask = _left_pad(rows, tokenizer.pad_token_id)
     return PromptBatch(ids, mask, position_ids_from_mask(mask))
@@ -85,7 +85,7 @@ def encode_training(tokenizer, questions: Sequence[str], answers: Sequence[str])
     """Left-padded ``question: {q} answer: {a}<eos>`` with labels on ``{a}<eos>`` only."""
     if len(questions) != len(answers) or not questions:
         raise ValueError("need as many answers as questions, and at least one")
-    bos = _bos(tokenizer)
+    bos = bos_prefix(tokenizer)
     eos = tokenizer.eos_token_id
     rows, label_rows = [], []
     for q, a in zip(questions, answers):

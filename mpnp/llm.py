@@ -80,6 +80,39 @@ def attention_modules(llm: nn.Module) -> list[nn.Module]:
     return [found[i] for i in sorted(found)]
 
 
+def decoder_layers(llm: nn.Module) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of decoder blocks (Llama ``model.layers``, OPT ``decoder.layers``)."""
+    first_attn = attention_modules(llm)[0]
+    for module in llm.modules():
+        if isinstance(module, nn.ModuleList) and any(
+            any(c is first_attn for c in block.children()) for block in module
+        ):
+            return module
+    raise ValueError(f"{type(llm).__name__}: decoder block list not found")
+
+
+#: Attribute of a decoder block holding the norm its attention reads (Llama, Qwen2, Mistral;
+#: OPT).
+_ATTENTION_NORMS = ("input_layernorm", "self_attn_layer_norm")
+
+
+def attention_input_norms(llm: nn.Module) -> list[nn.Module]:
+    """Per block, what turns the residual stream into its attention's input: the block's
+    pre-attention norm, or the identity where the block normalises after attention (OPT with
+    ``do_layer_norm_before = False``). Hidden-space aligners go through it so their tokens
+    reach ``k_proj``/``v_proj`` as a text token's hidden state would."""
+    if getattr(llm.config, "do_layer_norm_before", True) is False:
+        return [nn.Identity() for _ in attention_modules(llm)]
+    norms = []
+    for block in decoder_layers(llm):
+        norm = next((getattr(block, a) for a in _ATTENTION_NORMS if hasattr(block, a)), None)
+        if norm is None:
+            raise ValueError(f"{type(block).__name__}: no pre-attention norm "
+                             f"(looked for {', '.join(_ATTENTION_NORMS)})")
+        norms.append(norm)
+    return norms
+
+
 def llm_geometry(llm: nn.Module) -> LLMGeometry:
     """Read the block count and K/V geometry from a loaded model."""
     cfg = llm.config

@@ -93,3 +93,26 @@ def test_runtime_switch_from_the_saved_state(prepared):
     assert model.states[fork.state_name].connected == ["lidar"]
     assert model.states["day-camera"].connected == ["camera"]
     assert report.samples == len(splits.night_train)
+
+
+def test_the_anchored_recipe_prepares_aligners_for_every_sensor(prepared):
+    """Algorithm 1's offline stage with the anchored recipe: the day state's camera aligners
+    and every other sensor's are text-anchored; the daemon's connector loads the latter."""
+    import dataclasses
+
+    from adapt.recipe import ALIGNER_STATE, recipe_named, with_anchor
+
+    store, config, llm, tok, first = prepared
+    recipe = with_anchor(recipe_named("anchored"), frames=8, steps=5, batch_size=4)
+    anchored = ensure_prepared(store, dataclasses.replace(config, recipe=recipe), llm=llm,
+                               tokenizer=tok, progress=False)
+    record = anchored.record
+    assert record["config_digest"] != first.record["config_digest"]  # retrained
+    assert set(record["anchoring"]) == {"camera", "offline lidar"}
+    assert anchored.aligners_dir is not None and anchored.aligners_dir.name == ALIGNER_STATE
+    model = MPnPModel(llm, tok)
+    day = load_day_connector(anchored, model)
+    assert model.active_name == day.state_name == "day-camera"
+    assert model.states["day-camera"].config.aligner_space == "hidden"
+    donor = model.states[ALIGNER_STATE]
+    assert list(donor.aligners) == ["lidar"] and len(donor.connected_layers()) == 4

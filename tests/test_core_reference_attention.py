@@ -75,7 +75,7 @@ def test_injected_attention_matches_reference(gate, attn_impl):
         out, _ = attn(hidden, position_embeddings=(cos, sin), attention_mask=mask4d)
     alpha = model.state.connections.alpha(layer)
     with torch.no_grad():
-        ref = reference_attention(attn, hidden, cos, sin, kv[0], kv[1], alpha, gate, pad)
+        ref = reference_attention(attn, hidden, cos, sin, *kv.block(layer), alpha, gate, pad)
     # Rows of padding queries attend only to the prefix in ours; compare real tokens only.
     real = pad.bool()
     torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
@@ -94,6 +94,6 @@ def test_causal_mask_is_built_when_the_stock_path_would_use_is_causal():
         out, _ = attn(hidden, position_embeddings=(cos, sin), attention_mask=None)
         alpha = model.state.connections.alpha(1)
         ref = reference_attention(
-            attn, hidden, cos, sin, kv[0], kv[1], alpha, "scale", torch.ones(1, 5)
+            attn, hidden, cos, sin, *kv.block(1), alpha, "scale", torch.ones(1, 5)
         )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -29,7 +29,6 @@ from transformers import DynamicCache
 
 from adapt.connectors import register_connector
 from adapt.connectors.base import Connector, ConnectorConfig, answer_loss
-from adapt.connectors.mpnp import decoder_layers
 from adapt.features import Batch
 from aligners.config import ModalitySpec
 from mpnp.answers import normalize_answer
@@ -40,6 +39,7 @@ from mpnp.generation import (
     position_ids_from_mask,
     stop_token_ids,
 )
+from mpnp.llm import decoder_layers
 
 
 class InputPrefixConnector(Connector):

@@ -23,18 +23,7 @@ from adapt.features import Batch
 from aligners.config import ConnectionConfig, ModalitySpec
 from aligners.model import MPnPModel
 from mpnp.generation import PromptBatch, final_answers, generate_answers
-from mpnp.llm import attention_modules
-
-
-def decoder_layers(llm: nn.Module) -> nn.ModuleList:
-    """The ``nn.ModuleList`` of decoder blocks (Llama ``model.layers``, OPT ``decoder.layers``)."""
-    first_attn = attention_modules(llm)[0]
-    for module in llm.modules():
-        if isinstance(module, nn.ModuleList) and any(
-            any(c is first_attn for c in block.children()) for block in module
-        ):
-            return module
-    raise ValueError(f"{type(llm).__name__}: decoder block list not found")
+from mpnp.llm import decoder_layers
 
 
 class _Skip(nn.Module):
