@@ -22,7 +22,7 @@ from adapt.connectors.mpnp import MPnPConnector
 from adapt.engine import prepare_candidate
 from adapt.features import FeatureSet
 from adapt.trainer import TrainConfig, Trainer, TrainReport
-from aligners.config import ModalitySpec
+from aligners.config import ConnectionConfig, ModalitySpec
 from mpnp.cost_model import adaptation_cost
 from mpnp.generation import encode_training
 from policies.budget import BudgetPlanner, PlannerConfig
@@ -81,7 +81,8 @@ def mean_text_tokens(tokenizer, data: FeatureSet, sample: int = 64,
 
 
 def plan_num_blocks(llm, tokenizer, modalities: Sequence[ModalitySpec], data: FeatureSet,
-                    train: TrainConfig, budget_flops: float) -> BudgetDecision:
+                    train: TrainConfig, budget_flops: float,
+                    connection: ConnectionConfig | None = None) -> BudgetDecision:
     """The largest N whose whole adaptation run (all epochs) fits ``budget_flops``.
 
     The daemon's planner (:class:`policies.budget.BudgetPlanner`) solves it, on the one cost
@@ -89,7 +90,7 @@ def plan_num_blocks(llm, tokenizer, modalities: Sequence[ModalitySpec], data: Fe
     """
     steps = train.epochs * math.ceil(len(data) / train.batch_size)
     text = mean_text_tokens(tokenizer, data, sample=256, batch_size=train.batch_size)
-    cost = adaptation_cost(llm, modalities, text, batch=train.batch_size)
+    cost = adaptation_cost(llm, modalities, text, batch=train.batch_size, connection=connection)
     planner = BudgetPlanner(PlannerConfig(batch_size=train.batch_size, target_steps=steps,
                                           min_steps=1))
     plan = planner.plan_flops(budget_flops, cost, steps)
@@ -134,7 +135,8 @@ def runtime_adapt(
     decision = None
     if isinstance(serving, MPnPConnector) and num_blocks is None and budget_flops is not None:
         decision = plan_num_blocks(serving.model.llm, serving.tokenizer, modalities, train,
-                                   config, budget_flops)
+                                   config, budget_flops,
+                                   serving.model.states[serving.state_name].config)
         num_blocks = decision.num_blocks
     # Fork, connect and set N under the run's own random stream (fresh aligners and LoRA
     # are initialised from the seed alone), exactly as the daemon's backend does.

@@ -105,11 +105,12 @@ def recipe_named(name: str) -> Recipe:
 def anchor_state(model: MPnPModel, modality: str, encoder: Encoder, data: FeatureSet,
                  frame_of: Callable[[str], Frame], recipe: Recipe, *,
                  progress: bool = False) -> AnchorReport | None:
-    """Anchor the active state's ``modality`` aligners on ``data``'s frames as ``recipe``
-    says (nothing when it has no anchoring). ``frame_of`` gives a frame's ground truth."""
+    """Anchor the active state's ``modality`` aligners on the frames ``data``'s questions ask
+    about (no others: a training set's frames), as ``recipe`` says (nothing when it has no
+    anchoring). ``frame_of`` gives a frame's ground truth."""
     if recipe.anchor is None:
         return None
-    frame_ids = sorted(data.tokens[modality])
+    frame_ids = sorted({item.frame_id for item in data.items})
     tokens = torch.stack([data.tokens[modality][f] for f in frame_ids])
     return anchor_modality(model, modality, encoder, [frame_of(f) for f in frame_ids], tokens,
                            recipe.anchor, progress=progress)

@@ -98,10 +98,6 @@ class MultimodalKV:
             self._blocks[key] = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
         return self._blocks[key]
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(k.shape[1] for _, k, _ in self._parts)
-
 
 class MPnPModel(nn.Module):
     """A resident decoder-only LLM whose last N blocks take modality keys/values."""

@@ -545,7 +545,9 @@ class MPnPBackend:
         from mpnp.cost_model import adaptation_cost
 
         specs = [self.encoders.specs[m] for m in self.encoders.modalities]
-        return adaptation_cost(self.model.llm, specs, self._text_tokens, batch=1)
+        connection = self.model.states[self.serving.state_name].config
+        return adaptation_cost(self.model.llm, specs, self._text_tokens, batch=1,
+                               connection=connection)
 
     @property
     def _text_tokens(self) -> int:

@@ -125,3 +125,23 @@ def test_runtime_adapt_starts_new_sensors_from_the_offline_aligners():
         pretrain_aligners(model, specs, {"lidar": oracle}, data, by_id.__getitem__, PAPER, 3,
                           ["lidar"])
     assert np.isfinite(reports["lidar"]["key_nmse"])
+
+
+def test_anchoring_reads_only_the_frames_the_training_questions_ask_about():
+    from adapt.recipe import anchor_state
+
+    llm, tok = tiny_llm("llama", num_layers=3)
+    model = MPnPModel(llm, tok)
+    oracle = create_encoder("oracle", max_objects=3)
+    frames = _frames(4)
+    tokens = oracle.encode(frames)
+    data = FeatureSet([QAItem("f1", "q", "yes", "exist", 0), QAItem("f3", "q", "no", "exist", 0)],
+                      {"lidar": {f.frame_id: tokens[i] for i, f in enumerate(frames)}})
+    recipe = Recipe(aligner_space="hidden", anchor=AnchorConfig(frames=10, steps=2))
+    model.create_state("s", [ModalitySpec("lidar", oracle.dim, oracle.num_tokens)],
+                       recipe.connection(2))
+    seen = []
+    report = anchor_state(model, "lidar", oracle, data,
+                          lambda fid: seen.append(fid) or frames[int(fid[1:])], recipe)
+    assert sorted(seen) == ["f1", "f3"] and report.tokens == 4  # two objects each
+    assert anchor_state(model, "lidar", oracle, data, seen.append, PAPER) is None

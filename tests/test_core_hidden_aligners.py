@@ -139,3 +139,20 @@ def test_states_saved_before_the_fields_existed_load_as_paper_aligners(tmp_path)
     write_state(data, tmp_path / "old2")
     load_state(model, tmp_path / "old2")
     assert model.state.config.aligner_space == "kv" and not model.state.config.block_maps
+
+
+def test_the_cost_model_counts_the_per_block_projections_and_maps():
+    from mpnp.cost_model import adaptation_cost, aligner_flops_per_token
+
+    kv = aligner_flops_per_token(8, 32)
+    assert kv == 2 * 2 * (8 * 32 + 32 * 32)
+    hidden = aligner_flops_per_token(8, 32, hidden_size=64, num_layers=3)
+    assert hidden == 2 * 2 * (8 * 32 + 32 * 64) + 3 * 2 * 2 * 64 * 32
+    mapped = aligner_flops_per_token(8, 32, hidden_size=64, num_layers=3, head_dim=16)
+    assert mapped == hidden + 3 * 2 * 2 * 32 * 16
+    llm, _ = tiny_llm("llama", num_layers=3)
+    paper = adaptation_cost(llm, [SPEC], 20)
+    assert adaptation_cost(llm, [SPEC], 20, connection=ConnectionConfig()) == paper
+    richer = adaptation_cost(llm, [SPEC], 20, connection=ConnectionConfig(
+        aligner_space="hidden", block_maps=True))
+    assert richer.forward > paper.forward and richer.dy_llm == paper.dy_llm
