@@ -129,8 +129,9 @@ def _token_spans(tokenizer, text: str, spans: list[tuple[str, int, int]]
     span, from the decoded pieces (any tokenizer, no offset mapping needed)."""
     from mpnp.generation import bos_prefix
 
-    ids = list(bos_prefix(tokenizer)) + tokenizer.encode(text, add_special_tokens=False)
-    start = len(ids) - len(tokenizer.encode(text, add_special_tokens=False))
+    words = tokenizer.encode(text, add_special_tokens=False)
+    ids = list(bos_prefix(tokenizer)) + words
+    start = len(ids) - len(words)
     pieces = [tokenizer.decode([i]) for i in ids[start:]]
     bounds, pos = [], 0
     for piece in pieces:
@@ -243,7 +244,7 @@ def anchor_aligners(model: MPnPModel, modality: str, tokens: torch.Tensor,
     scale_k = tk.pow(2).mean(dim=(0, 2)).sqrt().clamp(min=1e-6)
     scale_v = tv.pow(2).mean(dim=(0, 2)).sqrt().clamp(min=1e-6)
     projections = [model.block_projection(j) for j in targets.layers]
-    params = [p for p in aligner.parameters()]
+    params = list(aligner.parameters())
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
