@@ -41,6 +41,7 @@ from bench.table1 import Table1Config, _llm_name, _load_llm
 from encoders import create_encoder
 from encoders.cache import FeatureCache
 from encoders.oracle import describe_scene
+from encoders.pretrain import stored_or_pretrained
 from mpnp.answers import QUESTION_TYPES
 from mpnp.llm import llm_fingerprint
 from scenes.baselines import QuestionOnlyModel
@@ -193,14 +194,21 @@ def _zero_tokens(data: FeatureSet) -> FeatureSet:
 
 
 def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
-        progress: bool = True) -> dict:
-    """Train and score one state per encoder; ``table`` gives the world, encoders and LLM."""
+        progress: bool = True, stored_encoders: bool = False) -> dict:
+    """Train and score one state per encoder; ``table`` gives the world, encoders and LLM.
+    With ``stored_encoders`` the sensor encoders are the ones the store holds, whatever
+    config made them (e.g. ``mpnp encoders pretrain --slots 6``), as the probes use them."""
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     store = table.store(store_dir)
     world = ensure_world(table.world, store, progress)
-    available = ensure_encoders(PrepareConfig(world=table.world, pretrain=table.pretrain),
-                                world, store, progress)
+    prepare = PrepareConfig(world=table.world, pretrain=table.pretrain)
+    if stored_encoders:
+        kinds = {**prepare.encoders, **prepare.extra_encoders}
+        available = {m: stored_or_pretrained(k, world, store, progress)
+                     for m, k in kinds.items()}
+    else:
+        available = ensure_encoders(prepare, world, store, progress)
     available["oracle"] = create_encoder("oracle").freeze()
     available[ORACLE_SUMMARIES] = create_encoder("oracle", summaries=True).freeze()
     available[ORACLE_TEXT] = available[ORACLE_TEXT_CONNECTED] = available["oracle"]
@@ -271,9 +279,20 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
     meta = {"benchmark": "grounding", "llm": llm_fingerprint(llm), "light": light,
             "split": "val", "sizes": {"train": len(train_qa), "val": len(val_qa)},
             "encoders": {m: available[m].fingerprint() for m in cfg.encoders},
+            "encoder_tokens": {m: _token_summary(available[m]) for m in cfg.encoders},
             "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
             "world": str(world), "total_wall_s": time.perf_counter() - started}
     return {"meta": meta, "rows": rows}
+
+
+def _token_summary(encoder) -> str:
+    """What an encoder's tokens are, in a few words (``camera-vit: 36 x 192, 6 object slots
+    per view``)."""
+    text = f"{encoder.kind}: {encoder.num_tokens} x {encoder.dim}"
+    if encoder.object_slots:
+        regions, _ = encoder.region_layout()
+        text += f", {encoder.object_slots} object slots per {regions[:-1]}"
+    return text
 
 
 def _pct(value: float, ci: Sequence[float] | None = None) -> str:
@@ -295,9 +314,11 @@ def to_markdown(result: dict) -> str:
            f"{meta['light']} validation questions of the same types. *swapped*: the same "
            "questions with another frame's tokens; *reads* = accuracy − swapped (≈ 0: the "
            "state ignores its tokens). Exact match, %, 95 % Wilson interval.", "",
-           f"Recipe: {recipe.describe()}.", "",
-           "| encoder | accuracy | swapped | reads | " + " | ".join(keys) + " |",
-           "|---|---|---|---|" + "---|" * len(keys)]
+           f"Recipe: {recipe.describe()}.", ""]
+    if meta.get("encoder_tokens"):
+        out += ["Tokens: " + "; ".join(meta["encoder_tokens"].values()) + ".", ""]
+    out += ["| encoder | accuracy | swapped | reads | " + " | ".join(keys) + " |",
+            "|---|---|---|---|" + "---|" * len(keys)]
     for r in rows:
         swapped = _pct(r["swapped_accuracy"], r.get("swapped_ci95")) if "reads" in r else "—"
         reads = f"{100 * r['reads']:+.1f}" if "reads" in r else "—"
@@ -324,6 +345,9 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="tiny world, encoders and LLM")
     p.add_argument("--model")
     p.add_argument("--store")
+    p.add_argument("--stored-encoders", action="store_true",
+                   help="use the sensor encoders the store holds, whatever config made them "
+                   "(e.g. `mpnp encoders pretrain --slots 6`), instead of the defaults")
     p.add_argument("--encoders", nargs="+", default=list(GroundingConfig.encoders),
                    metavar="MODALITY", help="one state each: oracle, oracle+summaries, "
                    "oracle-text, oracle-text-connected and/or sensor modalities of the store "
@@ -386,7 +410,8 @@ def _main(args: argparse.Namespace) -> int:
                                   learning_rates=dict(table.learning_rates))
         cfg.recipe = with_anchor(cfg.recipe, frames=min(args.anchor_frames, 16),
                                  steps=min(args.anchor_steps, 20))
-    result = run(cfg, table, args.store, progress=not args.no_progress)
+    result = run(cfg, table, args.store, progress=not args.no_progress,
+                 stored_encoders=args.stored_encoders)
     md = to_markdown(result)
     print(md)
     write_output(args.json, json.dumps(result, indent=2))

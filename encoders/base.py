@@ -98,14 +98,24 @@ class Encoder(nn.Module, ABC):
         raise NotImplementedError(f"encoder {self.kind!r} has no region layout (it cannot be "
                                   "pretrained on region targets)")
 
+    @property
+    def object_slots(self) -> int:
+        """Object slots per region (``encoders/slots.py``): each of a region's tokens stands
+        for one of its objects, nearest first; 0 (default): tokens summarise their region."""
+        return 0
+
     def describe_tokens(self, frame: Frame) -> list[str | None]:
         """What each token of ``frame`` should carry, in words (``None``: nothing to say), from
         the frame's ground truth: the targets of text-anchored aligner pretraining
         (``aligners/anchoring.py``). The default describes each region's nearest objects
-        (:func:`encoders.targets.region_descriptions`) for all of the region's tokens."""
-        from encoders.targets import region_descriptions
+        (:func:`encoders.targets.region_descriptions`) for all of the region's tokens; an
+        encoder with object slots describes each slot's own object
+        (:func:`encoders.targets.slot_descriptions`)."""
+        from encoders.targets import region_descriptions, slot_descriptions
 
         regions, count = self.region_layout()
+        if self.object_slots:
+            return list(slot_descriptions(frame, regions, count, self.object_slots))
         per_region = self.num_tokens // count
         return [text for text in region_descriptions(frame, regions, count)
                 for _ in range(per_region)]

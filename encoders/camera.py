@@ -25,6 +25,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from encoders.base import Encoder, check_frames, init_from_generator
+from encoders.slots import ObjectSlots
 from scenes.sample import CAMERA_VIEWS, Frame
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,10 @@ class CameraViTConfig:
         patch_size: square patch side in pixels; must divide both image sides.
         embed_dim / depth / num_heads / mlp_ratio: the ViT.
         cls_blocks: how many of the last blocks contribute their [CLS] token per view.
+        slots: object slots per view (``encoders/slots.py``); 0 (default) keeps the paper's
+            [CLS] tokens. With slots the tokens are the slots (6 x ``slots``), each
+            pretrained to name one of its view's objects, nearest first.
+        slot_layers: decoder layers of the slots.
         seed: initialisation seed (a fresh encoder is a pure function of its config).
     """
 
@@ -54,6 +59,8 @@ class CameraViTConfig:
     num_heads: int = 3
     mlp_ratio: float = 4.0
     cls_blocks: int = 4
+    slots: int = 0
+    slot_layers: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -73,11 +80,15 @@ class CameraViTConfig:
                              f"{self.depth}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"CameraViTConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if self.slots < 0 or (self.slots and self.slot_layers < 1):
+            raise ValueError(f"CameraViTConfig: slots must be >= 0 and slot_layers >= 1, got "
+                             f"{self.slots} / {self.slot_layers}")
 
 
 class CameraViTEncoder(Encoder):
     """Six camera views -> ``(B, 6 * cls_blocks, embed_dim)`` tokens, view-major order
-    (view 0's blocks L-k..L-1, then view 1's, ...)."""
+    (view 0's blocks L-k..L-1, then view 1's, ...); with ``slots`` > 0, ``(B, 6 * slots,
+    embed_dim)`` object slots instead (view 0's nearest-first slots, then view 1's, ...)."""
 
     kind = "camera-vit"
     modality = "camera"
@@ -94,8 +105,15 @@ class CameraViTEncoder(Encoder):
                 patch_size=config.patch_size, embed_dim=config.embed_dim, depth=config.depth,
                 num_heads=config.num_heads, mlp_ratio=config.mlp_ratio, num_classes=0,
                 global_pool="token", class_token=True)
+            self.slots = ObjectSlots(config.embed_dim, config.num_heads, config.slots,
+                                     len(CAMERA_VIEWS), config.slot_layers, config.mlp_ratio
+                                     ) if config.slots else None
         self.vit.to_empty(device="cpu")
-        init_from_generator(self.vit, torch.Generator().manual_seed(int(config.seed)))
+        generator = torch.Generator().manual_seed(int(config.seed))
+        init_from_generator(self.vit, generator)
+        if self.slots is not None:
+            self.slots.to_empty(device="cpu")
+            init_from_generator(self.slots, generator)
         self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 1, 3, 1, 1),
                              persistent=False)
         self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 1, 3, 1, 1),
@@ -103,7 +121,11 @@ class CameraViTEncoder(Encoder):
 
     @property
     def num_tokens(self) -> int:
-        return len(CAMERA_VIEWS) * self.config.cls_blocks
+        return len(CAMERA_VIEWS) * (self.config.slots or self.config.cls_blocks)
+
+    @property
+    def object_slots(self) -> int:
+        return self.config.slots
 
     @property
     def dim(self) -> int:
@@ -148,6 +170,11 @@ class CameraViTEncoder(Encoder):
         h = vit.patch_embed(x)  # (B*6, P, D)
         h = vit._pos_embed(h)  # (B*6, 1+P, D): [CLS] prepended, positions added
         h = vit.norm_pre(h)
+        if self.slots is not None:
+            for block in vit.blocks:
+                h = block(h)
+            slots = self.slots(vit.norm(h)[:, 1:])  # the view's patch tokens -> (B*6, K, D)
+            return slots.reshape(batch, views * self.config.slots, -1)
         first = len(vit.blocks) - self.config.cls_blocks
         cls_tokens = []
         for index, block in enumerate(vit.blocks):

@@ -23,6 +23,8 @@ def add_commands(subparsers) -> None:
                                           "save to the model store")
     _common(pre)
     pre.add_argument("--epochs", type=int, help="override the default epochs")
+    pre.add_argument("--slots", type=int, help="object slots per region (camera view / LiDAR "
+                     "band; encoders/slots.py); 0 keeps the region-summary tokens")
     pre.add_argument("--force", action="store_true", help="pretrain even if a saved one exists")
     pre.set_defaults(func=_pretrain)
 
@@ -93,7 +95,10 @@ def _pretrain(args) -> int:
     from encoders.pretrain import PretrainConfig, encoder_dir, ensure_pretrained
 
     for kind in _kinds(args.kind):
-        config = PretrainConfig(epochs=args.epochs) if args.epochs else None
+        overrides = {"epochs": args.epochs} if args.epochs else {}
+        if args.slots is not None:
+            overrides["encoder"] = {"slots": args.slots}
+        config = PretrainConfig(**overrides) if overrides else None
         encoder = ensure_pretrained(kind, _world(args), args.store, config,
                                     progress=not args.no_progress, force=args.force)
         record = json.loads((encoder_dir(kind, args.store) / "pretrain.json").read_text())

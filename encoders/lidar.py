@@ -27,6 +27,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from encoders.base import Encoder, check_frames, init_from_generator
+from encoders.slots import ObjectSlots
 from scenes.range_image import points_to_range_image
 from scenes.sample import Frame
 
@@ -52,6 +53,11 @@ class LidarRangeViTConfig:
         embed_dim / depth / num_heads / mlp_ratio: the ViT.
         bands: azimuth sectors the tokens are averaged into (must divide the token columns).
         token_blocks: how many of the last blocks contribute their band tokens.
+        slots: object slots per band (``encoders/slots.py``); 0 (default) keeps the averaged
+            band tokens. With slots the tokens are the slots (bands x ``slots``), each
+            pretrained to name one of its band's objects, nearest first; a band's slots read
+            its token columns and one column on either side.
+        slot_layers: decoder layers of the slots.
         seed: initialisation seed.
     """
 
@@ -69,6 +75,8 @@ class LidarRangeViTConfig:
     mlp_ratio: float = 4.0
     bands: int = 8
     token_blocks: int = 2
+    slots: int = 0
+    slot_layers: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -95,6 +103,9 @@ class LidarRangeViTConfig:
         if self.token_blocks > self.depth:
             raise ValueError(f"LidarRangeViTConfig.token_blocks {self.token_blocks} exceeds "
                              f"depth {self.depth}")
+        if self.slots < 0 or (self.slots and self.slot_layers < 1):
+            raise ValueError(f"LidarRangeViTConfig: slots must be >= 0 and slot_layers >= 1, "
+                             f"got {self.slots} / {self.slot_layers}")
         if not self.fov_down_deg < self.fov_up_deg:
             raise ValueError("LidarRangeViTConfig: fov_down_deg must be below fov_up_deg")
 
@@ -195,11 +206,27 @@ class LidarRangeViTEncoder(Encoder):
                 for _ in range(c.depth))
             self.norm = nn.LayerNorm(c.embed_dim)  # kept for RangeViT checkpoint parity
         self.to_empty(device="cpu")
-        init_from_generator(self, torch.Generator().manual_seed(int(c.seed)))
+        generator = torch.Generator().manual_seed(int(c.seed))
+        init_from_generator(self, generator)
+        self.slots = None
+        if c.slots:
+            with torch.device("meta"):
+                self.slots = ObjectSlots(c.embed_dim, c.num_heads, c.slots, c.bands,
+                                         c.slot_layers, c.mlp_ratio)
+            self.slots.to_empty(device="cpu")
+            init_from_generator(self.slots, generator)
+            per_band = cols // c.bands
+            columns = (torch.arange(-1, per_band + 1)[None]
+                       + per_band * torch.arange(c.bands)[:, None])
+            self.register_buffer("band_columns", columns % cols, persistent=False)  # (bands, w+2)
 
     @property
     def num_tokens(self) -> int:
-        return self.config.bands * self.config.token_blocks
+        return self.config.bands * (self.config.slots or self.config.token_blocks)
+
+    @property
+    def object_slots(self) -> int:
+        return self.config.slots
 
     @property
     def dim(self) -> int:
@@ -237,6 +264,13 @@ class LidarRangeViTEncoder(Encoder):
         rows, cols = c.grid
         h = self.stem(x).flatten(2).transpose(1, 2)  # (B, rows*cols, D)
         h = torch.cat((self.cls_token.expand(batch, -1, -1), h), dim=1) + self.pos_embed
+        if self.slots is not None:
+            for block in self.blocks:
+                h = block(h)
+            grid = self.norm(h[:, 1:]).reshape(batch, rows, cols, -1)
+            memory = grid[:, :, self.band_columns]  # (B, rows, bands, w+2, D)
+            memory = memory.permute(0, 2, 1, 3, 4).reshape(batch * c.bands, -1, grid.shape[-1])
+            return self.slots(memory).reshape(batch, c.bands * c.slots, -1)
         first = c.depth - c.token_blocks
         band_tokens = []
         for index, block in enumerate(self.blocks):

@@ -26,7 +26,13 @@ import torch
 from torch import nn
 
 from encoders import Encoder, EncoderFormatError, create_encoder, encoder_class, load_encoder
-from encoders.targets import TARGET_NAMES, region_counts
+from encoders.targets import (
+    IGNORE,
+    OBJECT_FIELDS,
+    TARGET_NAMES,
+    region_counts,
+    slot_targets,
+)
 from mpnp.files import atomic_write_text
 from mpnp.paths import model_store_dir
 from scenes.dataset import QADataset
@@ -53,7 +59,8 @@ class PretrainConfig:
         max_count: counts are clipped to this and predicted as classes 0..max_count.
         augment: the encoder's :meth:`~encoders.base.Encoder.augment` (camera: random
             horizontal flips per view; LiDAR and radar: random rotations by whole azimuth
-            bands, targets rotated with them).
+            bands, targets rotated with them). Encoders with object slots are not
+            augmented: a flip or rotation would change their objects' directions.
         split: the world split trained on (``val`` is used for the record's accuracy).
         seed: data order, augmentation and head initialisation.
         encoder: overrides of the encoder's config (e.g. ``{"depth": 6}``).
@@ -138,17 +145,22 @@ def corpus_dir(world_dir: str | os.PathLike[str], corpus: dict,
 
 
 def encode_inputs(encoder: Encoder, data: QADataset, max_count: int, chunk: int = 32
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Preprocessed inputs, region count targets ``(N, R, Q)`` and night flags ``(N,)``."""
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Preprocessed inputs, region count targets ``(N, R, Q)``, object-slot targets
+    ``(N, R, K, F)`` (``None`` for an encoder without slots) and night flags ``(N,)``."""
     regions, n_regions = region_layout(encoder)
     ids = data.frame_ids
-    inputs, targets, night = [], [], []
+    inputs, targets, slots, night = [], [], [], []
     for start in range(0, len(ids), chunk):
         frames = [data.frame(i) for i in ids[start:start + chunk]]
         inputs.append(encoder.preprocess(frames))
         targets.append(torch.from_numpy(region_counts(frames, regions, n_regions, max_count)))
+        if encoder.object_slots:
+            slots.append(torch.from_numpy(
+                slot_targets(frames, regions, n_regions, encoder.object_slots)))
         night.extend(f.is_night for f in frames)
-    return torch.cat(inputs), torch.cat(targets), torch.tensor(night)
+    return (torch.cat(inputs), torch.cat(targets), torch.cat(slots) if slots else None,
+            torch.tensor(night))
 
 
 class RegionHead(nn.Module):
@@ -164,6 +176,42 @@ class RegionHead(nn.Module):
         batch = tokens.shape[0]
         per_region = tokens.reshape(batch, n_regions, -1)  # (B, R, k*D): tokens are region-major
         return self.linear(self.norm(per_region)).reshape(batch, n_regions, *self.shape)
+
+
+class SlotHead(nn.Module):
+    """Throw-away linear head: each object slot -> logits of every :data:`OBJECT_FIELDS`
+    field of its object."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.linear = nn.Linear(width, sum(OBJECT_FIELDS.values()))
+
+    def forward(self, tokens: torch.Tensor, n_regions: int) -> list[torch.Tensor]:
+        """``tokens`` ``(B, R*K, D)`` -> one ``(B, R, K, values)`` logit tensor per field."""
+        batch = tokens.shape[0]
+        logits = self.linear(self.norm(tokens)).reshape(batch, n_regions, -1,
+                                                        self.linear.out_features)
+        return list(logits.split(list(OBJECT_FIELDS.values()), dim=-1))
+
+
+def slot_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Mean over fields of each field's cross-entropy (slots with nothing to say about a
+    field, :data:`~encoders.targets.IGNORE`, do not count)."""
+    losses = [nn.functional.cross_entropy(f.flatten(0, 2), targets[..., i].flatten(),
+                                          ignore_index=IGNORE)
+              for i, f in enumerate(logits)]
+    return torch.stack(losses).mean()
+
+
+def slot_accuracy(logits: list[torch.Tensor], targets: torch.Tensor) -> dict[str, float]:
+    """Per field, the share of slots (with something to say) whose value is right."""
+    out = {}
+    for i, (name, f) in enumerate(zip(OBJECT_FIELDS, logits)):
+        t = targets[..., i]
+        mask = t != IGNORE
+        out[name] = round(float((f.argmax(-1)[mask] == t[mask]).float().mean()), 4)
+    return out
 
 
 def count_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -196,10 +244,16 @@ def pretrain_encoder(kind: str, world_dir: str | os.PathLike[str],
     encoder = create_encoder(kind, **config.encoder)
     _, n_regions = region_layout(encoder)
     started = time.perf_counter()
-    x_all, y_all, _ = encode_inputs(encoder, train, config.max_count)
+    x_all, y_all, slots_all, _ = encode_inputs(encoder, train, config.max_count)
     width = encoder.dim * encoder.num_tokens // n_regions
     head = RegionHead(width, len(TARGET_NAMES), config.max_count + 1)
+    slot_head = SlotHead(encoder.dim) if slots_all is not None else None
+    # A flip or a rotation by whole bands keeps a region's counts but not its objects'
+    # directions, so object-slot encoders train on the frames as they are.
+    augment = config.augment and slot_head is None
     params = list(encoder.parameters()) + list(head.parameters())
+    if slot_head is not None:
+        params += list(slot_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(x_all) / config.batch_size)
     total = epochs * steps_per_epoch
@@ -217,10 +271,13 @@ def pretrain_encoder(kind: str, world_dir: str | os.PathLike[str],
         for start in range(0, len(order), config.batch_size):
             index = order[start:start + config.batch_size]
             x, y = x_all[index], y_all[index]
-            if config.augment:
+            if augment:
                 x, y = encoder.augment(x, y, gen)
-            logits = head(encoder(x), n_regions)  # (B, R, Q, max_count+1)
+            tokens = encoder(x)
+            logits = head(tokens, n_regions)  # (B, R, Q, max_count+1)
             loss = loss_fn(logits.flatten(0, 2), y.flatten())
+            if slot_head is not None:
+                loss = loss + slot_loss(slot_head(tokens, n_regions), slots_all[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -240,19 +297,22 @@ def pretrain_encoder(kind: str, world_dir: str | os.PathLike[str],
               "steps": total, "train_frames": len(x_all), "pretrain": config.to_dict(),
               "encoder_config": encoder.config_dict(), "wall_seconds": round(train_seconds, 1),
               "final_train_loss": round(float(np.mean(losses[-steps_per_epoch:])), 4),
-              "val": _validate(encoder, head, world_dir, config, n_regions)}
+              "val": _validate(encoder, head, slot_head, world_dir, config, n_regions)}
     log.info("pretrained %s in %.0f s: %s", kind, train_seconds, record["val"])
     return encoder, record
 
 
-def _validate(encoder: Encoder, head: RegionHead, world_dir, config: PretrainConfig,
-              n_regions: int) -> dict:
+def _validate(encoder: Encoder, head: RegionHead, slot_head: SlotHead | None, world_dir,
+              config: PretrainConfig, n_regions: int) -> dict:
     """Region count accuracy of the pretraining head on the val split, day and night, next to
-    predicting the most common count of each target."""
+    predicting the most common count of each target; with object slots, the slot head's
+    accuracy per field."""
     data = load_split(world_dir, "val")
-    x, y, night = encode_inputs(encoder, data, config.max_count)
+    x, y, slots, night = encode_inputs(encoder, data, config.max_count)
     with torch.no_grad():
-        logits = torch.cat([head(encoder(x[i:i + 32]), n_regions) for i in range(0, len(x), 32)])
+        tokens = torch.cat([encoder(x[i:i + 32]) for i in range(0, len(x), 32)])
+        logits = head(tokens, n_regions)
+        slot_logits = slot_head(tokens, n_regions) if slot_head is not None else None
     majority = torch.mode(y.flatten(0, 1), dim=0).values  # (Q,) most common count per target
     out = {}
     for name, mask in (("day", ~night), ("night", night)):
@@ -260,6 +320,9 @@ def _validate(encoder: Encoder, head: RegionHead, world_dir, config: PretrainCon
             out[name] = {"frames": int(mask.sum()),
                          "count_accuracy": round(count_accuracy(logits[mask], y[mask]), 4),
                          "majority": round(float((y[mask] == majority).float().mean()), 4)}
+            if slot_logits is not None:
+                out[name]["slot_accuracy"] = slot_accuracy([f[mask] for f in slot_logits],
+                                                           slots[mask])
     return out
 
 

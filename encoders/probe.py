@@ -5,7 +5,8 @@ LiDAR tokens to azimuth bands. A linear probe reads the tokens of one region (it
 concatenated, standardised) and predicts what is in that region: (a) for each class, whether
 an object of it is there (all annotated objects, up to 40 m; and only those within 20 m);
 (b) per *shape group* (classes of one shape merged, what geometry alone can count) how many
-objects (0, 1, 2, 3+); (c) how many objects in each distance ring.
+objects (0, 1, 2, 3+); (c) how many objects in each distance ring; (d) object level: the
+region's nearest object's class, status and direction (or "nothing").
 Probes are fit on the train split of the world (L2 penalty chosen on val) and scored on the
 test split (split by scene), separately for day and night frames, next to answering each
 target with its most common train value (*majority*).
@@ -31,9 +32,11 @@ from encoders.targets import (
     STATUS_NAMES,
     STATUS_SLICE,
     region_counts,
+    slot_targets,
 )
 from mpnp.paths import model_store_dir
 from scenes.layout import CLASS_NAMES
+from scenes.questions import RELATIONS
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +117,20 @@ def _region_data(encoder, frames: list, tokens: torch.Tensor, max_count: int):
     classes = counts[:, CLASS_SLICE]
     groups = torch.stack([classes[:, [CLASS_NAMES.index(n) for n in g]].sum(1)
                           for g in SHAPE_GROUPS], dim=1)
+    nearest = torch.from_numpy(slot_targets(frames, regions, n_regions, 1)).reshape(
+        len(frames) * n_regions, -1)  # (N*R, fields): the region's nearest object
+    empty = nearest[:, 0] == len(CLASS_NAMES)
     targets = {"class presence": (classes > 0).long(),
                f"class presence <= {NEAR_METRES:g} m": near,
                "shape-group count": groups.clamp(max=max_count),
                "objects by distance": counts[:, RING_SLICE].clamp(max=max_count),
-               "status count": counts[:, STATUS_SLICE].clamp(max=max_count)}
+               "status count": counts[:, STATUS_SLICE].clamp(max=max_count),
+               # "nothing" is the last value of each object-level task.
+               "nearest object class": nearest[:, :1],
+               "nearest object status": torch.where(empty, len(STATUS_NAMES) + 1,
+                                                    nearest[:, 1])[:, None],
+               "nearest object direction": torch.where(empty, len(RELATIONS),
+                                                       nearest[:, 3])[:, None]}
     night = torch.tensor([f.is_night for f in frames]).repeat_interleave(n_regions)
     return features, targets, night
 
@@ -176,14 +188,20 @@ def probe_encoder(encoder, world_dir, config: ProbeConfig | None = None,
         relit_data[name] = ((f - mean) / std, t)
     names = {"class presence": CLASS_NAMES, f"class presence <= {NEAR_METRES:g} m": CLASS_NAMES,
              "shape-group count": GROUP_NAMES,
-             "objects by distance": RING_NAMES, "status count": STATUS_NAMES}
+             "objects by distance": RING_NAMES, "status count": STATUS_NAMES,
+             "nearest object class": ("nearest",), "nearest object status": ("nearest",),
+             "nearest object direction": ("nearest",)}
+    values = {"nearest object class": len(CLASS_NAMES) + 1,
+              "nearest object status": len(STATUS_NAMES) + 2,
+              "nearest object direction": len(RELATIONS) + 1}
     regions, n_regions = region_layout(encoder)
     result: dict = {"kind": encoder.kind, "fingerprint": encoder.fingerprint()[:16],
                     "tokens": [encoder.num_tokens, encoder.dim], "regions": regions,
                     "tasks": {}}
     for task, target_names in names.items():
         targets = {s: v[1][task] for s, v in splits.items()}
-        n_classes = 2 if task.startswith("class presence") else config.max_count + 1
+        n_classes = values.get(task, 2 if task.startswith("class presence")
+                               else config.max_count + 1)
         best = None
         for wd in config.weight_decays:
             probe = fit_linear_probe(feats["train"], targets["train"], n_classes, wd, config)

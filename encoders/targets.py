@@ -177,3 +177,67 @@ def region_descriptions(frame: Frame, regions: str, n_regions: int, max_objects:
             if len(found[r]) < max_objects:
                 found[r].append(object_phrase(obj))
     return [" and ".join(words) if words else "nothing" for words in found]
+
+
+# ------------------------------------------------------------------ object-slot targets
+
+#: What each object slot predicts about its object, and how many values each field has.
+#: ``class``: the class, or "nothing" (the last value) for an empty slot; ``status``: the
+#: status, or "none" (the last value) for classes without one (cones, barriers); ``ring``:
+#: the distance ring (:data:`DISTANCE_RINGS`); ``sector``: the direction from the ego
+#: vehicle as the questions name it (``scenes.questions.RELATIONS``). Fields other than
+#: ``class`` are :data:`IGNORE` for an empty slot.
+OBJECT_FIELDS: dict[str, int] = {"class": len(CLASS_NAMES) + 1,
+                                 "status": len(STATUS_NAMES) + 1,
+                                 "ring": len(DISTANCE_RINGS), "sector": 6}
+#: The target of a field a slot has nothing to say about (``cross_entropy(ignore_index=...)``).
+IGNORE = -100
+
+
+def region_objects(frame: Frame, regions: str, n_regions: int,
+                   max_distance: float | None = 40.0) -> list[list]:
+    """Per region (camera view or azimuth band, as :func:`region_counts`), its annotated
+    objects nearest first: the objects the region's slots stand for, in slot order."""
+    if regions not in ("views", "bands"):
+        raise ValueError(f"regions must be 'views' or 'bands', got {regions!r}")
+    found: list[list] = [[] for _ in range(n_regions)]
+    for obj in nearest_objects(frame, max_distance=max_distance):
+        azimuth = math.atan2(obj.center[1], obj.center[0])
+        where = view_membership(azimuth) if regions == "views" else [band_of(azimuth, n_regions)]
+        for r in where:
+            found[r].append(obj)
+    return found
+
+
+def slot_targets(frames: Sequence[Frame], regions: str, n_regions: int, slots: int,
+                 max_distance: float | None = 40.0) -> np.ndarray:
+    """Object-slot targets ``(B, R, slots, len(OBJECT_FIELDS))`` int64: slot k of region r
+    stands for the region's k-th nearest object (:func:`region_objects`), described by
+    :data:`OBJECT_FIELDS`; slots beyond the region's objects say "nothing"."""
+    from scenes.questions import sector_index
+
+    out = np.full((len(frames), n_regions, slots, len(OBJECT_FIELDS)), IGNORE, dtype=np.int64)
+    out[..., 0] = len(CLASS_NAMES)  # "nothing"
+    for b, frame in enumerate(frames):
+        for r, objects in enumerate(region_objects(frame, regions, n_regions, max_distance)):
+            for k, obj in enumerate(objects[:slots]):
+                x, y = float(obj.center[0]), float(obj.center[1])
+                distance = math.hypot(x, y)
+                status = STATUS_NAMES.index(obj.status) if obj.status in STATUS_NAMES \
+                    else len(STATUS_NAMES)
+                ring = next((i for i, hi in enumerate(DISTANCE_RINGS) if distance <= hi),
+                            len(DISTANCE_RINGS) - 1)
+                out[b, r, k] = (CLASS_NAMES.index(obj.category), status, ring,
+                                int(sector_index(np.float64(x), np.float64(y))))
+    return out
+
+
+def slot_descriptions(frame: Frame, regions: str, n_regions: int, slots: int,
+                      max_distance: float | None = 40.0) -> list[str]:
+    """What each object slot should say, region-major: its object in words
+    (:func:`object_phrase`) or "nothing", in the order of :func:`slot_targets`."""
+    out = []
+    for objects in region_objects(frame, regions, n_regions, max_distance):
+        phrases = [object_phrase(o) for o in objects[:slots]]
+        out.extend(phrases + ["nothing"] * (slots - len(phrases)))
+    return out

@@ -101,3 +101,20 @@ def test_scene_isolation_closes_the_scene_below_the_connected_blocks_only():
     assert seen[0] is not None and seen[1] is not None and seen[0].any()
     assert seen[2] is None and seen[3] is None
     assert iso._mask is None  # released with the context
+
+
+def test_markdown_says_what_the_tokens_are():
+    from test_encoders import TINY
+
+    from bench.grounding import _token_summary
+    from encoders import create_encoder
+
+    slotted = create_encoder("camera-vit", **{**TINY["camera-vit"], "slots": 2})
+    plain = create_encoder("lidar-rangevit", **TINY["lidar-rangevit"])
+    assert _token_summary(slotted) == "camera-vit: 12 x 32, 2 object slots per view"
+    assert _token_summary(plain) == "lidar-rangevit: 8 x 32"
+    meta = {"llm": {"model_type": "llama", "num_layers": 4, "name": "tiny"}, "light": "day",
+            "sizes": {"train": 8, "val": 4}, "encoder_tokens": {"camera": "camera-vit: 12 x 32"},
+            "config": {"types": ["exist/0"], "num_blocks": 4, "epochs": 2, "batch_size": 16,
+                       "gate": "logit", "init_alpha": 0.05}}
+    assert "Tokens: camera-vit: 12 x 32." in to_markdown({"meta": meta, "rows": []})

@@ -138,7 +138,9 @@ def test_probe_reports_day_and_night(world, tmp_path):
         assert 0.0 <= presence[light]["accuracy"] <= 1.0
         assert len(presence[light]["per_target"]) == 10
     assert set(report["tasks"]) == {"class presence", "class presence <= 20 m",
-                                    "shape-group count", "objects by distance", "status count"}
+                                    "shape-group count", "objects by distance", "status count",
+                                    "nearest object class", "nearest object status",
+                                    "nearest object direction"}
     text = to_markdown({"world": str(world), "encoders": [report]})
     assert "| lidar-rangevit | night |" in text
 
