@@ -74,6 +74,16 @@ def export_onnx(encoder: Encoder, path: str | os.PathLike[str], opset: int = DEF
     example = encoder.example_input(batch).to(encoder.device)
 
     def write(tmp: Path) -> None:
+        # torch's fused multi-head-attention kernel (taken in eval mode, e.g. by the object
+        # slots' decoder layers) has no ONNX symbolic: export the plain operations instead.
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            _export(tmp)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+
+    def _export(tmp: Path) -> None:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(encoder, (example,), str(tmp), input_names=[INPUT_NAME],

@@ -81,9 +81,11 @@ def test_cache_treats_a_corrupt_entry_as_a_miss_and_checks_names(tmp_path):
         cache.path("not-hex", "frame-1")
 
 
-@pytest.mark.parametrize("kind", list_encoders())
-def test_onnx_matches_torch(kind, tmp_path):
-    encoder = create_encoder(kind, **TINY[kind]).freeze()
+@pytest.mark.parametrize("kind,slots", [(k, 0) for k in list_encoders()]
+                         + [("camera-vit", 2), ("lidar-rangevit", 2)])
+def test_onnx_matches_torch(kind, slots, tmp_path):
+    extra = {"slots": slots} if slots else {}  # object slots: decoder layers export too
+    encoder = create_encoder(kind, **TINY[kind], **extra).freeze()
     path = export_onnx(encoder, tmp_path / f"{kind}.onnx")
     runtime = OnnxEncoder(path, encoder, OnnxRuntimeConfig(providers=("CPUExecutionProvider",)))
     frames = [make_frame(i) for i in range(3)]  # batch 3: the export used batch 2
