@@ -40,6 +40,9 @@ CONFIG_FILE = "encoder.json"
 #: Modalities that no sensor provides (never served by the daemon); every other modality is
 #: the name of the registered sensor its encoder reads (:mod:`scenes.sensors`).
 DIAGNOSTIC_MODALITIES = ("oracle",)
+#: Config fields of object slots (``encoders/slots.py``), left out of the fingerprint of an
+#: encoder without slots.
+SLOT_FIELDS = ("slots", "slot_layers")
 FIX_HINT = "run `mpnp prepare` (or `mpnp encoders pretrain --kind {kind}`) to recreate it"
 
 
@@ -160,7 +163,13 @@ class Encoder(nn.Module, ABC):
         which is what feature caches key on."""
         digest = hashlib.sha256()
         digest.update(self.kind.encode())
-        digest.update(json.dumps(self.config_dict(), sort_keys=True).encode())
+        config = self.config_dict()
+        if not config.get("slots"):
+            # Fields added with object slots do not count while slots are off, so encoders
+            # saved before they existed keep their fingerprints (and the day states and
+            # feature caches keyed on them stay valid).
+            config = {k: v for k, v in config.items() if k not in SLOT_FIELDS}
+        digest.update(json.dumps(config, sort_keys=True).encode())
         for name, tensor in sorted(self.state_dict().items()):
             t = tensor.detach().to("cpu").contiguous()
             digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())

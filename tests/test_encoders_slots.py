@@ -113,3 +113,22 @@ def test_pretraining_trains_the_slots_and_reports_their_accuracy(world, tmp_path
         assert all(0.0 <= v <= 1.0 for v in accuracy.values())
     assert record["encoder_config"]["slots"] == 3
     assert np.isfinite(record["final_train_loss"])
+
+
+#: Fingerprints of the tiny configs as computed before object slots existed (commit f825a7f).
+FINGERPRINTS_BEFORE_SLOTS = {
+    "camera-vit": "6de2c15489f2e2e41eab26cf294c2f9d0d45da1ee56d9e005c596bed7ab9da1f",
+    "lidar-rangevit": "7c856962d12f6b3478c4c1fe47d5235f84cfa51df5a2f22838691e94d1471c6d",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FINGERPRINTS_BEFORE_SLOTS))
+def test_encoders_without_slots_keep_their_fingerprints(kind):
+    """Day states and feature caches are keyed on encoder fingerprints: adding the slot
+    fields to the configs must not invalidate every store prepared before them."""
+    plain = create_encoder(kind, **TINY[kind])
+    assert plain.fingerprint() == FINGERPRINTS_BEFORE_SLOTS[kind]
+    slotted = create_encoder(kind, **SLOTTED[kind])
+    assert slotted.fingerprint() != plain.fingerprint()
+    layers = create_encoder(kind, **{**SLOTTED[kind], "slot_layers": 1})
+    assert layers.fingerprint() != slotted.fingerprint()
