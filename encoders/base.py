@@ -118,7 +118,7 @@ class Encoder(nn.Module, ABC):
 
         regions, count = self.region_layout()
         if self.object_slots:
-            return list(slot_descriptions(frame, regions, count, self.object_slots))
+            return slot_descriptions(frame, regions, count, self.object_slots)
         per_region = self.num_tokens // count
         return [text for text in region_descriptions(frame, regions, count)
                 for _ in range(per_region)]

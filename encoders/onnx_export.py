@@ -79,17 +79,14 @@ def export_onnx(encoder: Encoder, path: str | os.PathLike[str], opset: int = DEF
         fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         try:
-            _export(tmp)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+                torch.onnx.export(encoder, (example,), str(tmp), input_names=[INPUT_NAME],
+                                  output_names=[OUTPUT_NAME], opset_version=opset, dynamo=False,
+                                  dynamic_axes={INPUT_NAME: {0: "batch"},
+                                                OUTPUT_NAME: {0: "batch"}})
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
-
-    def _export(tmp: Path) -> None:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(encoder, (example,), str(tmp), input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME], opset_version=opset, dynamo=False,
-                              dynamic_axes={INPUT_NAME: {0: "batch"},
-                                            OUTPUT_NAME: {0: "batch"}})
 
     atomic_write(path, write)
     log.info("exported %s to %s", encoder.kind, path)

@@ -23,6 +23,7 @@ from scenes.layout import (
     PEDESTRIAN_STATUSES,
     VEHICLE_STATUSES,
 )
+from scenes.questions import RELATIONS, sector_index
 from scenes.sample import CAMERA_VIEWS, Frame
 
 #: Distance rings (metres, upper bounds) of the class-agnostic occupancy targets.
@@ -142,8 +143,6 @@ def frame_group_counts(frames: Sequence[Frame], max_count: int = 3) -> np.ndarra
 def object_phrase(obj) -> str:
     """An object as the questions name it: status, class and direction ("parked car front
     left"; cones and barriers have no status)."""
-    from scenes.questions import RELATIONS, sector_index
-
     sector = int(sector_index(np.float64(obj.center[0]), np.float64(obj.center[1])))
     status = obj.status if obj.status in STATUS_NAMES else ""
     return " ".join(w for w in (status, obj.category, RELATIONS[sector]) if w)
@@ -167,16 +166,8 @@ def region_descriptions(frame: Frame, regions: str, n_regions: int, max_objects:
     """Per region (camera view or azimuth band, as :func:`region_counts`), its nearest
     objects in words ("parked car front left and moving pedestrian front"; "nothing"): what
     a region's tokens should say (text-anchored aligner pretraining, ``aligners/anchoring.py``)."""
-    if regions not in ("views", "bands"):
-        raise ValueError(f"regions must be 'views' or 'bands', got {regions!r}")
-    found: list[list[str]] = [[] for _ in range(n_regions)]
-    for obj in nearest_objects(frame, max_distance=max_distance):
-        azimuth = math.atan2(obj.center[1], obj.center[0])
-        where = view_membership(azimuth) if regions == "views" else [band_of(azimuth, n_regions)]
-        for r in where:
-            if len(found[r]) < max_objects:
-                found[r].append(object_phrase(obj))
-    return [" and ".join(words) if words else "nothing" for words in found]
+    return [" and ".join(object_phrase(o) for o in objects[:max_objects]) or "nothing"
+            for objects in region_objects(frame, regions, n_regions, max_distance)]
 
 
 # ------------------------------------------------------------------ object-slot targets
@@ -189,7 +180,7 @@ def region_descriptions(frame: Frame, regions: str, n_regions: int, max_objects:
 #: ``class`` are :data:`IGNORE` for an empty slot.
 OBJECT_FIELDS: dict[str, int] = {"class": len(CLASS_NAMES) + 1,
                                  "status": len(STATUS_NAMES) + 1,
-                                 "ring": len(DISTANCE_RINGS), "sector": 6}
+                                 "ring": len(DISTANCE_RINGS), "sector": len(RELATIONS)}
 #: The target of a field a slot has nothing to say about (``cross_entropy(ignore_index=...)``).
 IGNORE = -100
 
@@ -214,8 +205,6 @@ def slot_targets(frames: Sequence[Frame], regions: str, n_regions: int, slots: i
     """Object-slot targets ``(B, R, slots, len(OBJECT_FIELDS))`` int64: slot k of region r
     stands for the region's k-th nearest object (:func:`region_objects`), described by
     :data:`OBJECT_FIELDS`; slots beyond the region's objects say "nothing"."""
-    from scenes.questions import sector_index
-
     out = np.full((len(frames), n_regions, slots, len(OBJECT_FIELDS)), IGNORE, dtype=np.int64)
     out[..., 0] = len(CLASS_NAMES)  # "nothing"
     for b, frame in enumerate(frames):
