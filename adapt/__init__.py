@@ -4,6 +4,8 @@
 - :mod:`adapt.connectors` — one interface for mPnP and every baseline, with a registry.
 - :mod:`adapt.engine` — the one training engine: a resumable stepper of bounded units
   (micro-steps, validation chunks), driven by the trainer and by the daemon.
+- :mod:`adapt.precision` — bfloat16 autocast of training steps where the device has the
+  units for it.
 - :mod:`adapt.trainer` — the epoch loop over it (measured FLOPs, memory, time; resumable).
 - :mod:`adapt.evaluate` — exact-match accuracy overall, per type and per type × hop, in
   bounded chunks.

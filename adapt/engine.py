@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from adapt.connectors.base import Connector
 from adapt.evaluate import ChunkedValidation
 from adapt.features import Batch, FeatureSet
+from adapt.precision import autocast_context
 from aligners.config import ModalitySpec
 
 if TYPE_CHECKING:
@@ -288,7 +289,7 @@ class AdaptationStepper:
         reused for every later step with the same signature.
         """
         if not self.config.count_flops:
-            loss = self.connector.loss(batch) * weight
+            loss = self._loss(batch) * weight
             loss.backward()
             return loss
         signature = getattr(self.connector, "step_signature", None)
@@ -297,16 +298,22 @@ class AdaptationStepper:
         if counted is None:
             counter = FlopCounterMode(display=False)
             with counter:
-                loss = self.connector.loss(batch) * weight
+                loss = self._loss(batch) * weight
                 loss.backward()
             counted = counter.get_total_flops()
             if key is not None:
                 self.flops_by_signature[key] = counted
         else:
-            loss = self.connector.loss(batch) * weight
+            loss = self._loss(batch) * weight
             loss.backward()
         self.flops += counted
         return loss
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        """The connector's loss, under the configured autocast (backward follows the
+        forward's dtypes, so only the forward needs the context)."""
+        with autocast_context(self.config.autocast, self.connector.device()):
+            return self.connector.loss(batch).float()
 
     def _optimizer_step(self) -> float:
         if self.config.grad_clip > 0:

@@ -80,10 +80,18 @@ QUICK_TEST_SAMPLES = 64
 QUICK_ESTIMATE_MIN = "3-6"
 
 
+#: :attr:`adapt.trainer.TrainConfig.autocast` of the project's runs (the offline stage,
+#: Table 1, the grounding check and the daemon's Adapt): bfloat16 where the device has the
+#: units for it. Measured on SmolLM2 (README, Adaptation): the same accuracy as float32 on the
+#: grounding check (54.8 against 55.1 %, loss 0.977 against 0.978) and a 1.35x faster
+#: training step side by side (``mpnp bench savings``), up to 2x on long prompts.
+DEFAULT_AUTOCAST = "auto"
+
+
 def fast_train_config(**overrides) -> TrainConfig:
     """The project's training defaults for on-device adaptation runs."""
     base = {"epochs": 3, "batch_size": 16, "patience": 1,
-            "learning_rates": dict(FAST_LEARNING_RATES)}
+            "learning_rates": dict(FAST_LEARNING_RATES), "autocast": DEFAULT_AUTOCAST}
     return TrainConfig(**(base | overrides))
 
 
@@ -199,6 +207,10 @@ class PrepareConfig:
         """A short hash of everything that shapes the day state (not ``extra_encoders``)."""
         fields = asdict(self)
         fields.pop("extra_encoders")
+        # bfloat16 autocast changes the arithmetic's precision, not what is trained (equal
+        # accuracy, measured): a day state trained either way stays valid. The record says
+        # which one trained it.
+        fields["train"].pop("autocast")
         if self.recipe == PAPER:  # day states made before recipes existed stay valid
             fields.pop("recipe")
         text = json.dumps(fields, sort_keys=True, default=str)
@@ -341,6 +353,7 @@ def train_day_state(config: PrepareConfig, data_dir: Path, encoders: dict[str, E
         "day_ci95": list(day.ci95), "night_ci95": list(night.ci95),
         "test_questions": {"day": day.count, "night": night.count},
         "recipe": config.recipe.describe(), "anchoring": anchoring,
+        "autocast": config.train.autocast,
     }
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from adapt.connectors.base import Connector
 from adapt.engine import AdaptationStepper, TrainingError
 from adapt.evaluate import EvalResult, evaluate
 from adapt.features import Batch, FeatureSet
+from adapt.precision import AUTOCAST_MODES
 from aligners.state import StateData, StateError, read_state, write_state
 from mpnp.measure import PeakMemory
 
@@ -69,6 +71,10 @@ class TrainConfig:
         min_delta: an improvement smaller than this is a plateau.
         count_flops: count the FLOPs of the steps (``torch.utils.flop_counter``; for mPnP once
             per distinct step signature, see :class:`adapt.engine.AdaptationStepper`).
+        autocast: ``"bfloat16"`` runs each step's forward/backward under bfloat16 autocast
+            (the trained tensors and the optimizer stay float32); ``"auto"`` does so where
+            the device has bfloat16 matrix units (:func:`adapt.precision.bf16_supported`: AMX /
+            AVX512-BF16 CPUs, Ampere-and-later GPUs); ``"off"`` (default) never.
     """
 
     epochs: int = 8
@@ -83,8 +89,11 @@ class TrainConfig:
     patience: int = 2
     min_delta: float = 1e-3
     count_flops: bool = True
+    autocast: str = "off"
 
     def __post_init__(self) -> None:
+        if self.autocast not in AUTOCAST_MODES:
+            raise ValueError(f"autocast must be one of {AUTOCAST_MODES}, got {self.autocast!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, "
                              f"{self.batch_size}")
@@ -154,11 +163,14 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self, train: FeatureSet, val: FeatureSet | None = None, *, progress: bool = True,
-            checkpoint_dir: str | Path | None = None, eval_batch_size: int = 32) -> TrainReport:
+            checkpoint_dir: str | Path | None = None, eval_batch_size: int = 32,
+            on_step: Callable[[int], None] | None = None) -> TrainReport:
         """Train for the configured epochs (or until the validation plateau).
 
         With ``checkpoint_dir`` a checkpoint is written after every epoch and an existing
-        one is resumed from (same connector and config expected).
+        one is resumed from (same connector and config expected). ``on_step`` is called with
+        the optimizer steps done after every step (a learning curve's evaluations; its time
+        counts into the report's ``wall_s``).
         """
         if len(train) == 0:
             raise ValueError("the training set is empty")
@@ -170,7 +182,7 @@ class Trainer:
         started = time.perf_counter()
         with PeakMemory(device, interval_s=0.005) as mem:
             for epoch in range(self.stepper.epoch, cfg.epochs):
-                loss = self._epoch(epoch, progress)
+                loss = self._epoch(epoch, progress, on_step)
                 self.report.losses.append(loss)
                 self.report.epochs_run = epoch + 1
                 plateau = False
@@ -198,7 +210,8 @@ class Trainer:
         self.report.peak_mem_bytes = max(self.report.peak_mem_bytes, int(mem.peak_bytes))
         return self.report
 
-    def _epoch(self, epoch: int, progress: bool) -> float:
+    def _epoch(self, epoch: int, progress: bool,
+               on_step: Callable[[int], None] | None = None) -> float:
         """Micro-steps of the stepper until epoch ``epoch`` is complete; its mean loss."""
         cfg = self.config
         bar = tqdm(total=self.stepper.steps_per_epoch(), desc=f"{self.connector.kind} epoch "
@@ -209,6 +222,8 @@ class Trainer:
                 if unit.stepped:
                     bar.update(1)
                     bar.set_postfix(loss=f"{unit.step_loss:.3f}")
+                    if on_step is not None:
+                        on_step(self.stepper.steps)
                 if unit.epoch_end:
                     self._sync_report()
                     return float(unit.epoch_loss)

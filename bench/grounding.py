@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -37,7 +38,7 @@ from adapt.trainer import TrainConfig, Trainer
 from aligners.anchoring import AnchorConfig
 from aligners.config import ALIGNER_SPACES
 from aligners.model import MPnPModel
-from bench.table1 import Table1Config, _llm_name, _load_llm
+from bench.table1 import Table1Config, _llm_name, _load_llm, add_autocast_argument
 from encoders import create_encoder
 from encoders.cache import FeatureCache
 from encoders.oracle import describe_scene
@@ -59,6 +60,8 @@ ORACLE_TEXT = "oracle-text"
 ORACLE_TEXT_CONNECTED = "oracle-text-connected"
 SCENE_TEXT_ROWS = (ORACLE_TEXT, ORACLE_TEXT_CONNECTED)
 #: Question-type filters by name; anything else is a comma list of ``type/hop`` items.
+log = logging.getLogger(__name__)
+
 TYPE_SETS: dict[str, tuple[str, ...]] = {
     "all": tuple(f"{t}/{h}" for t in QUESTION_TYPES for h in (0, 1)),
     "H0": tuple(f"{t}/0" for t in QUESTION_TYPES),
@@ -93,6 +96,9 @@ class GroundingConfig:
         recipe: how the states connect and start (``adapt/recipe.py``; default: the logit
             gate at α₀ 0.05 with the paper's aligners). Its text anchoring runs on the
             training frames, not for the scene-text rows.
+        curve: optimizer steps after which each state is also scored on the validation
+            questions (a learning curve; steps beyond the run are skipped). The row's own
+            accuracy is always the end of training's.
     """
 
     encoders: tuple[str, ...] = ("oracle", "camera", "lidar")
@@ -106,6 +112,12 @@ class GroundingConfig:
     num_blocks: int = 12
     recipe: Recipe = field(default_factory=lambda: Recipe(gate="logit", init_alpha=0.05))
     seed: int = 0
+    curve: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if any(s < 1 for s in self.curve):
+            raise ValueError(f"curve steps must be >= 1, got {list(self.curve)}")
+        self.curve = tuple(sorted(set(self.curve)))
 
 
 def _subset(data: QADataset, types: Sequence[str], n: int | None, seed: int) -> QADataset:
@@ -232,7 +244,7 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
     cache = FeatureCache(store / "features")
     train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
                             learning_rates=dict(cfg.learning_rates), patience=0,
-                            count_flops=False)
+                            count_flops=False, autocast=table.autocast)
     rows = []
     for modality in cfg.encoders:
         encoders = {available[modality].modality: available[modality]}
@@ -256,8 +268,20 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
             report = anchor_state(model, spec.name, available[modality], train,
                                   train_rows.frame, cfg.recipe, progress=progress)
             anchored = report.to_dict() if report is not None else None
+        curve: list[dict] = []
+
+        def score_curve(steps: int, conn=conn, val=val, curve=curve) -> None:
+            if steps in cfg.curve:
+                started_eval = time.perf_counter()
+                res = evaluate(conn, val)
+                curve.append({"steps": steps, "accuracy": res.accuracy, "ci95": list(res.ci95),
+                              "per_type_hop": res.per_type_hop,
+                              "eval_s": time.perf_counter() - started_eval})
+                log.info("%s after %d steps: %.3f", modality, steps, res.accuracy)
+
         with isolation:
-            report = Trainer(conn, train_cfg).fit(train, None, progress=progress)
+            report = Trainer(conn, train_cfg).fit(train, None, progress=progress,
+                                                  on_step=score_curve)
             own = evaluate(conn, val)
         state = model.state
         alphas = [round(float(state.connections.alpha(i).detach()), 3)
@@ -265,7 +289,12 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
         row = {"encoder": modality, "accuracy": own.accuracy, "count": own.count,
                "ci95": list(own.ci95), "per_type_hop": own.per_type_hop, "alphas": alphas,
                "losses": report.losses, "train_samples": report.samples,
-               "wall_s": report.wall_s, "anchor": anchored}
+               "steps": report.steps,
+               # training time alone: the curve's evaluations ran inside the run
+               "wall_s": report.wall_s - sum(p["eval_s"] for p in curve),
+               "anchor": anchored}
+        if curve:
+            row["curve"] = curve
         if modality not in SCENE_TEXT_ROWS:  # the scene is in the question: swapping is moot
             g = grounding(conn, val, own=own, seed=cfg.seed)
             row.update(swapped_accuracy=g.swapped_accuracy,
@@ -328,6 +357,22 @@ def to_markdown(result: dict) -> str:
                    f" | " + " | ".join(cells) + " |")
     out += ["", "Connection weights α of the connected blocks after training:", ""]
     out += [f"- {r['encoder']}: {r['alphas']}" for r in rows if "alphas" in r]
+    curves = [r for r in rows if r.get("curve")]
+    if curves:
+        out += ["", "Learning curve (validation accuracy after so many optimizer steps of batch "
+                f"{c['batch_size']}):", "",
+                "| encoder | steps | accuracy | " + " | ".join(keys) + " |",
+                "|---|---|---|" + "---|" * len(keys)]
+        for r in curves:
+            points = [*r["curve"], {"steps": r.get("steps", "end"), "accuracy": r["accuracy"],
+                                    "ci95": r["ci95"], "per_type_hop": r["per_type_hop"]}]
+            if len(points) > 1 and points[-2]["steps"] == points[-1]["steps"]:
+                points.pop()  # the last curve point is the end of training
+            for p in points:
+                per = p.get("per_type_hop") or {}
+                cells = [f"{100 * per[k]:.1f}" if k in per else "—" for k in keys]
+                out.append(f"| {r['encoder']} | {p['steps']} | {_pct(p['accuracy'], p['ci95'])}"
+                           f" | " + " | ".join(cells) + " |")
     fits = [r for r in rows if r.get("anchor")]
     if fits:
         out += ["", "Text anchoring (normalised MSE of the tokens' keys / values against their "
@@ -369,10 +414,24 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
                    help="text-anchored aligner pretraining before training")
     p.add_argument("--anchor-frames", type=int, default=AnchorConfig.frames)
     p.add_argument("--anchor-steps", type=int, default=AnchorConfig.steps)
+    p.add_argument("--curve", type=_steps_argument, default=(),
+                   help="also score every state after these optimizer steps, e.g. 150,300")
+    add_autocast_argument(p)
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main)
+
+
+def _steps_argument(text: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--curve takes step counts such as 150,300, got "
+                                         f"{text!r}") from None
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"--curve steps must be >= 1, got {text!r}")
+    return steps
 
 
 def _types_argument(text: str) -> tuple[str, ...]:
@@ -388,6 +447,8 @@ def _main(args: argparse.Namespace) -> int:
     table = Table1Config.quick() if args.quick else Table1Config()
     if args.model:
         table.model = args.model
+    if args.autocast:
+        table.autocast = args.autocast
     if args.epochs < 1 or args.num_blocks < 1 or args.batch_size < 1:
         raise ValueError("--epochs, --num-blocks and --batch-size must be >= 1")
     for name in ("train_questions", "val_questions"):
@@ -397,7 +458,7 @@ def _main(args: argparse.Namespace) -> int:
                           train_questions=args.train_questions,
                           val_questions=args.val_questions, epochs=args.epochs,
                           batch_size=args.batch_size,
-                          num_blocks=args.num_blocks,
+                          num_blocks=args.num_blocks, curve=args.curve,
                           recipe=Recipe(gate="logit", init_alpha=0.05,
                                         aligner_space=args.aligner_space,
                                         block_maps=args.block_maps,

@@ -56,7 +56,14 @@ from adapt.evaluate import (
     wilson_interval,
 )
 from adapt.features import FeatureSet
-from adapt.prepare import FAST_LEARNING_RATES, PrepareConfig, ensure_encoders, ensure_world
+from adapt.precision import AUTOCAST_MODES
+from adapt.prepare import (
+    DEFAULT_AUTOCAST,
+    FAST_LEARNING_RATES,
+    PrepareConfig,
+    ensure_encoders,
+    ensure_world,
+)
 from adapt.recipe import (
     ALIGNER_STATE,
     RECIPES,
@@ -126,6 +133,7 @@ class Table1Config:
     learning_rates: dict[str, float] = field(default_factory=lambda: dict(FAST_LEARNING_RATES))
     max_new_tokens: int = 6
     seed: int = 0
+    autocast: str = DEFAULT_AUTOCAST  # TrainConfig.autocast of every training run
     world: WorldConfig = field(default_factory=WorldConfig)
     pretrain: dict[str, PretrainConfig | None] = field(default_factory=dict)
     #: How mPnP states connect and start (``adapt/recipe.py``): the offline stage's too.
@@ -166,7 +174,8 @@ class Table1Config:
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, seed=self.seed,
-                           learning_rates=dict(self.learning_rates), patience=1)
+                           learning_rates=dict(self.learning_rates), patience=1,
+                           autocast=self.autocast)
 
 
 def _load_llm(cfg: Table1Config):
@@ -802,6 +811,12 @@ def _ints(text: str) -> tuple[int, ...]:
     return parse(text)
 
 
+def add_autocast_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--autocast", choices=AUTOCAST_MODES,
+                   help="bfloat16 autocast of the training steps: auto = where the device "
+                   f"has bfloat16 matrix units (default: {DEFAULT_AUTOCAST})")
+
+
 def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("table1", help="mPnP vs Full LLM / PromptFuse / eP-ALM (Table 1)")
     p.add_argument("--quick", action="store_true",
@@ -823,6 +838,7 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="how mPnP states connect and start (adapt/recipe.py; default: the "
                    "project's)")
+    add_autocast_argument(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main)
 
@@ -850,6 +866,8 @@ def config_from_args(args: argparse.Namespace) -> Table1Config:
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {list(BASELINES)}")
         cfg.baselines = args.methods
+    if getattr(args, "autocast", None):
+        cfg.autocast = args.autocast
     if getattr(args, "recipe", None):
         cfg.recipe = recipe_named(args.recipe)
         if args.quick:  # the tiny world has few frames

@@ -78,6 +78,9 @@ class MPnPBackendConfig:
             optimizer step's ``batch_size`` samples are done. Smaller = shorter waits for
             questions that arrive during adaptation (the engine cannot pre-empt a call).
         learning_rates: per parameter group (over the project's fast runtime defaults).
+        autocast: bfloat16 autocast of the training steps (``off`` / ``auto`` / ``bfloat16``,
+            :attr:`adapt.trainer.TrainConfig.autocast`; ``""``: the project's default, the
+            one Table 1 trains with).
         seed: data order, dropout and the initialisation of new aligners (a private
             stream: the process's global RNG is never reseeded).
         compose_search_questions: held-out questions per candidate of DAMC's λ search
@@ -102,6 +105,7 @@ class MPnPBackendConfig:
     frame_cache: int = 16
     micro_batch: int = 1
     learning_rates: dict[str, float] = field(default_factory=dict)
+    autocast: str = ""
     seed: int = 0
     compose_search_questions: int = 8
     context: str = "day"
@@ -127,6 +131,11 @@ class MPnPBackendConfig:
                              f"{list(OFFLINE_STAGES)}, got {self.offline_stage!r}")
         if self.threads < 0 or self.train_questions < 0:
             raise ValueError("model.options.threads and train_questions must be >= 0")
+        from adapt.precision import AUTOCAST_MODES  # torch-free
+
+        if self.autocast and self.autocast not in AUTOCAST_MODES:
+            raise ValueError(f"model.options.autocast must be one of {list(AUTOCAST_MODES)} "
+                             f"or empty, got {self.autocast!r}")
 
 
 def answer_budget(tokenizer, max_new_tokens: int, vocabulary: Sequence[str]) -> int:
@@ -309,8 +318,9 @@ class MPnPBackend:
         from adapt.prepare import fast_train_config
 
         rates = {**fast_train_config().learning_rates, **self.config.learning_rates}
+        extra = {"autocast": self.config.autocast} if self.config.autocast else {}
         return fast_train_config(batch_size=batch_size, micro_batch=self.config.micro_batch,
-                                 seed=self.config.seed, learning_rates=rates)
+                                 seed=self.config.seed, learning_rates=rates, **extra)
 
     def start_adaptation(self, modalities: frozenset[str], n_blocks: int, steps: int,
                          batch_size: int) -> None:

@@ -14,6 +14,7 @@ from test_encoders import make_frame
 
 from adapt.engine import prepare_candidate
 from adapt.features import FeatureSet
+from adapt.precision import AUTOCAST_MODES
 from adapt.prepare import PrepareConfig
 from adapt.recipe import (
     ALIGNER_STATE,
@@ -57,9 +58,13 @@ def test_the_papers_recipe_keeps_day_states_made_before_recipes_existed_valid():
     fields = dataclasses.asdict(config)
     fields.pop("extra_encoders")
     fields.pop("recipe")
+    fields["train"].pop("autocast")  # nor before autocast existed, whichever is chosen
     before = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
     assert config.digest() == before.hexdigest()[:16]
     assert PrepareConfig(recipe=recipe_named("anchored")).digest() != config.digest()
+    for mode in AUTOCAST_MODES:
+        assert dataclasses.replace(config, train=dataclasses.replace(
+            config.train, autocast=mode)).digest() == config.digest()
 
 
 def test_table1_takes_the_recipe_from_the_command_line():

@@ -196,6 +196,15 @@ def test_fit_learns_early_stops_and_restores_the_best(model):
         assert report.epochs_run - report.best_epoch == 1
 
 
+def test_fit_reports_every_optimizer_step_to_its_callback(model):
+    conn = make("mpnp", model)
+    seen: list[int] = []
+    cfg = TrainConfig(epochs=2, batch_size=4, patience=0, count_flops=False,
+                      learning_rates={"aligners": 3e-3, "lora": 3e-3, "connections": 1e-1})
+    report = Trainer(conn, cfg).fit(feature_set(), None, progress=False, on_step=seen.append)
+    assert seen == list(range(1, report.steps + 1)) and report.steps == 10  # 2 x ceil(18 / 4)
+
+
 def test_checkpoint_resume_continues_where_it_stopped(model, tmp_path):
     data = feature_set()
     rates = {"aligners": 1e-3, "lora": 1e-3, "connections": 1e-1}

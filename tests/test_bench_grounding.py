@@ -118,3 +118,28 @@ def test_markdown_says_what_the_tokens_are():
             "config": {"types": ["exist/0"], "num_blocks": 4, "epochs": 2, "batch_size": 16,
                        "gate": "logit", "init_alpha": 0.05}}
     assert "Tokens: camera-vit: 12 x 32." in to_markdown({"meta": meta, "rows": []})
+
+
+def test_a_learning_curve_is_parsed_and_tabled_with_the_end_of_training():
+    from mpnp.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "grounding", "--curve", "300,150",
+                                      "--autocast", "bfloat16"])
+    assert args.curve == (300, 150) and args.autocast == "bfloat16"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "grounding", "--curve", "0"])
+    from bench.grounding import GroundingConfig
+
+    assert GroundingConfig(curve=(300, 150, 150)).curve == (150, 300)
+    with pytest.raises(ValueError, match="curve"):
+        GroundingConfig(curve=(-1,))
+    meta = {"llm": {"model_type": "llama", "num_layers": 4, "name": "tiny"}, "light": "day",
+            "sizes": {"train": 8, "val": 4},
+            "config": {"types": ["exist/0"], "num_blocks": 4, "epochs": 1, "batch_size": 16,
+                       "gate": "logit", "init_alpha": 0.05}}
+    point = {"accuracy": 0.5, "ci95": [0.2, 0.8], "per_type_hop": {"exist/0": 0.5}}
+    rows = [{"encoder": "oracle-text", "accuracy": 0.75, "ci95": [0.3, 0.95], "steps": 20,
+             "per_type_hop": {"exist/0": 0.75}, "curve": [{"steps": 10, **point}]}]
+    md = to_markdown({"meta": meta, "rows": rows})
+    assert "| oracle-text | 10 | 50.0 [20.0, 80.0] | 50.0 |" in md
+    assert "| oracle-text | 20 | 75.0 [30.0, 95.0] | 75.0 |" in md

@@ -167,6 +167,16 @@ def test_serving_stops_on_closed_vocabulary_answers(backend):
         MPnPBackendConfig(answer_vocabulary="vqa-v2")
 
 
+def test_adaptation_trains_with_the_projects_autocast_unless_configured(backend):
+    from adapt.prepare import DEFAULT_AUTOCAST
+
+    assert backend.train_config(4).autocast == DEFAULT_AUTOCAST  # as Table 1 trains
+    backend.config.autocast = "bfloat16"
+    assert backend.train_config(4).autocast == "bfloat16"
+    with pytest.raises(ValueError, match="autocast"):
+        MPnPBackendConfig(autocast="fp8")
+
+
 def test_answers_about_frames_with_the_serving_state(backend):
     answers = backend.answer(["is there a car?"] * 2, [_frame(1), _frame(2)],
                              frozenset({"camera"}))
