@@ -83,7 +83,7 @@ QUICK_ESTIMATE_MIN = "3-6"
 #: :attr:`adapt.trainer.TrainConfig.autocast` of the project's runs (the offline stage,
 #: Table 1, the grounding check and the daemon's Adapt): bfloat16 where the device has the
 #: units for it. Measured on SmolLM2 (README, Adaptation): the same accuracy as float32 on the
-#: grounding check (54.8 against 55.1 %, loss 0.977 against 0.978) and a 1.35x faster
+#: grounding check (54.8 against 55.1 %, loss 0.977 against 0.978) and a 1.4x faster
 #: training step side by side (``mpnp bench savings``), up to 2x on long prompts.
 DEFAULT_AUTOCAST = "auto"
 
