@@ -39,3 +39,10 @@ def autocast_context(mode: str, device) -> contextlib.AbstractContextManager:
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def precision_label(mode: str, device) -> str:
+    """What a run's training steps compute in, for reports: ``"bfloat16 autocast"`` or
+    ``"float32"`` (``mode`` resolved on ``device``)."""
+    bf16 = mode == "bfloat16" or (mode == "auto" and bf16_supported(device))
+    return "bfloat16 autocast" if bf16 else "float32"

@@ -32,6 +32,7 @@ from adapt.connectors.mpnp import MPnPConnector
 from adapt.data import dataset_features, modality_specs
 from adapt.evaluate import evaluate, grounding, majority_baseline, score, wilson_interval
 from adapt.features import FeatureSet
+from adapt.precision import precision_label
 from adapt.prepare import FAST_LEARNING_RATES, PrepareConfig, ensure_encoders, ensure_world
 from adapt.recipe import Recipe, anchor_state, with_anchor
 from adapt.trainer import TrainConfig, Trainer
@@ -240,6 +241,7 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
                  "majority": majority_baseline(full_train.items, val_qa.items)}
 
     llm, tok = _load_llm(table)
+    device = next(llm.parameters()).device
     model = MPnPModel(llm, tok)
     cache = FeatureCache(store / "features")
     train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -310,6 +312,7 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
             "encoders": {m: available[m].fingerprint() for m in cfg.encoders},
             "encoder_tokens": {m: _token_summary(available[m]) for m in cfg.encoders},
             "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+            "precision": precision_label(table.autocast, device),
             "world": str(world), "total_wall_s": time.perf_counter() - started}
     return {"meta": meta, "rows": rows}
 
@@ -343,7 +346,8 @@ def to_markdown(result: dict) -> str:
            f"{meta['light']} validation questions of the same types. *swapped*: the same "
            "questions with another frame's tokens; *reads* = accuracy − swapped (≈ 0: the "
            "state ignores its tokens). Exact match, %, 95 % Wilson interval.", "",
-           f"Recipe: {recipe.describe()}.", ""]
+           f"Recipe: {recipe.describe()}."
+           + (f" Training steps in {meta['precision']}." if "precision" in meta else ""), ""]
     if meta.get("encoder_tokens"):
         out += ["Tokens: " + "; ".join(meta["encoder_tokens"].values()) + ".", ""]
     out += ["| encoder | accuracy | swapped | reads | " + " | ".join(keys) + " |",

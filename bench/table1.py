@@ -56,7 +56,7 @@ from adapt.evaluate import (
     wilson_interval,
 )
 from adapt.features import FeatureSet
-from adapt.precision import AUTOCAST_MODES
+from adapt.precision import AUTOCAST_MODES, precision_label
 from adapt.prepare import (
     DEFAULT_AUTOCAST,
     FAST_LEARNING_RATES,
@@ -516,6 +516,7 @@ def run(cfg: Table1Config, store_dir: str | None = None, progress: bool = True) 
         "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
         "best_n": bench.best_n(),
         "recipe": cfg.recipe.describe(),
+        "precision": precision_label(cfg.autocast, torch.device(cfg.device)),
         "anchoring": bench.anchoring,
         "total_wall_s": time.perf_counter() - started,
     }
@@ -708,7 +709,8 @@ def to_markdown(result: dict) -> str:
         f"{meta['config']['batch_size']}, seed {meta['seed']}. Adaptation cost = the "
         "Night (C → L) run: FLOPs counted, peak memory above the resident state, wall time.",
         "",
-        f"mPnP recipe: {meta.get('recipe', 'gate scale, the paper K/V aligners')}.",
+        f"mPnP recipe: {meta.get('recipe', 'gate scale, the paper K/V aligners')}."
+        + (f" Training steps in {meta['precision']}." if "precision" in meta else ""),
         "",
         "| method | N | Day (C) | Night (C) | Night (C → C+L) | Night (C → L) | adapt TFLOPs "
         "| vs Full LLM | peak MB | vs Full LLM | wall s | samples/s |",

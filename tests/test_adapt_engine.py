@@ -10,7 +10,7 @@ import torch
 from test_adapt_training import feature_set, make
 
 from adapt.engine import AdaptationStepper, PrivateRNG
-from adapt.precision import autocast_context, bf16_supported
+from adapt.precision import autocast_context, bf16_supported, precision_label
 from adapt.trainer import TrainConfig
 from mpnp.tiny import tiny_llm
 
@@ -95,6 +95,9 @@ def test_autocast_auto_follows_the_device_and_bad_modes_are_refused():
     assert on == bf16_supported(cpu)
     with autocast_context("bfloat16", cpu):
         assert torch.is_autocast_enabled("cpu")
+    assert precision_label("off", cpu) == "float32"
+    assert precision_label("bfloat16", cpu) == "bfloat16 autocast"
+    assert precision_label("auto", cpu) == ("bfloat16 autocast" if on else "float32")
     with pytest.raises(ValueError, match="autocast"):
         TrainConfig(autocast="fp8")
     with pytest.raises(ValueError, match="autocast"):

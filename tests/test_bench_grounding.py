@@ -143,3 +143,5 @@ def test_a_learning_curve_is_parsed_and_tabled_with_the_end_of_training():
     md = to_markdown({"meta": meta, "rows": rows})
     assert "| oracle-text | 10 | 50.0 [20.0, 80.0] | 50.0 |" in md
     assert "| oracle-text | 20 | 75.0 [30.0, 95.0] | 75.0 |" in md
+    meta["precision"] = "bfloat16 autocast"
+    assert "Training steps in bfloat16 autocast." in to_markdown({"meta": meta, "rows": rows})
