@@ -49,6 +49,8 @@ from mpnp.llm import llm_fingerprint
 from scenes.baselines import QuestionOnlyModel
 from scenes.dataset import QADataset
 
+log = logging.getLogger(__name__)
+
 #: The row name of the oracle with summary tokens (:mod:`encoders.oracle`).
 ORACLE_SUMMARIES = "oracle+summaries"
 #: The row whose scene is *text*: each question is prefixed with the oracle's objects in
@@ -60,9 +62,8 @@ ORACLE_TEXT = "oracle-text"
 #: tokens are visible. What separates it from ``oracle-text`` is what the connected depth costs.
 ORACLE_TEXT_CONNECTED = "oracle-text-connected"
 SCENE_TEXT_ROWS = (ORACLE_TEXT, ORACLE_TEXT_CONNECTED)
-#: Question-type filters by name; anything else is a comma list of ``type/hop`` items.
-log = logging.getLogger(__name__)
 
+#: Question-type filters by name; anything else is a comma list of ``type/hop`` items.
 TYPE_SETS: dict[str, tuple[str, ...]] = {
     "all": tuple(f"{t}/{h}" for t in QUESTION_TYPES for h in (0, 1)),
     "H0": tuple(f"{t}/0" for t in QUESTION_TYPES),
