@@ -43,15 +43,17 @@ BF16_VARIANT = "both savings + bfloat16 autocast"
 def _step_cost(trainer: Trainer, batch, autocast: str = "off") -> tuple[float, float]:
     """FLOPs (counted) and seconds (timed, uncounted) of one forward + backward."""
     device = trainer.connector.device()
-    with count_flops() as flops:
+
+    def forward_backward() -> None:
         with autocast_context(autocast, device):
             loss = trainer.connector.loss(batch)
         loss.float().backward()
+
+    with count_flops() as flops:
+        forward_backward()
     trainer.optimizer.zero_grad(set_to_none=True)
     t = time.perf_counter()
-    with autocast_context(autocast, device):
-        loss = trainer.connector.loss(batch)
-    loss.float().backward()
+    forward_backward()
     seconds = time.perf_counter() - t
     trainer.optimizer.zero_grad(set_to_none=True)
     return float(flops.total), seconds
