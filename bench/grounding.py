@@ -415,6 +415,9 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
                    "hidden state with its own k_proj/v_proj (default kv)")
     p.add_argument("--block-maps", action="store_true",
                    help="a head-wise identity-initialised map per connected block")
+    p.add_argument("--init-alpha", type=float, default=GroundingConfig().recipe.init_alpha,
+                   help="every connection's initial α with the logit gate, in (0, 1): small "
+                   "starts the injection nearly closed (default %(default)s)")
     p.add_argument("--anchor", action="store_true",
                    help="text-anchored aligner pretraining before training")
     p.add_argument("--anchor-frames", type=int, default=AnchorConfig.frames)
@@ -464,7 +467,7 @@ def _main(args: argparse.Namespace) -> int:
                           val_questions=args.val_questions, epochs=args.epochs,
                           batch_size=args.batch_size,
                           num_blocks=args.num_blocks, curve=args.curve,
-                          recipe=Recipe(gate="logit", init_alpha=0.05,
+                          recipe=Recipe(gate="logit", init_alpha=args.init_alpha,
                                         aligner_space=args.aligner_space,
                                         block_maps=args.block_maps,
                                         anchor=AnchorConfig(frames=args.anchor_frames,

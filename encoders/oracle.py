@@ -37,7 +37,7 @@ import torch
 from encoders.base import Encoder, check_frames
 from encoders.targets import object_phrase
 from scenes.layout import CLASS_NAMES
-from scenes.questions import FILTERS, MAX_COUNT, RELATIONS, sector_index
+from scenes.questions import FILTERS, MAX_COUNT, RELATIONS, noun_phrase, sector_index
 from scenes.sample import Frame
 
 #: Every status of the world, then "none" (traffic cones and barriers have none).
@@ -129,6 +129,23 @@ def describe_scene(frame: Frame, max_objects: int = 32) -> str:
     return "objects: " + ", ".join(object_phrase(o) for o in _nearest(frame, max_objects)) + "."
 
 
+def _picked(objects: list, category: str | None, status: str | None) -> list:
+    """The objects a question filter picks out (a class, a class with a status, a status)."""
+    return [o for o in objects if (category is None or o.category == category)
+            and (status is None or o.status == status)]
+
+
+def summary_phrases(frame: Frame) -> list[str]:
+    """Each summary token's count in words, as the questions name its filter ("3 parked
+    cars", "1 bus", "no trucks"): what text anchoring maps the summary tokens onto."""
+    objects = _annotated(frame)
+    out = []
+    for category, status in SUMMARY_FILTERS:
+        n = len(_picked(objects, category, status))
+        out.append(f"{n or 'no'} {noun_phrase(category, status, plural=n != 1)}")
+    return out
+
+
 def summary_features(frame: Frame) -> np.ndarray:
     """``(len(SUMMARY_FILTERS), len(FEATURE_NAMES) + len(SUMMARY_FEATURES))`` float32: one
     token per filter, as the questions count (every annotated object, not only the nearest)."""
@@ -140,8 +157,7 @@ def summary_features(frame: Frame) -> np.ndarray:
             row[CLASS_NAMES.index(cat)] = 1.0
         if status is not None:
             row[n_cls + STATUSES.index(status)] = 1.0
-        picked = [o for o in objects if (cat is None or o.category == cat)
-                  and (status is None or o.status == status)]
+        picked = _picked(objects, cat, status)
         row[base] = 1.0
         count = min(len(picked), MAX_COUNT)
         row[base + 1:base + 1 + count] = 1.0
@@ -186,11 +202,13 @@ class OracleEncoder(Encoder):
         return torch.from_numpy(np.stack(rows))
 
     def describe_tokens(self, frame: Frame) -> list[str | None]:
-        """Each object token's object in words (:func:`encoders.targets.object_phrase`); empty
-        slots and summary tokens say nothing (``None``)."""
-        words: list[str | None] = [object_phrase(o)
-                                   for o in _nearest(frame, self.config.max_objects)]
-        return words + [None] * (self.num_tokens - len(words))
+        """Each object token's object in words (:func:`encoders.targets.object_phrase`),
+        empty slots nothing (``None``), then each summary token's count in words
+        (:func:`summary_phrases`)."""
+        max_objects = int(self.config.max_objects)
+        words: list[str | None] = [object_phrase(o) for o in _nearest(frame, max_objects)]
+        words += [None] * (max_objects - len(words))
+        return words + (summary_phrases(frame) if self.config.summaries else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 3 or x.shape[1:] != (self.num_tokens, self.dim):

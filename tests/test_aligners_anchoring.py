@@ -18,7 +18,7 @@ from aligners.anchoring import (
 from aligners.config import ConnectionConfig, ModalitySpec
 from aligners.model import MPnPModel
 from encoders import create_encoder
-from encoders.oracle import describe_scene
+from encoders.oracle import SUMMARY_FILTERS, describe_scene
 from encoders.targets import object_phrase, region_descriptions
 from mpnp.tiny import tiny_llm
 from scenes.sample import ObjectAnnotation
@@ -43,7 +43,16 @@ def test_oracle_tokens_are_described_by_their_objects_and_match_the_scene_words(
     assert describe_scene(frame, 5) == "objects: traffic cone front left, parked car front, " \
         "moving bus back."
     summaries = create_encoder("oracle", max_objects=5, summaries=True)
-    assert summaries.describe_tokens(frame)[5:] == [None] * (summaries.num_tokens - 5)
+    described = summaries.describe_tokens(frame)
+    assert len(described) == summaries.num_tokens and described[:5] == words
+    by_filter = dict(zip(SUMMARY_FILTERS, described[5:]))
+    assert by_filter[("car", None)] == "1 car"
+    assert by_filter[("car", "parked")] == "1 parked car"
+    assert by_filter[("car", "moving")] == "no moving cars"
+    assert by_filter[("bus", None)] == "1 bus"
+    assert by_filter[(None, "moving")] == "1 moving thing"
+    assert by_filter[("traffic cone", None)] == "1 traffic cone"
+    assert by_filter[("pedestrian", "not standing")] == "no pedestrians that are not standing"
 
 
 def test_region_descriptions_follow_the_regions_of_the_sensor_tokens():

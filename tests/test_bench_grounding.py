@@ -65,6 +65,9 @@ def test_bad_options_are_named_in_one_line(capsys):
     args = build_parser().parse_args(["bench", "grounding", "--train-questions", "-5"])
     with pytest.raises(ValueError, match="--train-questions must be >= 1"):
         _main(args)
+    args = build_parser().parse_args(["bench", "grounding", "--init-alpha", "1.5"])
+    with pytest.raises(ValueError, match="init_alpha must be in"):
+        _main(args)
 
 
 def test_scene_isolation_finds_the_scene_words_of_each_prompt():
