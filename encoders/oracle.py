@@ -37,7 +37,14 @@ import torch
 from encoders.base import Encoder, check_frames
 from encoders.targets import object_phrase
 from scenes.layout import CLASS_NAMES
-from scenes.questions import FILTERS, MAX_COUNT, RELATIONS, noun_phrase, sector_index
+from scenes.questions import (
+    FILTERS,
+    MAX_COUNT,
+    RELATIONS,
+    SceneGraph,
+    noun_phrase,
+    sector_index,
+)
 from scenes.sample import Frame
 
 #: Every status of the world, then "none" (traffic cones and barriers have none).
@@ -129,35 +136,32 @@ def describe_scene(frame: Frame, max_objects: int = 32) -> str:
     return "objects: " + ", ".join(object_phrase(o) for o in _nearest(frame, max_objects)) + "."
 
 
-def _picked(objects: list, category: str | None, status: str | None) -> list:
-    """The objects a question filter picks out (a class, a class with a status, a status)."""
-    return [o for o in objects if (category is None or o.category == category)
-            and (status is None or o.status == status)]
+def _picked_by_filter(frame: Frame) -> list[list]:
+    """Per summary filter, the annotated objects it picks out, by the questions' own filter
+    membership (:class:`scenes.questions.SceneGraph`), so summaries count as questions do."""
+    objects = _annotated(frame)
+    member = SceneGraph(objects).member
+    return [[o for o, m in zip(objects, member[FILTERS.index(f)]) if m]
+            for f in SUMMARY_FILTERS]
 
 
 def summary_phrases(frame: Frame) -> list[str]:
     """Each summary token's count in words, as the questions name its filter ("3 parked
     cars", "1 bus", "no trucks"): what text anchoring maps the summary tokens onto."""
-    objects = _annotated(frame)
-    out = []
-    for category, status in SUMMARY_FILTERS:
-        n = len(_picked(objects, category, status))
-        out.append(f"{n or 'no'} {noun_phrase(category, status, plural=n != 1)}")
-    return out
+    return [f"{len(picked) or 'no'} {noun_phrase(cat, status, plural=len(picked) != 1)}"
+            for (cat, status), picked in zip(SUMMARY_FILTERS, _picked_by_filter(frame))]
 
 
 def summary_features(frame: Frame) -> np.ndarray:
     """``(len(SUMMARY_FILTERS), len(FEATURE_NAMES) + len(SUMMARY_FEATURES))`` float32: one
     token per filter, as the questions count (every annotated object, not only the nearest)."""
-    objects = _annotated(frame)
     n_cls, n_stat, base = len(CLASS_NAMES), len(STATUSES), len(FEATURE_NAMES)
     out = np.zeros((len(SUMMARY_FILTERS), base + len(SUMMARY_FEATURES)), dtype=np.float32)
-    for row, (cat, status) in zip(out, SUMMARY_FILTERS):
+    for row, (cat, status), picked in zip(out, SUMMARY_FILTERS, _picked_by_filter(frame)):
         if cat is not None:
             row[CLASS_NAMES.index(cat)] = 1.0
         if status is not None:
             row[n_cls + STATUSES.index(status)] = 1.0
-        picked = _picked(objects, cat, status)
         row[base] = 1.0
         count = min(len(picked), MAX_COUNT)
         row[base + 1:base + 1 + count] = 1.0
