@@ -326,8 +326,8 @@ def train_day_state(config: PrepareConfig, data_dir: Path, encoders: dict[str, E
     if config.recipe.anchor is not None:
         log.info("offline stage: text-anchoring the camera aligners")
         anchoring["camera"] = anchor_state(model, "camera", encoders["camera"], train,
-                                           frames.frame, config.recipe,
-                                           progress=progress).to_dict()
+                                           frames.frame, config.recipe, progress=progress,
+                                           autocast=config.train.autocast).to_dict()
     log.info("offline stage: training the camera state (N=%d, %s) on %d day questions",
              config.num_blocks, config.recipe.describe(), len(train))
     seed = config.train.seed
@@ -342,7 +342,8 @@ def train_day_state(config: PrepareConfig, data_dir: Path, encoders: dict[str, E
         log.info("offline stage: text-anchoring the aligners of %s in every block", others)
         anchoring.update({f"offline {m}": r for m, r in pretrain_aligners(
             model, specs, encoders, train, frames.frame, config.recipe,
-            model.geometry.num_layers, others, progress=progress).items()})
+            model.geometry.num_layers, others, progress=progress,
+            autocast=config.train.autocast).items()})
         save_state(model, state_dir.parent / ALIGNER_STATE, ALIGNER_STATE)
     return {
         "state": DAY_STATE, "num_blocks": config.num_blocks, "data_dir": str(data_dir),

@@ -104,23 +104,25 @@ def recipe_named(name: str) -> Recipe:
 
 def anchor_state(model: MPnPModel, modality: str, encoder: Encoder, data: FeatureSet,
                  frame_of: Callable[[str], Frame], recipe: Recipe, *,
-                 progress: bool = False) -> AnchorReport | None:
+                 progress: bool = False, autocast: str = "off") -> AnchorReport | None:
     """Anchor the active state's ``modality`` aligners on the frames ``data``'s questions ask
     about (no others: a training set's frames), as ``recipe`` says (nothing when it has no
-    anchoring). ``frame_of`` gives a frame's ground truth."""
+    anchoring). ``frame_of`` gives a frame's ground truth; ``autocast`` is the precision of
+    the LLM reads and of the fit (:attr:`adapt.trainer.TrainConfig.autocast`: a call
+    argument, like the training steps', outside any config digest)."""
     if recipe.anchor is None:
         return None
     frame_ids = sorted({item.frame_id for item in data.items})
     tokens = torch.stack([data.tokens[modality][f] for f in frame_ids])
     return anchor_modality(model, modality, encoder, [frame_of(f) for f in frame_ids], tokens,
-                           recipe.anchor, progress=progress)
+                           recipe.anchor, progress=progress, autocast=autocast)
 
 
 def pretrain_aligners(model: MPnPModel, specs: Mapping[str, ModalitySpec],
                       encoders: Mapping[str, Encoder], data: FeatureSet,
                       frame_of: Callable[[str], Frame], recipe: Recipe, num_blocks: int,
                       modalities: Sequence[str], *, name: str = ALIGNER_STATE,
-                      progress: bool = False) -> dict[str, dict]:
+                      progress: bool = False, autocast: str = "off") -> dict[str, dict]:
     """Algorithm 1's offline aligners for every modality: a resident state ``name`` whose
     ``modalities`` aligners are text-anchored on ``data``'s frames (``recipe.anchor``; the
     other connection fields as the recipe says) in the last ``num_blocks`` blocks. Runtime
@@ -137,7 +139,7 @@ def pretrain_aligners(model: MPnPModel, specs: Mapping[str, ModalitySpec],
     try:
         for m in modalities:
             reports[m] = anchor_state(model, m, encoders[m], data, frame_of, recipe,
-                                      progress=progress).to_dict()
+                                      progress=progress, autocast=autocast).to_dict()
     finally:
         model.activate(was)
     return reports

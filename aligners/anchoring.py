@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from adapt.precision import autocast_context
 from aligners.model import MPnPModel
 
 log = logging.getLogger(__name__)
@@ -148,10 +149,12 @@ def _token_spans(tokenizer, text: str, spans: list[tuple[str, int, int]]
 @torch.no_grad()
 def text_anchors(model: MPnPModel, descriptions: Sequence[Sequence[str | None]],
                  layers: Sequence[int], *, text_batch: int = 16,
-                 progress: bool = False) -> AnchorTargets:
+                 progress: bool = False, autocast: str = "off") -> AnchorTargets:
     """Read every frame's descriptions as a scene and keep each distinct description's mean
     pre-RoPE key and value in each of ``layers`` (module docstring). The base LLM reads
-    them: no state is active meanwhile (the previously active one is restored)."""
+    them: no state is active meanwhile (the previously active one is restored). Its
+    forwards run under ``autocast`` (:func:`adapt.precision.autocast_context`); the means are
+    summed in float32."""
     tok = model.tokenizer
     if tok is None:
         raise ValueError("text anchors need the model's tokenizer")
@@ -187,7 +190,9 @@ def text_anchors(model: MPnPModel, descriptions: Sequence[Sequence[str | None]],
             for i, (row, _) in enumerate(rows):
                 ids[i, :len(row)] = torch.tensor(row)
                 mask[i, :len(row)] = 1
-            model.llm(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            with autocast_context(autocast, torch.device(device)):
+                model.llm(input_ids=ids.to(device), attention_mask=mask.to(device),
+                          use_cache=False)
             for i, (_, spans) in enumerate(rows):
                 for d, where in spans:
                     if d not in index:
@@ -217,10 +222,11 @@ def text_anchors(model: MPnPModel, descriptions: Sequence[Sequence[str | None]],
 
 def anchor_aligners(model: MPnPModel, modality: str, tokens: torch.Tensor,
                     target_ids: torch.Tensor, targets: AnchorTargets,
-                    config: AnchorConfig | None = None, *, progress: bool = False
-                    ) -> AnchorReport:
+                    config: AnchorConfig | None = None, *, progress: bool = False,
+                    autocast: str = "off") -> AnchorReport:
     """Regress the active state's ``modality`` aligners (and per-block maps) so each token's
-    keys and values in each of ``targets.layers`` match its description's.
+    keys and values in each of ``targets.layers`` match its description's. The forward and
+    backward of each step run under ``autocast`` (the aligners and Adam stay float32).
 
     Args:
         tokens: ``(F, T, D)`` frozen encoder tokens of the frames.
@@ -261,15 +267,16 @@ def anchor_aligners(model: MPnPModel, modality: str, tokens: torch.Tensor,
         keep = ids >= 0
         if not keep.any():
             continue
-        u_k, u_v = aligner(x)
-        lk = lv = torch.zeros((), device=device)
-        for bj, (j, project) in enumerate(zip(targets.layers, projections)):
-            k, v = aligner.block_kv(j, u_k, u_v, project)  # (B, n_kv, T, hd)
-            k = k.transpose(1, 2).flatten(2)[keep]
-            v = v.transpose(1, 2).flatten(2)[keep]
-            lk = lk + ((k - tk[ids[keep], bj]) / scale_k[bj]).pow(2).mean()
-            lv = lv + ((v - tv[ids[keep], bj]) / scale_v[bj]).pow(2).mean()
-        lk, lv = lk / len(targets.layers), lv / len(targets.layers)
+        with autocast_context(autocast, device):
+            u_k, u_v = aligner(x)
+            lk = lv = torch.zeros((), device=device)
+            for bj, (j, project) in enumerate(zip(targets.layers, projections)):
+                k, v = aligner.block_kv(j, u_k, u_v, project)  # (B, n_kv, T, hd)
+                k = k.transpose(1, 2).flatten(2)[keep].float()
+                v = v.transpose(1, 2).flatten(2)[keep].float()
+                lk = lk + ((k - tk[ids[keep], bj]) / scale_k[bj]).pow(2).mean()
+                lv = lv + ((v - tv[ids[keep], bj]) / scale_v[bj]).pow(2).mean()
+            lk, lv = lk / len(targets.layers), lv / len(targets.layers)
         optimizer.zero_grad(set_to_none=True)
         (lk + lv).backward()
         optimizer.step()
@@ -288,7 +295,7 @@ def anchor_aligners(model: MPnPModel, modality: str, tokens: torch.Tensor,
 
 def anchor_modality(model: MPnPModel, modality: str, encoder, frames: Sequence,
                     tokens: torch.Tensor, config: AnchorConfig | None = None, *,
-                    progress: bool = False) -> AnchorReport:
+                    progress: bool = False, autocast: str = "off") -> AnchorReport:
     """Both steps for one modality of the active state: its encoder describes each frame's
     tokens, the LLM reads the descriptions in the state's connected blocks, the aligners are
     fitted. ``tokens``: ``(F, T, D)`` the encoder's tokens of ``frames``, in order."""
@@ -302,6 +309,6 @@ def anchor_modality(model: MPnPModel, modality: str, encoder, frames: Sequence,
     pick = torch.randperm(len(frames), generator=generator)[:config.frames].tolist()
     descriptions = [encoder.describe_tokens(frames[i]) for i in pick]
     targets = text_anchors(model, descriptions, state.connected_layers(),
-                           text_batch=config.text_batch, progress=progress)
+                           text_batch=config.text_batch, progress=progress, autocast=autocast)
     return anchor_aligners(model, modality, tokens[pick], targets.ids(descriptions), targets,
-                           config, progress=progress)
+                           config, progress=progress, autocast=autocast)

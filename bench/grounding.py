@@ -33,17 +33,17 @@ from adapt.data import dataset_features, modality_specs
 from adapt.evaluate import evaluate, grounding, majority_baseline, score, wilson_interval
 from adapt.features import FeatureSet
 from adapt.precision import precision_label
-from adapt.prepare import FAST_LEARNING_RATES, PrepareConfig, ensure_encoders, ensure_world
+from adapt.prepare import FAST_LEARNING_RATES, PrepareConfig, ensure_world
 from adapt.recipe import Recipe, anchor_state, with_anchor
 from adapt.trainer import TrainConfig, Trainer
 from aligners.anchoring import AnchorConfig
 from aligners.config import ALIGNER_SPACES
 from aligners.model import MPnPModel
 from bench.table1 import Table1Config, _llm_name, _load_llm, add_autocast_argument
-from encoders import create_encoder
+from encoders import Encoder, create_encoder, sensor_encoders
 from encoders.cache import FeatureCache
 from encoders.oracle import describe_scene
-from encoders.pretrain import stored_or_pretrained
+from encoders.pretrain import ensure_pretrained, stored_or_pretrained
 from mpnp.answers import QUESTION_TYPES
 from mpnp.llm import llm_fingerprint
 from scenes.baselines import QuestionOnlyModel
@@ -87,9 +87,9 @@ def parse_types(text: str) -> tuple[str, ...]:
 @dataclass
 class GroundingConfig:
     """Attributes:
-        encoders: modalities to run (``oracle``, ``oracle+summaries``, ``oracle-text``,
-            ``oracle-text-connected`` and/or
-            the store's sensor modalities), one state each.
+        encoders: rows to run, one state each (:func:`row_encoders`): ``oracle``,
+            ``oracle+summaries``, ``oracle-text``, ``oracle-text-connected``, the offline
+            stage's sensor modalities and/or sensor encoder kinds (``lidar-objects``).
         types: ``type/hop`` keys of the questions trained and scored.
         night: train and score on night frames instead of day frames.
         train_questions / val_questions: sizes (a deterministic random subset; ``None``: all).
@@ -202,6 +202,34 @@ class SceneIsolation:
             self._mask = None
 
 
+def row_encoders(rows: Sequence[str], prepare: PrepareConfig, world: Path, store: Path,
+                 progress: bool = True, stored_encoders: bool = False) -> dict[str, Encoder]:
+    """The encoder of every row, and only of those: the oracle for the diagnostic rows, the
+    offline stage's encoder for a sensor modality (``camera``, ``lidar``, ...), or any
+    registered sensor encoder by kind (``lidar-objects``), pretrained first where the store
+    lacks it. Every name is checked before anything is pretrained, so an oracle-only run
+    pretrains nothing and a typo costs nothing. With ``stored_encoders`` the store's
+    encoders are used whatever config made them
+    (:func:`~encoders.pretrain.stored_or_pretrained`)."""
+    modalities = {**prepare.encoders, **prepare.extra_encoders}
+    oracle_rows = ("oracle", ORACLE_SUMMARIES, *SCENE_TEXT_ROWS)
+    unknown = [r for r in rows
+               if r not in oracle_rows and r not in modalities and r not in sensor_encoders()]
+    if unknown:
+        raise ValueError(f"no encoder for {unknown}; rows are {list(oracle_rows)}, the "
+                         f"modalities {sorted(modalities)} or encoder kinds {sensor_encoders()}")
+    out: dict[str, Encoder] = {}
+    for row in dict.fromkeys(rows):
+        if row in oracle_rows:
+            out[row] = create_encoder("oracle", summaries=row == ORACLE_SUMMARIES).freeze()
+            continue
+        kind = modalities.get(row, row)
+        out[row] = (stored_or_pretrained(kind, world, store, progress) if stored_encoders
+                    else ensure_pretrained(kind, world, store, prepare.pretrain.get(kind),
+                                           progress=progress))
+    return out
+
+
 def _zero_tokens(data: FeatureSet) -> FeatureSet:
     return FeatureSet(data.items, {m: {f: torch.zeros_like(t) for f, t in per.items()}
                                    for m, per in data.tokens.items()})
@@ -216,19 +244,9 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
     started = time.perf_counter()
     store = table.store(store_dir)
     world = ensure_world(table.world, store, progress)
-    prepare = PrepareConfig(world=table.world, pretrain=table.pretrain)
-    if stored_encoders:
-        kinds = {**prepare.encoders, **prepare.extra_encoders}
-        available = {m: stored_or_pretrained(k, world, store, progress)
-                     for m, k in kinds.items()}
-    else:
-        available = ensure_encoders(prepare, world, store, progress)
-    available["oracle"] = create_encoder("oracle").freeze()
-    available[ORACLE_SUMMARIES] = create_encoder("oracle", summaries=True).freeze()
-    available[ORACLE_TEXT] = available[ORACLE_TEXT_CONNECTED] = available["oracle"]
-    missing = [m for m in cfg.encoders if m not in available]
-    if missing:
-        raise ValueError(f"no encoder for {missing}; the store has {sorted(available)}")
+    available = row_encoders(cfg.encoders, PrepareConfig(world=table.world,
+                                                         pretrain=table.pretrain),
+                             world, store, progress, stored_encoders)
     light = "night" if cfg.night else "day"
     full_train = _subset(QADataset.load(world, "train").filter(night=cfg.night), cfg.types,
                          None, cfg.seed)
@@ -269,7 +287,8 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
         anchored = None
         if modality not in SCENE_TEXT_ROWS:
             report = anchor_state(model, spec.name, available[modality], train,
-                                  train_rows.frame, cfg.recipe, progress=progress)
+                                  train_rows.frame, cfg.recipe, progress=progress,
+                                  autocast=table.autocast)
             anchored = report.to_dict() if report is not None else None
         curve: list[dict] = []
 
@@ -323,8 +342,9 @@ def _token_summary(encoder) -> str:
     per view``)."""
     text = f"{encoder.kind}: {encoder.num_tokens} x {encoder.dim}"
     if encoder.object_slots:
-        regions, _ = encoder.region_layout()
-        text += f", {encoder.object_slots} object slots per {regions[:-1]}"
+        regions, count = encoder.region_layout()
+        where = "for the whole scene" if count == 1 else f"per {regions[:-1]}"
+        text += f", {encoder.object_slots} object slots {where}"
     return text
 
 
@@ -399,9 +419,10 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
                    help="use the sensor encoders the store holds, whatever config made them "
                    "(e.g. `mpnp encoders pretrain --slots 6`), instead of the defaults")
     p.add_argument("--encoders", nargs="+", default=list(GroundingConfig.encoders),
-                   metavar="MODALITY", help="one state each: oracle, oracle+summaries, "
-                   "oracle-text, oracle-text-connected and/or sensor modalities of the store "
-                   "(default: oracle camera lidar)")
+                   metavar="ROW", help="one state each: oracle, oracle+summaries, "
+                   "oracle-text, oracle-text-connected, sensor modalities of the offline "
+                   "stage (camera, lidar, radar) and/or sensor encoder kinds such as "
+                   "lidar-objects (default: oracle camera lidar)")
     p.add_argument("--types", default="H0", type=_types_argument,
                    help="all, H0, H1 or a comma list such as status/0,exist/0 (default H0)")
     p.add_argument("--night", action="store_true", help="night frames instead of day")

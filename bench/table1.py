@@ -285,7 +285,7 @@ class Table1:
         (when the recipe says so), before it trains."""
         report = anchor_state(self._model, modality, self.encoders[modality],
                               self.data.day_train, self._frame, self.cfg.recipe,
-                              progress=self.progress)
+                              progress=self.progress, autocast=self.cfg.autocast)
         if report is not None:
             self.anchoring[modality] = report.to_dict()
 
@@ -298,7 +298,8 @@ class Table1:
         new = [m for m in DEFAULT_NEW if m in self.specs]
         self.anchoring.update({f"offline {m}": r for m, r in pretrain_aligners(
             model, self.specs, self.encoders, self.data.day_train, self._frame,
-            self.cfg.recipe, model.geometry.num_layers, new, progress=self.progress).items()})
+            self.cfg.recipe, model.geometry.num_layers, new, progress=self.progress,
+            autocast=self.cfg.autocast).items()})
         self.aligners_from = ALIGNER_STATE
 
     def _adapt(self, day: Connector, mode: str, n: int | None, *, fraction: float = 1.0,

@@ -82,11 +82,13 @@ def create_encoder(kind: str, **config) -> Encoder:
 
 from encoders.camera import CameraViTEncoder  # noqa: E402  (registers itself)
 from encoders.lidar import LidarRangeViTEncoder  # noqa: E402
+from encoders.lidar_objects import LidarObjectsEncoder  # noqa: E402
 from encoders.oracle import OracleEncoder  # noqa: E402
 from encoders.radar import RadarPointEncoder  # noqa: E402
 
 register_encoder(CameraViTEncoder.kind, CameraViTEncoder)
 register_encoder(LidarRangeViTEncoder.kind, LidarRangeViTEncoder)
+register_encoder(LidarObjectsEncoder.kind, LidarObjectsEncoder)
 register_encoder(RadarPointEncoder.kind, RadarPointEncoder)
 register_encoder(OracleEncoder.kind, OracleEncoder)
 
@@ -95,6 +97,7 @@ __all__ = [
     "CameraViTEncoder",
     "Encoder",
     "EncoderFormatError",
+    "LidarObjectsEncoder",
     "LidarRangeViTEncoder",
     "OracleEncoder",
     "RadarPointEncoder",

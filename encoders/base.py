@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -122,6 +123,18 @@ class Encoder(nn.Module, ABC):
         per_region = self.num_tokens // count
         return [text for text in region_descriptions(frame, regions, count)
                 for _ in range(per_region)]
+
+    def slot_targets(self, frames: Sequence[Frame]) -> np.ndarray:
+        """What each object slot of ``frames`` should name, ``(B, R, K, fields)`` int64
+        (:data:`encoders.targets.OBJECT_FIELDS`), from the frames' ground truth: the
+        pretraining targets of an encoder with object slots. The default: slot k of a region
+        stands for the region's k-th nearest object (:func:`encoders.targets.slot_targets`);
+        an encoder whose tokens follow what it detects (``encoders/lidar_objects.py``) says
+        which object each token shows instead."""
+        from encoders.targets import slot_targets
+
+        regions, count = self.region_layout()
+        return slot_targets(frames, regions, count, self.object_slots)
 
     def augment(self, x: torch.Tensor, y: torch.Tensor,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

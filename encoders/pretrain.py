@@ -31,7 +31,6 @@ from encoders.targets import (
     OBJECT_FIELDS,
     TARGET_NAMES,
     region_counts,
-    slot_targets,
 )
 from mpnp.files import atomic_write_text
 from mpnp.paths import model_store_dir
@@ -41,7 +40,7 @@ log = logging.getLogger(__name__)
 
 RECORD_FILE = "pretrain.json"
 #: Epochs over the default world's train split (5,200 frames of 2,600 drives).
-DEFAULT_EPOCHS = {"camera-vit": 2, "lidar-rangevit": 3, "radar-pointnet": 4}
+DEFAULT_EPOCHS = {"camera-vit": 2, "lidar-rangevit": 3, "lidar-objects": 8, "radar-pointnet": 4}
 #: A separate pretraining corpus (``PretrainConfig(corpus=DEFAULT_CORPUS)``): 600 drives of
 #: 2 frames, a third of them at night. The default world has thousands of short drives, so
 #: by default the encoders pretrain on its train split instead.
@@ -156,8 +155,7 @@ def encode_inputs(encoder: Encoder, data: QADataset, max_count: int, chunk: int 
         inputs.append(encoder.preprocess(frames))
         targets.append(torch.from_numpy(region_counts(frames, regions, n_regions, max_count)))
         if encoder.object_slots:
-            slots.append(torch.from_numpy(
-                slot_targets(frames, regions, n_regions, encoder.object_slots)))
+            slots.append(torch.from_numpy(encoder.slot_targets(frames)))
         night.extend(f.is_night for f in frames)
     return (torch.cat(inputs), torch.cat(targets), torch.cat(slots) if slots else None,
             torch.tensor(night))

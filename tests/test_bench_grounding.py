@@ -148,3 +148,24 @@ def test_a_learning_curve_is_parsed_and_tabled_with_the_end_of_training():
     assert "| oracle-text | 20 | 75.0 [30.0, 95.0] | 75.0 |" in md
     meta["precision"] = "bfloat16 autocast"
     assert "Training steps in bfloat16 autocast." in to_markdown({"meta": meta, "rows": rows})
+
+
+def test_rows_get_only_their_own_encoders(tmp_path, monkeypatch):
+    """An oracle-only run pretrains nothing; a kind by name is pretrained on its own; an
+    unknown row is refused before any encoder is touched."""
+    import bench.grounding as g
+    from adapt.prepare import PrepareConfig
+
+    made = []
+    monkeypatch.setattr(g, "ensure_pretrained",
+                        lambda kind, *a, **k: made.append(kind) or g.create_encoder(
+                            "oracle").freeze())
+    prepare = PrepareConfig()
+    rows = g.row_encoders(["oracle", "oracle+summaries", "oracle-text"], prepare, tmp_path,
+                          tmp_path)
+    assert made == [] and rows["oracle+summaries"].config.summaries
+    g.row_encoders(["lidar", "lidar-objects"], prepare, tmp_path, tmp_path)
+    assert made == [prepare.encoders["lidar"], "lidar-objects"]
+    with pytest.raises(ValueError, match="no encoder for \\['sonar'\\]"):
+        g.row_encoders(["oracle", "lidar-objects", "sonar"], prepare, tmp_path, tmp_path)
+    assert made == [prepare.encoders["lidar"], "lidar-objects"]

@@ -29,6 +29,8 @@ TINY = {
                            num_heads=2, bands=4, token_blocks=2),
     "radar-pointnet": dict(max_points=32, hidden=16, embed_dim=16, depth=1, num_heads=2,
                            bands=4),
+    "lidar-objects": dict(max_segments=6, min_points=1, hidden=16, embed_dim=16, depth=1,
+                          num_heads=2),
     "oracle": dict(max_objects=4),
 }
 
