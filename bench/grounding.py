@@ -101,6 +101,12 @@ class GroundingConfig:
         curve: optimizer steps after which each state is also scored on the validation
             questions (a learning curve; steps beyond the run are skipped). The row's own
             accuracy is always the end of training's.
+        samples: a *runtime-samples* curve (Algorithm 1: aligners prepared offline, then
+            runtime Adapt on few samples): for each k, one more state per sensor row starts
+            from the row's text-anchored aligners (anchored once, before the row trained, on
+            its training frames: the offline data) and trains on k of the training
+            questions for ``sample_epochs`` epochs; scored on the same validation questions.
+        sample_epochs: epochs of those runs (few samples need more passes).
     """
 
     encoders: tuple[str, ...] = ("oracle", "camera", "lidar")
@@ -115,11 +121,17 @@ class GroundingConfig:
     recipe: Recipe = field(default_factory=lambda: Recipe(gate="logit", init_alpha=0.05))
     seed: int = 0
     curve: tuple[int, ...] = ()
+    samples: tuple[int, ...] = ()
+    sample_epochs: int = 6
 
     def __post_init__(self) -> None:
         if any(s < 1 for s in self.curve):
             raise ValueError(f"curve steps must be >= 1, got {list(self.curve)}")
         self.curve = tuple(sorted(set(self.curve)))
+        if any(k < 1 for k in self.samples) or self.sample_epochs < 1:
+            raise ValueError(f"samples and sample_epochs must be >= 1, got "
+                             f"{list(self.samples)} / {self.sample_epochs}")
+        self.samples = tuple(sorted(set(self.samples)))
 
 
 def _subset(data: QADataset, types: Sequence[str], n: int | None, seed: int) -> QADataset:
@@ -290,6 +302,8 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
                                   train_rows.frame, cfg.recipe, progress=progress,
                                   autocast=table.autocast)
             anchored = report.to_dict() if report is not None else None
+        offline = {k: v.detach().clone()
+                   for k, v in model.state.aligners[spec.name].state_dict().items()}
         curve: list[dict] = []
 
         def score_curve(steps: int, conn=conn, val=val, curve=curve) -> None:
@@ -322,8 +336,12 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
             row.update(swapped_accuracy=g.swapped_accuracy,
                        swapped_ci95=list(wilson_interval(g.swapped_accuracy, g.count)),
                        reads=g.reads, changed=g.changed)
-        rows.append(row)
         model.remove_state(conn.state_name)
+        if cfg.samples and modality not in SCENE_TEXT_ROWS:
+            row["samples"] = [
+                _runtime_samples_point(model, spec, cfg, table, train, val, k, offline)
+                for k in cfg.samples if k < len(train)]
+        rows.append(row)
     for name, res in baselines.items():
         rows.append({"encoder": name, "accuracy": res.accuracy, "count": res.count,
                      "ci95": list(res.ci95), "per_type_hop": res.per_type_hop})
@@ -335,6 +353,33 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
             "precision": precision_label(table.autocast, device),
             "world": str(world), "total_wall_s": time.perf_counter() - started}
     return {"meta": meta, "rows": rows}
+
+
+def _runtime_samples_point(model: MPnPModel, spec, cfg: GroundingConfig, table: Table1Config,
+                           train: FeatureSet, val: FeatureSet, k: int,
+                           offline: dict[str, torch.Tensor]) -> dict:
+    """One point of the runtime-samples curve (:attr:`GroundingConfig.samples`): a fresh
+    state whose aligners start as the row's offline (text-anchored) ones, trained on ``k``
+    of ``train``'s questions for ``cfg.sample_epochs`` epochs, scored on ``val``."""
+    conn = MPnPConnector(
+        model.llm, model.tokenizer, [spec],
+        ConnectorConfig(num_blocks=cfg.num_blocks, max_new_tokens=table.max_new_tokens),
+        model=model, state_name=f"grounding-samples-{k}",
+        connection=cfg.recipe.connection(cfg.num_blocks))
+    model.state.aligners[spec.name].load_state_dict(offline)
+    subset = train.at_most(k, seed=cfg.seed)
+    train_cfg = TrainConfig(epochs=cfg.sample_epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+                            learning_rates=dict(cfg.learning_rates), patience=0,
+                            count_flops=False, autocast=table.autocast)
+    report = Trainer(conn, train_cfg).fit(subset, None, progress=False)
+    res = evaluate(conn, val)
+    g = grounding(conn, val, own=res, seed=cfg.seed)
+    model.remove_state(conn.state_name)
+    log.info("%s from %d runtime samples: %.3f (reads %+.3f)", spec.name, len(subset),
+             res.accuracy, g.reads)
+    return {"samples": len(subset), "steps": report.steps, "accuracy": res.accuracy,
+            "ci95": list(res.ci95), "per_type_hop": res.per_type_hop, "reads": g.reads,
+            "wall_s": report.wall_s}
 
 
 def _token_summary(encoder) -> str:
@@ -398,6 +443,25 @@ def to_markdown(result: dict) -> str:
                 cells = [f"{100 * per[k]:.1f}" if k in per else "—" for k in keys]
                 out.append(f"| {r['encoder']} | {p['steps']} | {_pct(p['accuracy'], p['ci95'])}"
                            f" | " + " | ".join(cells) + " |")
+    sampled = [r for r in rows if r.get("samples")]
+    if sampled:
+        out += ["", f"Runtime samples (each state starts from the row's offline text-anchored "
+                f"aligners and trains on so many questions, {c.get('sample_epochs')} epochs; "
+                "*all*: the row itself):", "",
+                "| encoder | samples | steps | accuracy | reads | " + " | ".join(keys) + " |",
+                "|---|---|---|---|---|" + "---|" * len(keys)]
+        for r in sampled:
+            points = [*r["samples"], {"samples": f"all ({r['train_samples']})",
+                                      "steps": r["steps"], "accuracy": r["accuracy"],
+                                      "ci95": r["ci95"], "reads": r.get("reads"),
+                                      "per_type_hop": r["per_type_hop"]}]
+            for p in points:
+                per = p.get("per_type_hop") or {}
+                cells = [f"{100 * per[k]:.1f}" if k in per else "—" for k in keys]
+                reads = f"{100 * p['reads']:+.1f}" if p.get("reads") is not None else "—"
+                out.append(f"| {r['encoder']} | {p['samples']} | {p['steps']} | "
+                           f"{_pct(p['accuracy'], p['ci95'])} | {reads} | "
+                           + " | ".join(cells) + " |")
     fits = [r for r in rows if r.get("anchor")]
     if fits:
         out += ["", "Text anchoring (normalised MSE of the tokens' keys / values against their "
@@ -445,6 +509,11 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--anchor-steps", type=int, default=AnchorConfig.steps)
     p.add_argument("--curve", type=_steps_argument, default=(),
                    help="also score every state after these optimizer steps, e.g. 150,300")
+    p.add_argument("--samples", type=_counts_argument("--samples", "sample"), default=(),
+                   help="a runtime-samples curve: per sensor row, states that start from its "
+                   "offline anchored aligners and train on so many questions, e.g. 100,300")
+    p.add_argument("--sample-epochs", type=int, default=GroundingConfig.sample_epochs,
+                   help="epochs of the runtime-samples states (default %(default)s)")
     add_autocast_argument(p)
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
@@ -452,15 +521,24 @@ def add_bench_command(bench_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_main)
 
 
-def _steps_argument(text: str) -> tuple[int, ...]:
-    try:
-        steps = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--curve takes step counts such as 150,300, got "
-                                         f"{text!r}") from None
-    if not steps or min(steps) < 1:
-        raise argparse.ArgumentTypeError(f"--curve steps must be >= 1, got {text!r}")
-    return steps
+def _counts_argument(flag: str, what: str):
+    """An argparse type for ``flag``: a comma list of positive counts (``150,300``)."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            counts = tuple(int(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes {what} counts such as 150,300, "
+                                             f"got {text!r}") from None
+        if not counts or min(counts) < 1:
+            raise argparse.ArgumentTypeError(f"{flag} {what} counts must be >= 1, got "
+                                             f"{text!r}")
+        return counts
+
+    return parse
+
+
+_steps_argument = _counts_argument("--curve", "step")
 
 
 def _types_argument(text: str) -> tuple[str, ...]:
@@ -478,8 +556,8 @@ def _main(args: argparse.Namespace) -> int:
         table.model = args.model
     if args.autocast:
         table.autocast = args.autocast
-    if args.epochs < 1 or args.num_blocks < 1 or args.batch_size < 1:
-        raise ValueError("--epochs, --num-blocks and --batch-size must be >= 1")
+    if min(args.epochs, args.num_blocks, args.batch_size, args.sample_epochs) < 1:
+        raise ValueError("--epochs, --num-blocks, --batch-size and --sample-epochs must be >= 1")
     for name in ("train_questions", "val_questions"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -488,6 +566,7 @@ def _main(args: argparse.Namespace) -> int:
                           val_questions=args.val_questions, epochs=args.epochs,
                           batch_size=args.batch_size,
                           num_blocks=args.num_blocks, curve=args.curve,
+                          samples=args.samples, sample_epochs=args.sample_epochs,
                           recipe=Recipe(gate="logit", init_alpha=args.init_alpha,
                                         aligner_space=args.aligner_space,
                                         block_maps=args.block_maps,

@@ -147,6 +147,9 @@ class Table1Config:
         small_lidar = {"range_width": 128, "embed_dim": 48, "depth": 2, "num_heads": 2,
                        "token_blocks": 1}
         small_radar = {"hidden": 32, "embed_dim": 48, "depth": 1, "num_heads": 2}
+        # the tiny world's sweep is 128 columns wide (the segmentation links neighbours)
+        small_objects = {"width": 128, "max_segments": 16, "hidden": 32, "embed_dim": 48,
+                         "depth": 1, "num_heads": 2}
         return cls(
             model="tiny", ns=(2, 4, 6), offline_n=4, day_samples=64, night_samples=48,
             val_samples=16, test_samples=32, study_n=4, epochs=2, batch_size=16,
@@ -163,7 +166,9 @@ class Table1Config:
                       "lidar-rangevit": PretrainConfig(epochs=1, corpus=None,
                                                        encoder=small_lidar),
                       "radar-pointnet": PretrainConfig(epochs=1, corpus=None,
-                                                       encoder=small_radar)},
+                                                       encoder=small_radar),
+                      "lidar-objects": PretrainConfig(epochs=1, corpus=None,
+                                                      encoder=small_objects)},
             store_subdir="bench-quick",
         )
 

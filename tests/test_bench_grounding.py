@@ -169,3 +169,30 @@ def test_rows_get_only_their_own_encoders(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no encoder for \\['sonar'\\]"):
         g.row_encoders(["oracle", "lidar-objects", "sonar"], prepare, tmp_path, tmp_path)
     assert made == [prepare.encoders["lidar"], "lidar-objects"]
+
+
+def test_a_runtime_samples_curve_is_parsed_checked_and_tabled():
+    from bench.grounding import GroundingConfig
+    from mpnp.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "grounding", "--samples", "300,100",
+                                      "--sample-epochs", "4"])
+    assert args.samples == (300, 100) and args.sample_epochs == 4
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "grounding", "--samples", "0"])
+    assert GroundingConfig(samples=(300, 100)).samples == (100, 300)
+    with pytest.raises(ValueError, match="sample_epochs"):
+        GroundingConfig(sample_epochs=0)
+    meta = {"llm": {"model_type": "llama", "num_layers": 4, "name": "tiny"}, "light": "night",
+            "sizes": {"train": 8, "val": 4},
+            "config": {"types": ["exist/0"], "num_blocks": 4, "epochs": 1, "batch_size": 16,
+                       "gate": "logit", "init_alpha": 0.05, "sample_epochs": 6}}
+    rows = [{"encoder": "lidar", "accuracy": 0.75, "ci95": [0.3, 0.95], "steps": 20,
+             "train_samples": 8, "reads": 0.25, "swapped_accuracy": 0.5,
+             "per_type_hop": {"exist/0": 0.75},
+             "samples": [{"samples": 4, "steps": 6, "accuracy": 0.5, "ci95": [0.2, 0.8],
+                          "reads": 0.0, "per_type_hop": {"exist/0": 0.5}}]}]
+    md = to_markdown({"meta": meta, "rows": rows})
+    assert "6 epochs" in md
+    assert "| lidar | 4 | 6 | 50.0 [20.0, 80.0] | +0.0 | 50.0 |" in md
+    assert "| lidar | all (8) | 20 | 75.0 [30.0, 95.0] | +25.0 | 75.0 |" in md
