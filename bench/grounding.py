@@ -451,7 +451,7 @@ def to_markdown(result: dict) -> str:
                 "| encoder | samples | steps | accuracy | reads | " + " | ".join(keys) + " |",
                 "|---|---|---|---|---|" + "---|" * len(keys)]
         for r in sampled:
-            points = [*r["samples"], {"samples": f"all ({r['train_samples']})",
+            points = [*r["samples"], {"samples": f"all ({meta['sizes']['train']})",
                                       "steps": r["steps"], "accuracy": r["accuracy"],
                                       "ci95": r["ci95"], "reads": r.get("reads"),
                                       "per_type_hop": r["per_type_hop"]}]
