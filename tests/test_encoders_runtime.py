@@ -39,8 +39,9 @@ def test_cache_hits_and_changed_encoder_misses(kind, tmp_path):
 
     if not list(encoder.parameters()):
         return  # a weightless encoder (the oracle) cannot change
-    with torch.no_grad():
-        next(encoder.parameters()).view(-1)[0] += 0.5
+    with torch.no_grad():  # every tensor, so that some weight the frames use changes
+        for param in encoder.parameters():
+            param.view(-1)[0] += 0.5
     changed = encode_frames(encoder, ids[:2], loader, cache, progress=False, key_of=str)
     assert loader.loaded == ids[:2]  # a changed encoder misses
     assert not torch.equal(changed[ids[0]], first[ids[0]])
