@@ -291,19 +291,16 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
             train, val = _zero_tokens(train), _zero_tokens(val)
         isolation = (SceneIsolation(tok, model.geometry.num_layers - cfg.num_blocks).active(model)
                      if modality == ORACLE_TEXT_CONNECTED else contextlib.nullcontext())
-        conn = MPnPConnector(
-            llm, tok, [spec], ConnectorConfig(num_blocks=cfg.num_blocks,
-                                              max_new_tokens=table.max_new_tokens),
-            model=model, state_name=f"grounding-{modality.replace('+', '-')}",
-            connection=cfg.recipe.connection(cfg.num_blocks))
+        conn = _connector(model, spec, cfg, table, f"grounding-{modality.replace('+', '-')}")
         anchored = None
         if modality not in SCENE_TEXT_ROWS:
             report = anchor_state(model, spec.name, available[modality], train,
                                   train_rows.frame, cfg.recipe, progress=progress,
                                   autocast=table.autocast)
             anchored = report.to_dict() if report is not None else None
-        offline = {k: v.detach().clone()
-                   for k, v in model.state.aligners[spec.name].state_dict().items()}
+        offline = ({k: v.detach().clone()
+                    for k, v in model.state.aligners[spec.name].state_dict().items()}
+                   if cfg.samples else None)
         curve: list[dict] = []
 
         def score_curve(steps: int, conn=conn, val=val, curve=curve) -> None:
@@ -339,7 +336,8 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
         model.remove_state(conn.state_name)
         if cfg.samples and modality not in SCENE_TEXT_ROWS:
             row["samples"] = [
-                _runtime_samples_point(model, spec, cfg, table, train, val, k, offline)
+                _runtime_samples_point(model, spec, cfg, table, train_cfg, train, val, k,
+                                       offline)
                 for k in cfg.samples if k < len(train)]
         rows.append(row)
     for name, res in baselines.items():
@@ -355,23 +353,27 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
     return {"meta": meta, "rows": rows}
 
 
-def _runtime_samples_point(model: MPnPModel, spec, cfg: GroundingConfig, table: Table1Config,
-                           train: FeatureSet, val: FeatureSet, k: int,
-                           offline: dict[str, torch.Tensor]) -> dict:
-    """One point of the runtime-samples curve (:attr:`GroundingConfig.samples`): a fresh
-    state whose aligners start as the row's offline (text-anchored) ones, trained on ``k``
-    of ``train``'s questions for ``cfg.sample_epochs`` epochs, scored on ``val``."""
-    conn = MPnPConnector(
+def _connector(model: MPnPModel, spec, cfg: GroundingConfig, table: Table1Config,
+               state_name: str) -> MPnPConnector:
+    """A fresh mPnP state ``state_name`` for ``spec`` as the run's recipe connects it."""
+    return MPnPConnector(
         model.llm, model.tokenizer, [spec],
         ConnectorConfig(num_blocks=cfg.num_blocks, max_new_tokens=table.max_new_tokens),
-        model=model, state_name=f"grounding-samples-{k}",
-        connection=cfg.recipe.connection(cfg.num_blocks))
+        model=model, state_name=state_name, connection=cfg.recipe.connection(cfg.num_blocks))
+
+
+def _runtime_samples_point(model: MPnPModel, spec, cfg: GroundingConfig, table: Table1Config,
+                           train_cfg: TrainConfig, train: FeatureSet, val: FeatureSet, k: int,
+                           offline: dict[str, torch.Tensor]) -> dict:
+    """One point of the runtime-samples curve (:attr:`GroundingConfig.samples`): a fresh
+    state whose aligners start as the row's offline (text-anchored) ones, trained as the
+    row (``train_cfg``) but for ``cfg.sample_epochs`` epochs on ``k`` of ``train``'s
+    questions, scored on ``val``."""
+    conn = _connector(model, spec, cfg, table, f"grounding-samples-{k}")
     model.state.aligners[spec.name].load_state_dict(offline)
     subset = train.at_most(k, seed=cfg.seed)
-    train_cfg = TrainConfig(epochs=cfg.sample_epochs, batch_size=cfg.batch_size, seed=cfg.seed,
-                            learning_rates=dict(cfg.learning_rates), patience=0,
-                            count_flops=False, autocast=table.autocast)
-    report = Trainer(conn, train_cfg).fit(subset, None, progress=False)
+    report = Trainer(conn, dataclasses.replace(train_cfg, epochs=cfg.sample_epochs)).fit(
+        subset, None, progress=False)
     res = evaluate(conn, val)
     g = grounding(conn, val, own=res, seed=cfg.seed)
     model.remove_state(conn.state_name)
@@ -398,6 +400,12 @@ def _pct(value: float, ci: Sequence[float] | None = None) -> str:
     return f"{text} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else text
 
 
+def _type_cells(entry: dict, keys: Sequence[str]) -> list[str]:
+    """``entry``'s accuracy per ``type/hop`` key, as table cells ("—" where it has none)."""
+    per = entry.get("per_type_hop") or {}
+    return [f"{100 * per[k]:.1f}" if k in per else "—" for k in keys]
+
+
 def to_markdown(result: dict) -> str:
     meta, rows = result["meta"], result["rows"]
     c = meta["config"]
@@ -421,8 +429,7 @@ def to_markdown(result: dict) -> str:
     for r in rows:
         swapped = _pct(r["swapped_accuracy"], r.get("swapped_ci95")) if "reads" in r else "—"
         reads = f"{100 * r['reads']:+.1f}" if "reads" in r else "—"
-        per = r.get("per_type_hop") or {}
-        cells = [f"{100 * per[k]:.1f}" if k in per else "—" for k in keys]
+        cells = _type_cells(r, keys)
         out.append(f"| {r['encoder']} | {_pct(r['accuracy'], r['ci95'])} | {swapped} | {reads}"
                    f" | " + " | ".join(cells) + " |")
     out += ["", "Connection weights α of the connected blocks after training:", ""]
@@ -439,8 +446,7 @@ def to_markdown(result: dict) -> str:
             if len(points) > 1 and points[-2]["steps"] == points[-1]["steps"]:
                 points.pop()  # the last curve point is the end of training
             for p in points:
-                per = p.get("per_type_hop") or {}
-                cells = [f"{100 * per[k]:.1f}" if k in per else "—" for k in keys]
+                cells = _type_cells(p, keys)
                 out.append(f"| {r['encoder']} | {p['steps']} | {_pct(p['accuracy'], p['ci95'])}"
                            f" | " + " | ".join(cells) + " |")
     sampled = [r for r in rows if r.get("samples")]
@@ -456,8 +462,7 @@ def to_markdown(result: dict) -> str:
                                       "ci95": r["ci95"], "reads": r.get("reads"),
                                       "per_type_hop": r["per_type_hop"]}]
             for p in points:
-                per = p.get("per_type_hop") or {}
-                cells = [f"{100 * per[k]:.1f}" if k in per else "—" for k in keys]
+                cells = _type_cells(p, keys)
                 reads = f"{100 * p['reads']:+.1f}" if p.get("reads") is not None else "—"
                 out.append(f"| {r['encoder']} | {p['samples']} | {p['steps']} | "
                            f"{_pct(p['accuracy'], p['ci95'])} | {reads} | "

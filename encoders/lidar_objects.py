@@ -42,10 +42,10 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from encoders.base import Encoder, check_frames, init_from_generator
-from encoders.targets import DISTANCE_RINGS, IGNORE, OBJECT_FIELDS, STATUS_NAMES, object_phrase
+from encoders.targets import IGNORE, OBJECT_FIELDS, object_fields, object_phrase
 from scenes.layout import CLASS_NAMES
 from scenes.lidar import FOV_DOWN_DEG, FOV_UP_DEG, LIDAR_HEIGHT
-from scenes.questions import sector_index
+from scenes.range_image import range_image_pixels
 from scenes.sample import Frame
 
 #: Per-segment input features, in order (positions and sizes in units of ``scale`` metres).
@@ -146,11 +146,8 @@ def segment_sweep(points: np.ndarray, config: LidarObjectsConfig) -> np.ndarray:
     if len(keep) == 0:
         return labels
     p, r = xyz[keep], rng[keep]
-    up, down = math.radians(FOV_UP_DEG), math.radians(FOV_DOWN_DEG)
-    row = np.floor((up - np.arcsin(np.clip(p[:, 2] / r, -1, 1))) / (up - down) * c.beams)
-    col = np.floor(0.5 * (1.0 - np.arctan2(p[:, 1], p[:, 0]) / math.pi) * c.width)
-    row = np.clip(row.astype(np.int64), 0, c.beams - 1)
-    col = col.astype(np.int64) % c.width
+    row, col = range_image_pixels(p, r, c.beams, c.width, FOV_UP_DEG, FOV_DOWN_DEG)
+    row, col = np.clip(row, 0, c.beams - 1), col % c.width
     grid = np.full((c.beams, c.width), -1, dtype=np.int64)
     grid[row, col] = np.arange(len(keep))
     # Returns that share a pixel (denser clouds than the sensor's grid) join its occupant.
@@ -264,17 +261,6 @@ def match_segments(points: np.ndarray, labels: np.ndarray, count: int, objects: 
     return result
 
 
-def _object_fields(obj) -> tuple[int, int, int, int]:
-    """:data:`~encoders.targets.OBJECT_FIELDS` of an annotated object."""
-    x, y = float(obj.center[0]), float(obj.center[1])
-    distance = math.hypot(x, y)
-    status = STATUS_NAMES.index(obj.status) if obj.status in STATUS_NAMES else len(STATUS_NAMES)
-    ring = next((i for i, hi in enumerate(DISTANCE_RINGS) if distance <= hi),
-                len(DISTANCE_RINGS) - 1)
-    return (CLASS_NAMES.index(obj.category), status, ring,
-            int(sector_index(np.float64(x), np.float64(y))))
-
-
 class LidarObjectsEncoder(Encoder):
     """LiDAR sweep -> ``(B, max_segments, embed_dim)`` tokens, one per segment, nearest
     first (module docstring)."""
@@ -348,7 +334,7 @@ class LidarObjectsEncoder(Encoder):
         for b, frame in enumerate(frames):
             for k, obj in enumerate(self.token_objects(frame)):
                 if obj is not None and obj.category in CLASS_NAMES:
-                    out[b, 0, k] = _object_fields(obj)
+                    out[b, 0, k] = object_fields(obj)
         return out
 
     def describe_tokens(self, frame: Frame) -> list[str | None]:

@@ -200,6 +200,18 @@ def region_objects(frame: Frame, regions: str, n_regions: int,
     return found
 
 
+def object_fields(obj) -> tuple[int, int, int, int]:
+    """An annotated object's :data:`OBJECT_FIELDS` values: class, status ("none" for classes
+    without one), distance ring (the last one beyond it) and direction sector."""
+    x, y = float(obj.center[0]), float(obj.center[1])
+    distance = math.hypot(x, y)
+    status = STATUS_NAMES.index(obj.status) if obj.status in STATUS_NAMES else len(STATUS_NAMES)
+    ring = next((i for i, hi in enumerate(DISTANCE_RINGS) if distance <= hi),
+                len(DISTANCE_RINGS) - 1)
+    return (CLASS_NAMES.index(obj.category), status, ring,
+            int(sector_index(np.float64(x), np.float64(y))))
+
+
 def slot_targets(frames: Sequence[Frame], regions: str, n_regions: int, slots: int,
                  max_distance: float | None = 40.0) -> np.ndarray:
     """Object-slot targets ``(B, R, slots, len(OBJECT_FIELDS))`` int64: slot k of region r
@@ -210,14 +222,7 @@ def slot_targets(frames: Sequence[Frame], regions: str, n_regions: int, slots: i
     for b, frame in enumerate(frames):
         for r, objects in enumerate(region_objects(frame, regions, n_regions, max_distance)):
             for k, obj in enumerate(objects[:slots]):
-                x, y = float(obj.center[0]), float(obj.center[1])
-                distance = math.hypot(x, y)
-                status = STATUS_NAMES.index(obj.status) if obj.status in STATUS_NAMES \
-                    else len(STATUS_NAMES)
-                ring = next((i for i, hi in enumerate(DISTANCE_RINGS) if distance <= hi),
-                            len(DISTANCE_RINGS) - 1)
-                out[b, r, k] = (CLASS_NAMES.index(obj.category), status, ring,
-                                int(sector_index(np.float64(x), np.float64(y))))
+                out[b, r, k] = object_fields(obj)
     return out
 
 

@@ -10,6 +10,20 @@ RANGE_MEAN = np.array([12.0, 0.0, 0.0, -1.0, 0.2], dtype=np.float32)
 RANGE_STD = np.array([12.0, 12.0, 12.0, 1.5, 0.3], dtype=np.float32)
 
 
+def range_image_pixels(xyz: np.ndarray, distance: np.ndarray, beams: int, width: int,
+                       fov_up_deg: float = 10.0, fov_down_deg: float = -30.0
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The range-image row and column of each point ``xyz (N, 3)`` at ``distance`` (> 0),
+    floored and *not* bounded (rows outside the field of view fall outside ``0..beams-1``;
+    a point exactly behind can reach column ``width``): callers bound them as they need."""
+    fov_up, fov_down = np.radians(fov_up_deg), np.radians(fov_down_deg)
+    pitch = np.arcsin(np.clip(xyz[:, 2] / distance, -1.0, 1.0))
+    yaw = np.arctan2(xyz[:, 1], xyz[:, 0])
+    row = np.floor((fov_up - pitch) / (fov_up - fov_down) * beams).astype(np.int64)
+    col = np.floor(0.5 * (1.0 - yaw / np.pi) * width).astype(np.int64)
+    return row, col
+
+
 def points_to_range_image(
     points: np.ndarray,
     beams: int = 32,
@@ -38,11 +52,8 @@ def points_to_range_image(
     rng = np.sqrt(x * x + y * y + z * z)
     valid = rng > 1e-3
     x, y, z, intensity, rng = x[valid], y[valid], z[valid], intensity[valid], rng[valid]
-    fov_up, fov_down = np.radians(fov_up_deg), np.radians(fov_down_deg)
-    pitch = np.arcsin(np.clip(z / rng, -1.0, 1.0))
-    yaw = np.arctan2(y, x)
-    row = np.floor((fov_up - pitch) / (fov_up - fov_down) * beams).astype(np.int64)
-    col = np.floor(0.5 * (1.0 - yaw / np.pi) * width).astype(np.int64)
+    row, col = range_image_pixels(np.stack([x, y, z], axis=1), rng, beams, width, fov_up_deg,
+                                  fov_down_deg)
     keep = (row >= 0) & (row < beams)
     row, col = row[keep], np.clip(col[keep], 0, width - 1)
     values = np.stack([rng, x, y, z, intensity])[:, keep]
