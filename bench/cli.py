@@ -15,6 +15,7 @@ from pathlib import Path
 BENCH_MODULES: tuple[str, ...] = (
     "bench.table1", "bench.savings", "bench.modalities", "bench.encoders", "bench.daemon",
     "bench.reliability", "bench.recording", "bench.live_samples", "bench.grounding",
+    "bench.reader",
 )
 
 
