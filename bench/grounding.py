@@ -30,7 +30,14 @@ import torch
 from adapt.connectors.base import ConnectorConfig
 from adapt.connectors.mpnp import MPnPConnector
 from adapt.data import dataset_features, modality_specs
-from adapt.evaluate import evaluate, grounding, majority_baseline, score, wilson_interval
+from adapt.evaluate import (
+    EvalResult,
+    evaluate,
+    grounding,
+    majority_baseline,
+    score,
+    wilson_interval,
+)
 from adapt.features import FeatureSet
 from adapt.precision import precision_label
 from adapt.prepare import FAST_LEARNING_RATES, PrepareConfig, ensure_world
@@ -242,18 +249,33 @@ def row_encoders(rows: Sequence[str], prepare: PrepareConfig, world: Path, store
     return out
 
 
-def _zero_tokens(data: FeatureSet) -> FeatureSet:
-    return FeatureSet(data.items, {m: {f: torch.zeros_like(t) for f, t in per.items()}
-                                   for m, per in data.tokens.items()})
+@dataclass
+class QuestionSplits:
+    """What a per-encoder question benchmark starts from (:func:`question_splits`)."""
+
+    store: Path
+    world: Path
+    encoders: dict[str, Encoder]
+    light: str
+    train: QADataset
+    val: QADataset
+    baselines: dict[str, EvalResult]
+
+    def baseline_rows(self) -> list[dict]:
+        """The question-only and majority rows, as the benchmarks table them."""
+        return [{"encoder": name, "accuracy": res.accuracy, "count": res.count,
+                 "ci95": list(res.ci95), "per_type_hop": res.per_type_hop}
+                for name, res in self.baselines.items()]
 
 
-def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
-        progress: bool = True, stored_encoders: bool = False) -> dict:
-    """Train and score one state per encoder; ``table`` gives the world, encoders and LLM.
-    With ``stored_encoders`` the sensor encoders are the ones the store holds, whatever
-    config made them (e.g. ``mpnp encoders pretrain --slots 6``), as the probes use them."""
-    torch.manual_seed(cfg.seed)
-    started = time.perf_counter()
+def question_splits(cfg, table: Table1Config, store_dir: str | None, progress: bool,
+                    stored_encoders: bool) -> QuestionSplits:
+    """The world, each row's encoder (:func:`row_encoders`), the training and validation
+    questions of ``cfg``'s types and light (deterministic subsets) and, fitted on every
+    training question of those types, the naive-Bayes question-only model's and the
+    majority answer's validation scores. ``cfg``: any config with ``encoders``, ``types``,
+    ``night``, ``train_questions``, ``val_questions`` and ``seed`` (grounding's, the
+    reader's)."""
     store = table.store(store_dir)
     world = ensure_world(table.world, store, progress)
     available = row_encoders(cfg.encoders, PrepareConfig(world=table.world,
@@ -270,6 +292,24 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
     qo = QuestionOnlyModel().fit(list(full_train.items))
     baselines = {"question-only": score(val_qa.items, qo.predict(val_qa.items)),
                  "majority": majority_baseline(full_train.items, val_qa.items)}
+    return QuestionSplits(store, world, available, light, train_qa, val_qa, baselines)
+
+
+def _zero_tokens(data: FeatureSet) -> FeatureSet:
+    return FeatureSet(data.items, {m: {f: torch.zeros_like(t) for f, t in per.items()}
+                                   for m, per in data.tokens.items()})
+
+
+def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
+        progress: bool = True, stored_encoders: bool = False) -> dict:
+    """Train and score one state per encoder; ``table`` gives the world, encoders and LLM.
+    With ``stored_encoders`` the sensor encoders are the ones the store holds, whatever
+    config made them (e.g. ``mpnp encoders pretrain --slots 6``), as the probes use them."""
+    torch.manual_seed(cfg.seed)
+    started = time.perf_counter()
+    q = question_splits(cfg, table, store_dir, progress, stored_encoders)
+    store, world, available, light = q.store, q.world, q.encoders, q.light
+    train_qa, val_qa = q.train, q.val
 
     llm, tok = _load_llm(table)
     device = next(llm.parameters()).device
@@ -340,9 +380,7 @@ def run(cfg: GroundingConfig, table: Table1Config, store_dir: str | None = None,
                                        offline)
                 for k in cfg.samples if k < len(train)]
         rows.append(row)
-    for name, res in baselines.items():
-        rows.append({"encoder": name, "accuracy": res.accuracy, "count": res.count,
-                     "ci95": list(res.ci95), "per_type_hop": res.per_type_hop})
+    rows += q.baseline_rows()
     meta = {"benchmark": "grounding", "llm": llm_fingerprint(llm), "light": light,
             "split": "val", "sizes": {"train": len(train_qa), "val": len(val_qa)},
             "encoders": {m: available[m].fingerprint() for m in cfg.encoders},

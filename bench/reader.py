@@ -34,23 +34,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adapt.data import dataset_features
-from adapt.evaluate import majority_baseline, score, wilson_interval
+from adapt.evaluate import score, wilson_interval
 from adapt.features import FeatureSet
-from adapt.prepare import PrepareConfig, ensure_world
 from bench.grounding import (
     SCENE_TEXT_ROWS,
     TYPE_SETS,
     _pct,
-    _subset,
     _token_summary,
     _type_cells,
     _types_argument,
-    row_encoders,
+    question_splits,
 )
 from bench.table1 import Table1Config
 from encoders.cache import FeatureCache
-from scenes.baselines import QuestionOnlyModel
-from scenes.dataset import QADataset
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +183,8 @@ def train_reader(train: FeatureSet, modality: str, cfg: ReaderConfig, *,
     model = QuestionReader(vocab, answers, table.shape[1], table.shape[2], mean, std, cfg,
                            max_words)
     words = model.encode_questions([it.question for it in train.items])
-    target = torch.tensor([answers.index(it.answer) for it in train.items], dtype=torch.long)
+    answer_row = {a: i for i, a in enumerate(answers)}
+    target = torch.tensor([answer_row[it.answer] for it in train.items], dtype=torch.long)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -244,20 +241,9 @@ def run(cfg: ReaderConfig, table: Table1Config, store_dir: str | None = None,
         progress: bool = True, stored_encoders: bool = False) -> dict:
     """One reader per row, the no-token reader and the question-only baselines."""
     started = time.perf_counter()
-    store = table.store(store_dir)
-    world = ensure_world(table.world, store, progress)
-    available = row_encoders(cfg.encoders, PrepareConfig(world=table.world,
-                                                         pretrain=table.pretrain),
-                             world, store, progress, stored_encoders)
-    light = "night" if cfg.night else "day"
-    full_train = _subset(QADataset.load(world, "train").filter(night=cfg.night), cfg.types,
-                         None, cfg.seed)
-    train_qa = _subset(full_train, cfg.types, cfg.train_questions, cfg.seed)
-    val_qa = _subset(QADataset.load(world, "val").filter(night=cfg.night), cfg.types,
-                     cfg.val_questions, cfg.seed)
-    if not len(train_qa) or not len(val_qa):
-        raise ValueError(f"no {light} questions of types {list(cfg.types)} in {world}")
-    cache = FeatureCache(store / "features")
+    q = question_splits(cfg, table, store_dir, progress, stored_encoders)
+    train_qa, val_qa, available = q.train, q.val, q.encoders
+    cache = FeatureCache(q.store / "features")
     rows: list[dict] = []
     control: dict = {}
     for name in cfg.encoders:
@@ -277,19 +263,14 @@ def run(cfg: ReaderConfig, table: Table1Config, store_dir: str | None = None,
                 control = row
             else:
                 rows.append(row)
-    rows.append(control)
-    qo = QuestionOnlyModel().fit(list(full_train.items))
-    for base, res in (("question-only", score(val_qa.items, qo.predict(val_qa.items))),
-                      ("majority", majority_baseline(full_train.items, val_qa.items))):
-        rows.append({"encoder": base, "accuracy": res.accuracy, "count": res.count,
-                     "ci95": list(res.ci95), "per_type_hop": res.per_type_hop})
-    meta = {"benchmark": "reader", "light": light, "split": "val",
+    rows += [control, *q.baseline_rows()]
+    meta = {"benchmark": "reader", "light": q.light, "split": "val",
             "sizes": {"train": len(train_qa), "val": len(val_qa),
                       "train_frames": len({q.frame_id for q in train_qa.items})},
             "encoders": {m: available[m].fingerprint() for m in cfg.encoders},
             "encoder_tokens": {m: _token_summary(available[m]) for m in cfg.encoders},
             "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
-            "world": str(world), "total_wall_s": time.perf_counter() - started}
+            "world": str(q.world), "total_wall_s": time.perf_counter() - started}
     return {"meta": meta, "rows": rows}
 
 
